@@ -1,0 +1,392 @@
+"""Model cards and Hub uploads for DP-LoRA adapters.
+
+An adapter folder is the ``--output_dir`` of the DP-LoRA training script: the LoRA weights, the
+``dp_report.json`` of the privacy accountant, optionally the ``metrics.json`` of the evaluation and
+images, next to training state (checkpoints, latent caches, logs) that must never leave the machine.
+The card states an (epsilon, delta) guarantee only when it can read it from ``dp_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+DP_REPORT_NAME = "dp_report.json"
+METRICS_NAME = "metrics.json"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+CARD_NAME = "README.md"
+SAMPLES_NAME = "samples.png"
+EPSILON_PLOT_NAME = "epsilon.png"
+
+CARD_TAGS = ["differential-privacy", "dp-sgd", "lora", "diffusers", "dp-diffusers", "latent-diffusion"]
+# Dropped when there is no privacy report: a card without a guarantee must not be found as private.
+PRIVACY_TAGS = ("differential-privacy", "dp-sgd")
+
+# Upload patterns, passed as they are to `HfApi.upload_folder` and used by `upload_file_list`. They follow
+# `huggingface_hub.utils.filter_repo_objects`: `fnmatch` on paths relative to the folder, where `*` also
+# matches `/`. A file is uploaded if it matches an allow pattern and no ignore pattern.
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "README.md", "*.png"]
+IGNORE_PATTERNS = [
+    # training state
+    "checkpoints/*",
+    "*/checkpoints/*",
+    "checkpoint-*/*",
+    "*/checkpoint-*/*",
+    # trackers
+    "logs/*",
+    "*/logs/*",
+    # latent caches
+    "latents-*",
+    "*/latents-*",
+    "*cache*",
+    # optimizer states and pickles
+    "*.pt",
+    "*.pth",
+    "*.bin",
+    "*.pkl",
+    "*.ckpt",
+    # hidden files and folders
+    ".*",
+    "*/.*",
+    # images from the top level only (samples, epsilon plot), never a folder of possibly private images
+    "*/*.png",
+]
+
+# Keys a privacy report must have, with the model-card metadata key each one is published under.
+REPORT_METADATA_KEYS = {
+    "epsilon": "dp_epsilon",
+    "delta": "dp_delta",
+    "accountant": "dp_accountant",
+    "noise_multiplier": "dp_noise_multiplier",
+    "max_grad_norm": "dp_max_grad_norm",
+    "sample_rate": "dp_sample_rate",
+    "steps": "dp_steps",
+    "epochs": "dp_epochs",
+    "noise_multiplicity": "dp_noise_multiplicity",
+    "dataset_size": "dp_dataset_size",
+}
+
+# (report key, label, meaning) rows of the card's privacy table; absent keys are left out.
+_PRIVACY_TABLE = [
+    ("epsilon", "ε (epsilon)", "bound on the privacy loss"),
+    ("delta", "δ (delta)", "probability that the ε bound may fail"),
+    ("target_epsilon", "Target ε", "ε the noise multiplier was calibrated for"),
+    ("accountant", "Accountant", "method that computed ε from the parameters below"),
+    ("noise_multiplier", "Noise multiplier σ", "noise standard deviation / clipping norm"),
+    ("max_grad_norm", "Clipping norm C", "bound on each example's gradient norm"),
+    ("sample_rate", "Sample rate q", "probability that an example is in a batch"),
+    ("steps", "Steps", "noisy gradient steps, all accounted for"),
+    ("epochs", "Epochs", "passes over the private data"),
+    ("noise_multiplicity", "Noise multiplicity", "noise draws averaged per example before clipping"),
+    ("dataset_size", "Training-set size N", "examples in the private fine-tuning set"),
+    ("batch_size", "Batch size", "logical (expected) batch size"),
+    ("world_size", "World size", "training processes"),
+    ("trainable_parameters", "Trainable parameters", "LoRA parameters trained with DP-SGD"),
+    ("lora_rank", "LoRA rank", ""),
+    ("lora_alpha", "LoRA alpha", ""),
+    ("adapted_modules", "Adapted modules", ""),
+    ("base_model", "Base model", "public pre-trained model, not protected"),
+    ("dp_diffusers_version", "dp-diffusers version", ""),
+]
+
+# metrics.json key -> (metric type, display name, key that qualifies the name)
+_METRICS = {
+    "fid": ("fid", "FID", "feature_extractor"),
+    "downstream_accuracy": ("accuracy", "Downstream accuracy", "classifier"),
+    "membership_auc": ("roc_auc", "Membership-inference AUC", "attack"),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if isinstance(data, dict):
+        return data
+    raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+
+
+def load_dp_report(folder: str | Path) -> dict[str, Any] | None:
+    """Read and validate the folder's `dp_report.json`; `None` if there is none.
+
+    Raises `ValueError` if the report is not a JSON object, misses required keys (named in the message) or
+    has an epsilon or delta that is not a finite number (epsilon >= 0, 0 <= delta < 1).
+    """
+    path = Path(folder) / DP_REPORT_NAME
+    if not path.is_file():
+        return None
+    report = _read_json_object(path)
+    missing = [key for key in REPORT_METADATA_KEYS if key not in report]
+    if missing:
+        raise ValueError(f"{path} is missing required keys: {', '.join(missing)}.")
+    for key in ("epsilon", "delta"):
+        value = report[key]
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{path}: {key!r} must be a finite non-negative number, got {value!r}.")
+    if report["delta"] >= 1:
+        raise ValueError(f"{path}: 'delta' must be smaller than 1, got {report['delta']!r}.")
+    return report
+
+
+def load_metrics(folder: str | Path) -> dict[str, dict[str, Any]] | None:
+    """Read the folder's `metrics.json`; `None` if there is none.
+
+    Each metric becomes a dict with at least a `"value"` (a bare number is wrapped); metrics without a
+    value are skipped with a warning.
+    """
+    path = Path(folder) / METRICS_NAME
+    if not path.is_file():
+        return None
+    metrics = {}
+    for name, metric in _read_json_object(path).items():
+        if _is_number(metric):
+            metric = {"value": metric}
+        if not isinstance(metric, dict) or metric.get("value") is None:
+            logger.warning("Ignoring metric %r of %s: it has no 'value'.", name, path)
+            continue
+        metrics[name] = metric
+    return metrics
+
+
+def plot_epsilon(report: dict[str, Any], path: str | Path) -> Path:
+    """Plot epsilon against the training step from the report's `epsilon_history`, the target dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    history = report.get("epsilon_history")
+    if not history:
+        raise ValueError("The report has no 'epsilon_history' to plot.")
+    steps, epsilons = zip(*history)
+    fig = Figure(figsize=(5, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(steps, epsilons, marker=".", label=f"ε ({report.get('accountant', 'accountant')})")
+    if report.get("target_epsilon") is not None:
+        ax.axhline(report["target_epsilon"], linestyle="--", color="gray", label="target ε")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"ε  (δ = {report['delta']:g})" if _is_number(report.get("delta")) else "ε")
+    ax.set_title("Privacy loss during training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if _is_number(value):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"`{item}`" for item in value)
+    return str(value)
+
+
+def _base_model(folder: Path, report: dict[str, Any] | None) -> str | None:
+    if report and report.get("base_model"):
+        return str(report["base_model"])
+    config_path = folder / "adapter_config.json"
+    if config_path.is_file():
+        config = _read_json_object(config_path)
+        return config.get("base_model_name_or_path") or config.get("base_model")
+    return None
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a `namespace/name` Hub repo id rather than a local path."""
+    if name.count("/") != 1 or Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _evaluation(metrics: dict[str, dict[str, Any]]) -> tuple[list[EvalResult], list[tuple[str, str, str]]]:
+    """`EvalResult`s for the card metadata and (metric, value, details) rows for its table."""
+    results, rows = [], []
+    for key, metric in metrics.items():
+        metric_type, display_name, qualifier_key = _METRICS.get(key, (key, key, None))
+        qualifier = metric.get(qualifier_key) if qualifier_key else None
+        metric_name = f"{display_name} ({qualifier})" if qualifier else display_name
+        details = {name: value for name, value in metric.items() if name not in ("value", "dataset")}
+        dataset = metric.get("dataset")
+        results.append(
+            EvalResult(
+                task_type="image-generation",
+                task_name="Class-conditional image generation",
+                dataset_type=str(dataset or "private"),
+                dataset_name=str(dataset or "Private data (held-out split)"),
+                metric_type=metric_type,
+                metric_value=metric["value"],
+                metric_name=metric_name,
+                metric_args=details or None,
+            )
+        )
+        text = "; ".join(
+            f"{name.replace('_', ' ')}: {_format(value)}"
+            for name, value in details.items()
+            if name != qualifier_key
+        )
+        rows.append((metric_name, _format(metric["value"]), text))
+    return results, rows
+
+
+def build_model_card(
+    folder: str | Path,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """Build the model card of an adapter folder from its `dp_report.json` and `metrics.json`.
+
+    Without a privacy report the card claims no differential-privacy guarantee and carries no `dp_*`
+    metadata. `repo_id` is used in the usage example (the folder path otherwise) and, with the folder name,
+    as the default `model_name`.
+    """
+    folder = Path(folder)
+    report = load_dp_report(folder)
+    metrics = load_metrics(folder) or {}
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
+
+    base_model = _base_model(folder, report)
+    hub_base_model = base_model if base_model and _is_hub_id(base_model) else None
+    if hub_base_model:
+        base_model_text = f"[`{base_model}`](https://huggingface.co/{base_model})"
+    elif base_model:
+        base_model_text = f"`{base_model}` (a local model)"
+    else:
+        base_model_text = "(unknown)"
+
+    eval_results, eval_rows = _evaluation(metrics)
+    dp_metadata = {meta: report[key] for key, meta in REPORT_METADATA_KEYS.items()} if report else {}
+    card_data = ModelCardData(
+        base_model=hub_base_model,
+        library_name="diffusers",
+        license=license,
+        tags=CARD_TAGS if report else [tag for tag in CARD_TAGS if tag not in PRIVACY_TAGS],
+        model_name=model_name,
+        eval_results=eval_results or None,
+        **dp_metadata,
+    )
+
+    privacy_rows = []
+    delta_note = None
+    if report:
+        for key, label, meaning in _PRIVACY_TABLE:
+            value = report.get(key)
+            if value is None and key == "target_epsilon":
+                value = "none (σ was given)"
+            if value is not None:
+                privacy_rows.append((label, _format(value), meaning))
+        size = report["dataset_size"]
+        if _is_number(size) and size > 0 and report["delta"] >= 1 / size:
+            delta_note = (
+                f"**δ is not small.** δ = {report['delta']:g} ≥ 1/N = {1 / size:.3g}: a mechanism that "
+                "publishes one random training example outright satisfies such a δ, so this guarantee is "
+                "weak. δ ≪ 1/N is the usual requirement."
+            )
+
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        report=report,
+        epsilon=_format(report["epsilon"]) if report else None,
+        delta=f"{report['delta']:g}" if report else None,
+        steps=_format(report["steps"]) if report else None,
+        max_grad_norm=_format(report["max_grad_norm"]) if report else None,
+        dataset_size=_format(report["dataset_size"]) if report else None,
+        privacy_rows=privacy_rows,
+        delta_note=delta_note,
+        eval_rows=eval_rows,
+        base_model_text=base_model_text,
+        has_samples=(folder / SAMPLES_NAME).is_file(),
+        has_epsilon_plot=bool(report) and (folder / EPSILON_PLOT_NAME).is_file(),
+        load_target=repo_id or folder.as_posix(),
+    )
+
+
+def write_model_card(
+    folder: str | Path,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    license: str = "apache-2.0",
+) -> Path:
+    """Write the folder's `README.md` model card, and its `epsilon.png` when the report has a history."""
+    folder = Path(folder)
+    report = load_dp_report(folder)
+    if report and report.get("epsilon_history"):
+        plot_epsilon(report, folder / EPSILON_PLOT_NAME)
+    card = build_model_card(folder, repo_id=repo_id, model_name=model_name, license=license)
+    path = folder / CARD_NAME
+    card.save(path)
+    return path
+
+
+def upload_file_list(folder: str | Path) -> list[str]:
+    """The sorted paths, relative to `folder`, that `push_to_hub` uploads.
+
+    Lists and filters files exactly like `HfApi.upload_folder` does with `ALLOW_PATTERNS` and
+    `IGNORE_PATTERNS`.
+    """
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"{folder} is not a directory.")
+    paths = [path.relative_to(root).as_posix() for path in sorted(root.glob("**/*")) if path.is_file()]
+    return sorted(filter_repo_objects(paths, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload DP-LoRA adapter with dp-diffusers",
+    create_pr: bool = False,
+    api: HfApi | None = None,
+) -> str:
+    """Upload an adapter folder to a Hub model repo (created if needed); returns the repo or PR url.
+
+    Writes the model card first if the folder has none. Only `upload_file_list(folder)` is uploaded: never
+    checkpoints, latent caches, logs or optimizer states.
+    """
+    folder = Path(folder)
+    files = upload_file_list(folder)
+    if LORA_WEIGHTS_NAME not in files and "model_index.json" not in files:
+        raise ValueError(
+            f"{folder} has no {LORA_WEIGHTS_NAME} (nor a full pipeline with model_index.json): nothing to push."
+        )
+    if not (folder / CARD_NAME).is_file():
+        write_model_card(folder, repo_id=repo_id)
+
+    api = api or HfApi(token=token)
+    repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_url.repo_id,
+        folder_path=folder,
+        repo_type="model",
+        token=token,
+        commit_message=commit_message,
+        create_pr=create_pr,
+        # copies: `upload_folder` extends `ignore_patterns` in place
+        allow_patterns=list(ALLOW_PATTERNS),
+        ignore_patterns=list(IGNORE_PATTERNS),
+    )
+    return commit.pr_url if create_pr else str(repo_url)
