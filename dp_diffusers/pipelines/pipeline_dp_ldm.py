@@ -1,0 +1,153 @@
+"""DPLDMPipeline: sampling from a (class-conditional) latent diffusion model and its DP-LoRA adapters."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Union
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..models.class_embedder import ClassEmbedder
+from ..models.denoiser import LatentDenoiser
+
+
+class DPLDMPipeline(DiffusionPipeline):
+    r"""Latent diffusion sampling for the bases and DP-LoRA adapters of dp-diffusers.
+
+    Components:
+        vae ([`AutoencoderKL`] or [`VQModel`]): decodes latents to images.
+        unet ([`UNet2DConditionModel`] or [`UNet2DModel`]): the latent denoiser.
+        scheduler ([`SchedulerMixin`]): DDIM by default; any diffusers scheduler can be swapped in.
+        class_embedder ([`ClassEmbedder`], optional): class id -> cross-attention context.
+        id2label (`dict[int, str]`, optional): class names, as in [`DiTPipeline`].
+    """
+
+    model_cpu_offload_seq = "class_embedder->unet->vae"
+    _optional_components = ["class_embedder"]
+
+    def __init__(
+        self,
+        vae: Union[AutoencoderKL, VQModel],
+        unet: Union[UNet2DConditionModel, UNet2DModel],
+        scheduler: SchedulerMixin,
+        class_embedder: Optional[ClassEmbedder] = None,
+        id2label: Optional[dict] = None,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, class_embedder=class_embedder)
+        id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
+        self.register_to_config(id2label=id2label or None)
+        self.labels = {name: idx for idx, name in sorted(id2label.items())}
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        if self.class_embedder is not None:
+            return self.class_embedder.config.num_classes
+        return getattr(self.unet.config, "num_class_embeds", None)
+
+    def get_label_ids(self, label: Union[str, list[str]]) -> list[int]:
+        """Map class names (e.g. ``["3", "7"]``) to class ids."""
+        names = [label] if isinstance(label, str) else list(label)
+        unknown = [name for name in names if name not in self.labels]
+        if unknown:
+            raise ValueError(f"Unknown class label(s) {unknown}; this model knows {list(self.labels)}.")
+        return [self.labels[name] for name in names]
+
+    def _check_class_labels(self, class_labels: Optional[list[int]]) -> None:
+        num_classes = self.num_classes
+        if num_classes is None:
+            if class_labels is not None:
+                raise ValueError("This model is unconditional; call it without class_labels.")
+            return
+        if class_labels is None:
+            raise ValueError(f"This model is class-conditional; pass class_labels (ids 0..{num_classes - 1}).")
+        bad = [c for c in class_labels if not 0 <= int(c) < num_classes]
+        if bad:
+            known = list(self.labels) if self.labels else f"ids 0..{num_classes - 1}"
+            raise ValueError(f"Unknown class id(s) {bad}; this model knows {known}.")
+
+    def _scheduler_step_kwargs(self, eta: float, generator) -> dict:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Optional[Union[int, list[int]]] = None,
+        num_images_per_prompt: int = 1,
+        batch_size: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> Union[ImagePipelineOutput, tuple]:
+        r"""Generate images.
+
+        Args:
+            class_labels: class ids (use [`get_label_ids`] for names); ``None`` for unconditional models.
+            num_images_per_prompt: images per class label.
+            batch_size: number of images for unconditional models (default 1).
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance weight; > 1 mixes in the null class (needs a
+                base trained with label dropout). 1 disables guidance.
+            eta: DDIM's eta (0 = deterministic DDIM); ignored by schedulers without it.
+            generator: a seeded ``torch.Generator`` makes the output reproducible.
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+        """
+        if isinstance(class_labels, int):
+            class_labels = [class_labels]
+        self._check_class_labels(class_labels)
+        if class_labels is not None:
+            labels = torch.tensor(class_labels, device=self._execution_device).repeat_interleave(num_images_per_prompt)
+            n = len(labels)
+        else:
+            labels = None
+            n = (batch_size or 1) * num_images_per_prompt
+        use_cfg = guidance_scale > 1.0 and labels is not None
+        if use_cfg and self.class_embedder is None:
+            raise ValueError("guidance_scale > 1 needs a ClassEmbedder with a null class.")
+
+        denoiser = LatentDenoiser(self.unet, self.class_embedder)
+        shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        if use_cfg:
+            null = torch.full_like(labels, self.class_embedder.null_class_id)
+            labels_in = torch.cat([null, labels])
+        else:
+            labels_in = labels
+        step_kwargs = self._scheduler_step_kwargs(eta, generator)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if use_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            timesteps = t.expand(model_input.shape[0]) if torch.is_tensor(t) else torch.full((model_input.shape[0],), t)
+            noise_pred = denoiser(model_input, timesteps.to(model_input.device), labels_in)
+            if use_cfg:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+
+        scaling = getattr(self.vae.config, "scaling_factor", None) or 1.0
+        image = self.vae.decode(latents / scaling).sample
+        image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)

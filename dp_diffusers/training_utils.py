@@ -1,0 +1,81 @@
+"""Pieces the training scripts share: checkpoint folders, resuming, data flags, seeding."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_dataset: Optional[str]) -> None:
+    """The diffusers data flags: ``--dataset_name`` / ``--train_data_dir`` and the column names."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help=f"Embedded set (public-digits, private-digits) or a Hub data set id. Default: {default_dataset}.",
+    )
+    group.add_argument("--dataset_config_name", type=str, default=None)
+    group.add_argument("--train_data_dir", type=str, default=None, help="An imagefolder directory.")
+    group.add_argument("--image_column", type=str, default=None, help="Default: 'image' or the first column.")
+    group.add_argument(
+        "--label_column", type=str, default=None, help="Default: 'label' when present; '' trains unlabelled."
+    )
+    group.add_argument("--cache_dir", type=str, default=None, help="datasets / latents cache directory.")
+
+
+def resolve_dataset_source(args: argparse.Namespace, default_dataset: Optional[str]) -> None:
+    if args.dataset_name is None and args.train_data_dir is None:
+        args.dataset_name = default_dataset
+
+
+def checkpoint_dirs(output_dir: str) -> list[Path]:
+    """Existing ``checkpoint-<step>`` folders, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+    """``latest`` -> newest checkpoint of ``output_dir`` (or ``None`` if there is none); a path -> itself."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        dirs = checkpoint_dirs(output_dir)
+        return dirs[-1] if dirs else None
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder.")
+    return path
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int]) -> Path:
+    """``accelerator.save_state`` into ``output_dir/checkpoints/checkpoint-<step>``, written to a
+    temporary folder first so that a crash mid-save never leaves a checkpoint that looks complete."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process and total_limit is not None:
+        old = checkpoint_dirs(output_dir)
+        for path in old[: max(0, len(old) - total_limit + 1)]:
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final

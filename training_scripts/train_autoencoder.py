@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Stage 1a (public data, no privacy): train a KL-regularised AutoencoderKL.
+
+    accelerate launch training_scripts/train_autoencoder.py --preset tiny --output_dir outputs/vae
+
+Loss: L1 + MSE reconstruction plus a small KL term (LDM's KL-f autoencoders; the perceptual and
+adversarial terms of the original LDM are left out, which is enough for small digit images).
+"""
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from dp_diffusers.data import dataset_to_tensors, load_image_dataset, resolve_columns
+from dp_diffusers.presets import get_preset
+from dp_diffusers.training_utils import (
+    add_data_args,
+    resolve_dataset_source,
+    resolve_resume,
+    save_checkpoint,
+    step_of,
+)
+
+logger = get_logger(__name__)
+
+
+class AutoencoderWithKL(torch.nn.Module):
+    """``images -> (reconstruction, KL per pixel)`` in one forward, so DDP sees a single call."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor):
+        posterior = self.vae.encode(images).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        return reconstruction, posterior.kl().mean() / images[0].numel()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", type=str, default="tiny", help="Architecture preset (see dp_diffusers.presets).")
+    parser.add_argument("--output_dir", type=str, required=True)
+    add_data_args(parser, default_dataset="public-digits")
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the preset's.")
+    parser.add_argument("--num_channels", type=int, default=None, help="1 (grayscale) or 3 (RGB); default: preset.")
+    parser.add_argument("--train_batch_size", type=int, default=64)
+    parser.add_argument("--max_train_steps", type=int, default=600)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--kl_weight", type=float, default=1e-6)
+    parser.add_argument("--checkpointing_steps", type=int, default=200)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--report_to", type=str, default=None, help="e.g. tensorboard")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    args = parser.parse_args(argv)
+    resolve_dataset_source(args, "public-digits")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    preset = get_preset(args.preset)
+    resolution = args.resolution or preset.resolution
+    num_channels = args.num_channels or preset.num_channels
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+
+    # Validate everything before anything is written.
+    vae = AutoencoderKL(**{**preset.vae_config(), "in_channels": num_channels, "out_channels": num_channels,
+                           "sample_size": resolution})
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(f"--resolution {resolution} is not divisible by the autoencoder's downsampling factor {factor}.")
+    dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir)
+    image_column, _ = resolve_columns(dataset, args.image_column, args.label_column)
+    pixels, _ = dataset_to_tensors(dataset, resolution, num_channels, image_column, label_column=None)
+    logger.info(f"{len(pixels)} training images of shape {tuple(pixels.shape[1:])}")
+
+    loader = DataLoader(TensorDataset(pixels), batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.learning_rate, total_steps=args.max_train_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(AutoencoderWithKL(vae), optimizer, loader, scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_autoencoder", config={k: v for k, v in vars(args).items() if v is not None})
+
+    global_step = 0
+    checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = step_of(checkpoint)
+        logger.info(f"Resumed from {checkpoint} at step {global_step}")
+
+    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    epochs = math.ceil(args.max_train_steps / len(loader))
+    for _ in range(epochs):
+        if global_step >= args.max_train_steps:
+            break
+        for (batch,) in loader:
+            recon, kl = model(batch)
+            rec_loss = (recon - batch).abs().mean() + (recon - batch).pow(2).mean()
+            loss = rec_loss + args.kl_weight * kl
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            global_step += 1
+            progress.update(1)
+            progress.set_postfix(rec=f"{rec_loss.item():.4f}")
+            accelerator.log({"reconstruction_loss": rec_loss.item(), "kl": kl.item()}, step=global_step)
+            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if global_step >= args.max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).vae.save_pretrained(args.output_dir)
+        logger.info(f"Saved the autoencoder to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Stage 1b (public data, no privacy): train a class-conditional latent diffusion UNet.
+
+    accelerate launch training_scripts/train_ldm.py --vae_path outputs/vae --output_dir outputs/base
+
+The frozen autoencoder encodes the public images once; a ``UNet2DConditionModel`` learns to
+denoise the latents, conditioned through cross-attention on a learned class embedding (LDM /
+DP-LDM), with label dropout so that classifier-free guidance works. The output folder is a whole
+``DPLDMPipeline`` (model_index.json, vae/, unet/, class_embedder/, scheduler/, class names).
+"""
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from dp_diffusers import ClassEmbedder, DPLDMPipeline, LatentDenoiser, denoising_loss
+from dp_diffusers.data import (
+    cached_latents,
+    check_resolution,
+    dataset_to_tensors,
+    label_names,
+    load_image_dataset,
+    resolve_columns,
+)
+from dp_diffusers.presets import get_preset
+from dp_diffusers.training_utils import (
+    add_data_args,
+    resolve_dataset_source,
+    resolve_resume,
+    save_checkpoint,
+    step_of,
+)
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae_path", type=str, required=True, help="Folder of a trained AutoencoderKL.")
+    parser.add_argument("--preset", type=str, default="tiny")
+    parser.add_argument("--output_dir", type=str, required=True)
+    add_data_args(parser, default_dataset="public-digits")
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the preset's.")
+    parser.add_argument("--train_batch_size", type=int, default=128)
+    parser.add_argument("--max_train_steps", type=int, default=1500)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--lr_warmup_steps", type=int, default=100)
+    parser.add_argument("--label_dropout", type=float, default=0.1, help="Null-class probability (CFG).")
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet and save it.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--report_to", type=str, default=None)
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    args = parser.parse_args(argv)
+    resolve_dataset_source(args, "public-digits")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    preset = get_preset(args.preset)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+
+    # Validate and encode before anything is written.
+    vae = AutoencoderKL.from_pretrained(args.vae_path).eval().requires_grad_(False)
+    resolution = args.resolution or vae.config.sample_size
+    check_resolution(resolution, vae)
+    dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir)
+    image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
+    names = label_names(dataset, label_column)
+    pixels, labels = dataset_to_tensors(dataset, resolution, vae.config.in_channels, image_column, label_column)
+    latents = cached_latents(vae, pixels, args.cache_dir)
+    logger.info(f"{len(latents)} latents of shape {tuple(latents.shape[1:])}, classes: {names}")
+
+    latent_size = latents.shape[-1]
+    unet = UNet2DConditionModel(**{**preset.unet_config(), "sample_size": latent_size,
+                                   "in_channels": latents.shape[1], "out_channels": latents.shape[1]})
+    num_classes = len(names) if names else 1
+    class_embedder = ClassEmbedder(num_classes, unet.config.cross_attention_dim)
+    if labels is None:  # unlabelled data: one class
+        labels = torch.zeros(len(latents), dtype=torch.long)
+        names = ["image"]
+    model = LatentDenoiser(unet, class_embedder)
+    noise_scheduler = DDPMScheduler(**preset.scheduler_config())
+    ema = EMAModel(model.parameters(), decay=0.999) if args.use_ema else None
+
+    loader = DataLoader(TensorDataset(latents, labels), batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    lr_scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.learning_rate, total_steps=args.max_train_steps,
+        pct_start=min(0.5, args.lr_warmup_steps / args.max_train_steps),
+    )
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_ldm", config={k: v for k, v in vars(args).items() if v is not None})
+
+    global_step = 0
+    checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = step_of(checkpoint)
+        logger.info(f"Resumed from {checkpoint} at step {global_step}")
+
+    null_class = class_embedder.null_class_id
+    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    for _ in range(math.ceil(args.max_train_steps / len(loader))):
+        if global_step >= args.max_train_steps:
+            break
+        for batch_latents, batch_labels in loader:
+            drop = torch.rand(len(batch_labels), device=batch_labels.device) < args.label_dropout
+            batch_labels = torch.where(drop, torch.full_like(batch_labels, null_class), batch_labels)
+            noise = torch.randn_like(batch_latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch_latents),),
+                                      device=batch_latents.device)
+            loss = denoising_loss(model, noise_scheduler, batch_latents, batch_labels, timesteps, noise).mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            if ema is not None:
+                ema.step(model.parameters())
+            global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if global_step >= args.max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(trained.parameters())
+        pipeline = DPLDMPipeline(
+            vae=vae,
+            unet=trained.unet,
+            scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+            class_embedder=trained.class_embedder,
+            id2label=dict(enumerate(names)),
+        )
+        pipeline.save_pretrained(args.output_dir)
+        logger.info(f"Saved the base pipeline to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
