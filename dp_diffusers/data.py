@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
-from PIL import Image as PILImage, UnidentifiedImageError
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 PRIVATE_HELDOUT_FRACTION = 0.2
@@ -88,11 +89,11 @@ def _check_image_folder(train_data_dir: str) -> None:
 
 
 def load_image_dataset(
-    dataset_name: Optional[str] = None,
-    train_data_dir: Optional[str] = None,
-    dataset_config_name: Optional[str] = None,
+    dataset_name: str | None = None,
+    train_data_dir: str | None = None,
+    dataset_config_name: str | None = None,
     split: str = "train",
-    cache_dir: Optional[str] = None,
+    cache_dir: str | None = None,
 ) -> Dataset:
     """Load a data set the way diffusers' training scripts do.
 
@@ -114,7 +115,7 @@ def load_image_dataset(
     return dataset
 
 
-def label_names(dataset: Dataset, label_column: Optional[str]) -> Optional[list[str]]:
+def label_names(dataset: Dataset, label_column: str | None) -> list[str] | None:
     """Class names of ``label_column`` (a ``ClassLabel`` gives its names; other columns their sorted
     distinct values as strings); ``None`` for unlabelled data."""
     if label_column is None:
@@ -126,8 +127,8 @@ def label_names(dataset: Dataset, label_column: Optional[str]) -> Optional[list[
 
 
 def resolve_columns(
-    dataset: Dataset, image_column: Optional[str] = None, label_column: Optional[str] = None
-) -> tuple[str, Optional[str]]:
+    dataset: Dataset, image_column: str | None = None, label_column: str | None = None
+) -> tuple[str, str | None]:
     """Pick the image and label columns, with errors that list the columns that exist.
 
     ``label_column=None`` takes ``label`` when it exists; pass ``label_column=""`` for unlabelled
@@ -170,9 +171,9 @@ def dataset_to_tensors(
     resolution: int,
     num_channels: int,
     image_column: str = "image",
-    label_column: Optional[str] = "label",
-    class_names: Optional[Sequence[str]] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    label_column: str | None = "label",
+    class_names: Sequence[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode and transform every image: (N, C, H, W) in [-1, 1] and labels (N,) or ``None``.
 
     Every file is decoded here, before anything is trained or written, so an unreadable image
@@ -250,7 +251,7 @@ def _fingerprint(pixels: torch.Tensor, vae) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_latents(vae, pixels: torch.Tensor, cache_dir: Optional[str], batch_size: int = 256) -> torch.Tensor:
+def cached_latents(vae, pixels: torch.Tensor, cache_dir: str | None, batch_size: int = 256) -> torch.Tensor:
     """``encode_latents`` with an on-disk cache keyed by the pixels and the autoencoder's weights.
 
     The cache holds private data in encoded form: keep ``cache_dir`` with the private data, never in

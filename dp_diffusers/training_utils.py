@@ -6,12 +6,11 @@ import argparse
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 CHECKPOINTS_DIR = "checkpoints"
 
 
-def add_data_args(parser: argparse.ArgumentParser, default_dataset: Optional[str]) -> None:
+def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None) -> None:
     """The diffusers data flags: ``--dataset_name`` / ``--train_data_dir`` and the column names."""
     group = parser.add_argument_group("data")
     group.add_argument(
@@ -29,7 +28,7 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: Optional[str
     group.add_argument("--cache_dir", type=str, default=None, help="datasets / latents cache directory.")
 
 
-def resolve_dataset_source(args: argparse.Namespace, default_dataset: Optional[str]) -> None:
+def resolve_dataset_source(args: argparse.Namespace, default_dataset: str | None) -> None:
     if args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = default_dataset
 
@@ -43,7 +42,7 @@ def checkpoint_dirs(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> Path | None:
     """``latest`` -> newest checkpoint of ``output_dir`` (or ``None`` if there is none); a path -> itself."""
     if resume_from_checkpoint is None:
         return None
@@ -60,7 +59,7 @@ def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int]) -> Path:
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> Path:
     """``accelerator.save_state`` into ``output_dir/checkpoints/checkpoint-<step>``, written to a
     temporary folder first so that a crash mid-save never leaves a checkpoint that looks complete."""
     root = Path(output_dir) / CHECKPOINTS_DIR

@@ -77,25 +77,34 @@ def main(argv=None):
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
+        ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
     # Validate everything before anything is written.
-    vae = AutoencoderKL(**{**preset.vae_config(), "in_channels": num_channels, "out_channels": num_channels,
-                           "sample_size": resolution})
+    vae = AutoencoderKL(
+        **{**preset.vae_config(), "in_channels": num_channels, "out_channels": num_channels, "sample_size": resolution}
+    )
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor:
-        raise ValueError(f"--resolution {resolution} is not divisible by the autoencoder's downsampling factor {factor}.")
-    dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir)
+        raise ValueError(
+            f"--resolution {resolution} is not divisible by the autoencoder's downsampling factor {factor}."
+        )
+    dataset = load_image_dataset(
+        args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
+    )
     image_column, _ = resolve_columns(dataset, args.image_column, args.label_column)
     pixels, _ = dataset_to_tensors(dataset, resolution, num_channels, image_column, label_column=None)
     logger.info(f"{len(pixels)} training images of shape {tuple(pixels.shape[1:])}")
 
     loader = DataLoader(TensorDataset(pixels), batch_size=args.train_batch_size, shuffle=True, drop_last=True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.learning_rate, total_steps=args.max_train_steps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.learning_rate, total_steps=args.max_train_steps
+    )
     model, optimizer, loader, scheduler = accelerator.prepare(AutoencoderWithKL(vae), optimizer, loader, scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_autoencoder", config={k: v for k, v in vars(args).items() if v is not None})

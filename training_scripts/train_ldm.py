@@ -75,7 +75,9 @@ def main(argv=None):
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
+        ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
@@ -84,7 +86,9 @@ def main(argv=None):
     vae = AutoencoderKL.from_pretrained(args.vae_path).eval().requires_grad_(False)
     resolution = args.resolution or vae.config.sample_size
     check_resolution(resolution, vae)
-    dataset = load_image_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir)
+    dataset = load_image_dataset(
+        args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
+    )
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
     names = label_names(dataset, label_column)
     pixels, labels = dataset_to_tensors(dataset, resolution, vae.config.in_channels, image_column, label_column)
@@ -92,8 +96,14 @@ def main(argv=None):
     logger.info(f"{len(latents)} latents of shape {tuple(latents.shape[1:])}, classes: {names}")
 
     latent_size = latents.shape[-1]
-    unet = UNet2DConditionModel(**{**preset.unet_config(), "sample_size": latent_size,
-                                   "in_channels": latents.shape[1], "out_channels": latents.shape[1]})
+    unet = UNet2DConditionModel(
+        **{
+            **preset.unet_config(),
+            "sample_size": latent_size,
+            "in_channels": latents.shape[1],
+            "out_channels": latents.shape[1],
+        }
+    )
     num_classes = len(names) if names else 1
     class_embedder = ClassEmbedder(num_classes, unet.config.cross_attention_dim)
     if labels is None:  # unlabelled data: one class
@@ -106,7 +116,9 @@ def main(argv=None):
     loader = DataLoader(TensorDataset(latents, labels), batch_size=args.train_batch_size, shuffle=True, drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.learning_rate, total_steps=args.max_train_steps,
+        optimizer,
+        max_lr=args.learning_rate,
+        total_steps=args.max_train_steps,
         pct_start=min(0.5, args.lr_warmup_steps / args.max_train_steps),
     )
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
@@ -132,8 +144,9 @@ def main(argv=None):
             drop = torch.rand(len(batch_labels), device=batch_labels.device) < args.label_dropout
             batch_labels = torch.where(drop, torch.full_like(batch_labels, null_class), batch_labels)
             noise = torch.randn_like(batch_latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch_latents),),
-                                      device=batch_latents.device)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (len(batch_latents),), device=batch_latents.device
+            )
             loss = denoising_loss(model, noise_scheduler, batch_latents, batch_labels, timesteps, noise).mean()
             accelerator.backward(loss)
             optimizer.step()

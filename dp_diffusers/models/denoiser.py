@@ -6,8 +6,6 @@ pipeline all go through it, so every path conditions the UNet the same way.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
@@ -24,7 +22,7 @@ class LatentDenoiser(nn.Module):
     * any UNet without either: unconditional (labels are ignored).
     """
 
-    def __init__(self, unet: nn.Module, class_embedder: Optional[ClassEmbedder] = None):
+    def __init__(self, unet: nn.Module, class_embedder: ClassEmbedder | None = None):
         super().__init__()
         self.unet = unet
         self.class_embedder = class_embedder
@@ -36,7 +34,7 @@ class LatentDenoiser(nn.Module):
         return self.class_embedder is not None or getattr(self.unet.config, "num_class_embeds", None) is not None
 
     def forward(
-        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, class_labels: Optional[torch.Tensor] = None
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.class_embedder is not None:
             context = self.class_embedder(class_labels)
@@ -50,7 +48,7 @@ def denoising_loss(
     model: nn.Module,
     scheduler,
     latents: torch.Tensor,
-    class_labels: Optional[torch.Tensor],
+    class_labels: torch.Tensor | None,
     timesteps: torch.Tensor,
     noise: torch.Tensor,
 ) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Union
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel, VQModel
@@ -31,11 +30,11 @@ class DPLDMPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: Union[AutoencoderKL, VQModel],
-        unet: Union[UNet2DConditionModel, UNet2DModel],
+        vae: AutoencoderKL | VQModel,
+        unet: UNet2DConditionModel | UNet2DModel,
         scheduler: SchedulerMixin,
-        class_embedder: Optional[ClassEmbedder] = None,
-        id2label: Optional[dict] = None,
+        class_embedder: ClassEmbedder | None = None,
+        id2label: dict | None = None,
     ):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, class_embedder=class_embedder)
@@ -46,12 +45,12 @@ class DPLDMPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property
-    def num_classes(self) -> Optional[int]:
+    def num_classes(self) -> int | None:
         if self.class_embedder is not None:
             return self.class_embedder.config.num_classes
         return getattr(self.unet.config, "num_class_embeds", None)
 
-    def get_label_ids(self, label: Union[str, list[str]]) -> list[int]:
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (e.g. ``["3", "7"]``) to class ids."""
         names = [label] if isinstance(label, str) else list(label)
         unknown = [name for name in names if name not in self.labels]
@@ -59,7 +58,7 @@ class DPLDMPipeline(DiffusionPipeline):
             raise ValueError(f"Unknown class label(s) {unknown}; this model knows {list(self.labels)}.")
         return [self.labels[name] for name in names]
 
-    def _check_class_labels(self, class_labels: Optional[list[int]]) -> None:
+    def _check_class_labels(self, class_labels: list[int] | None) -> None:
         num_classes = self.num_classes
         if num_classes is None:
             if class_labels is not None:
@@ -84,17 +83,17 @@ class DPLDMPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: Optional[Union[int, list[int]]] = None,
+        class_labels: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
-        batch_size: Optional[int] = None,
+        batch_size: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
-        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-    ) -> Union[ImagePipelineOutput, tuple]:
+    ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
         Args:

@@ -1,0 +1,103 @@
+"""Which UNet modules get LoRA adapters, and injecting / saving them with peft and diffusers.
+
+DP-LoRA (arXiv 2406.01355) adapts the attention blocks and their output projections. Target
+names are peft's suffix matches on module names; ``to_out.0`` is the attention output Linear
+(the reference code's ``to_out.Linear`` matches nothing, so only q/k/v got adapters there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+from torch import nn
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+LORA_TARGET_PRESETS: dict[str, list[str]] = {
+    # attention projections of every attention block (self- and cross-attention)
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    # ... plus the transformer blocks' input/output projections
+    "attention+proj": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"],
+    # ... plus the UNet's final output convolution
+    "attention+proj+conv_out": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv_out"],
+}
+
+
+class NoLoRATargetError(ValueError):
+    """No module of the base model matches the LoRA target names."""
+
+
+def resolve_target_modules(targets: str | Sequence[str]) -> list[str]:
+    """A preset name (``attention``, ``attention+proj``, ``attention+proj+conv_out``) or a list /
+    comma-separated string of module-name suffixes."""
+    if isinstance(targets, str):
+        if targets in LORA_TARGET_PRESETS:
+            return list(LORA_TARGET_PRESETS[targets])
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return list(targets)
+
+
+def make_lora_config(
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: str | Sequence[str] = "attention",
+    init_lora_weights: bool | str = "gaussian",
+) -> LoraConfig:
+    """peft ``LoraConfig`` as diffusers' LoRA scripts build it (alpha defaults to rank: scale 1)."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        init_lora_weights=init_lora_weights,
+        target_modules=resolve_target_modules(targets),
+    )
+
+
+def _matching_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    return [name for name, _ in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)]
+
+
+def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[str]:
+    """Inject LoRA layers in place (``add_adapter`` where the model has diffusers' peft mixin,
+    ``peft.inject_adapter_in_model`` otherwise, e.g. for a plain ``UNet2DModel``), freeze
+    everything else, and return the sorted names of the adapted modules.
+    """
+    targets = sorted(config.target_modules)
+    if not _matching_names(model, targets):
+        sample = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:8]
+        raise NoLoRATargetError(
+            f"No module of the base model matches the LoRA targets {targets}: the model has no attention "
+            f"layers of those names. Its Linear/Conv2d modules are named like {sample}; pass "
+            "--lora_target_modules with matching names."
+        )
+    model.requires_grad_(False)
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config, adapter_name=adapter_name)
+    else:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    adapted = sorted(name for name, module in model.named_modules() if isinstance(module, LoraLayer))
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return adapted
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights in diffusers' naming (``<module>.lora_A.weight``...)."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
+def save_lora_weights(model: nn.Module, output_dir: str | Path, prefix: str = "unet") -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` with keys ``<prefix>.<module>.lora_{A,B}.weight``,
+    the layout of diffusers' ``save_lora_weights`` (loadable with ``load_lora_adapter(prefix=...)``)."""
+    state = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    path = Path(output_dir) / LORA_WEIGHT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path

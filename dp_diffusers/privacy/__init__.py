@@ -1,0 +1,41 @@
+"""Differential privacy for LoRA fine-tuning: accounting, the opacus wiring, noise multiplicity."""
+
+from .accounting import (
+    ACCOUNTANTS,
+    PrivacyBudget,
+    PrivacyBudgetError,
+    calibrate_noise_multiplier,
+    check_delta,
+    epsilon_for,
+    max_steps_within_budget,
+)
+from .engine import GRAD_SAMPLE_MODES, DPTraining, make_conv_inputs_contiguous, make_private, private_backward
+from .noise_multiplicity import (
+    DistributedDPOptimizerWithNoiseMultiplicity,
+    DPOptimizerWithNoiseMultiplicity,
+    average_over_copies,
+    expand_for_noise_multiplicity,
+)
+from .report import DP_REPORT_NAME, build_dp_report, write_dp_report
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DP_REPORT_NAME",
+    "DPOptimizerWithNoiseMultiplicity",
+    "DPTraining",
+    "DistributedDPOptimizerWithNoiseMultiplicity",
+    "GRAD_SAMPLE_MODES",
+    "PrivacyBudget",
+    "PrivacyBudgetError",
+    "average_over_copies",
+    "build_dp_report",
+    "calibrate_noise_multiplier",
+    "check_delta",
+    "epsilon_for",
+    "expand_for_noise_multiplicity",
+    "make_conv_inputs_contiguous",
+    "make_private",
+    "max_steps_within_budget",
+    "private_backward",
+    "write_dp_report",
+]

@@ -1,0 +1,138 @@
+"""Wiring opacus for DP-LoRA: per-sample gradients, Poisson sampling, clipping, noise, accounting.
+
+``make_private`` is ``opacus.PrivacyEngine.make_private`` taken apart so that the optimizer can be
+the noise-multiplicity one (see ``noise_multiplicity.py``) and the sample rate is exactly
+``batch_size / N``, the one the accountant and the noise calibration use. Everything else is
+opacus: ``GradSampleModule`` (hooks / functorch / expanded weights), ``DPDataLoader`` (Poisson
+sampling, distributed-aware), the DP optimizers, ``BatchMemoryManager``.
+
+Guarantee (per logical step, over the whole global batch): each private example's gradient (the
+mean over its k noise draws) is clipped to ``max_grad_norm``; Gaussian noise of std
+``noise_multiplier * max_grad_norm`` is added once (on rank 0 with several processes, then summed
+across ranks); the step is recorded in the accountant with sample rate ``q``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from opacus.data_loader import DPDataLoader
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.grad_sample.utils import prepare_module
+from torch import nn
+from torch.utils.data import Dataset
+
+from .accounting import PrivacyBudget
+from .noise_multiplicity import (
+    DistributedDPOptimizerWithNoiseMultiplicity,
+    DPOptimizerWithNoiseMultiplicity,
+    expand_for_noise_multiplicity,
+)
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+
+
+@dataclass
+class DPTraining:
+    """What ``make_private`` returns: use these three in place of the originals."""
+
+    model: nn.Module
+    optimizer: DPOptimizerWithNoiseMultiplicity
+    data_loader: DPDataLoader
+
+
+def make_conv_inputs_contiguous(model: nn.Module) -> int:
+    """Forward pre-hooks that make the input of every trainable ``nn.Conv2d`` contiguous.
+
+    opacus' conv per-sample gradient (``unfold2d``) assumes NCHW strides and returns all-zero
+    per-sample gradients, silently, for other layouts; diffusers' attention blocks hand such
+    tensors on. Returns the number of hooked modules.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(lambda _m, args: tuple(a.contiguous() for a in args))
+            count += 1
+    return count
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: Dataset,
+    *,
+    budget: PrivacyBudget,
+    max_grad_norm: float,
+    noise_multiplicity: int = 1,
+    grad_sample_mode: str = "hooks",
+    secure_mode: bool = False,
+    noise_generator: torch.Generator | None = None,
+    sampling_generator: torch.Generator | None = None,
+) -> DPTraining:
+    """Wrap ``model`` (optionally already in opacus' ``DPDDP``), ``optimizer`` and ``dataset``.
+
+    The optimizer must hold exactly the trainable parameters of ``model``; frozen modules get no
+    per-sample hooks. ``budget`` supplies the noise multiplier and the sample rate, and receives
+    every real (non-skipped) optimizer step.
+    """
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+    if noise_multiplicity < 1:
+        raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}
+    if trainable != in_optimizer:
+        raise ValueError("The optimizer must hold exactly the model's trainable parameters.")
+    if not trainable:
+        raise ValueError("The model has no trainable parameters.")
+
+    distributed = isinstance(model, DPDDP)
+    world_size = torch.distributed.get_world_size() if distributed else 1
+    make_conv_inputs_contiguous(model)
+    gsm = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction="mean")
+    gsm.forbid_grad_accumulation()
+
+    loader = DPDataLoader(
+        dataset, sample_rate=budget.sample_rate, distributed=distributed, generator=sampling_generator
+    )
+    optimizer_class = DistributedDPOptimizerWithNoiseMultiplicity if distributed else DPOptimizerWithNoiseMultiplicity
+    dp_optimizer = optimizer_class(
+        optimizer,
+        noise_multiplicity=noise_multiplicity,
+        noise_multiplier=budget.noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=budget.sample_rate * len(dataset) / world_size,
+        loss_reduction="mean",
+        generator=noise_generator,
+        secure_mode=secure_mode,
+    )
+    dp_optimizer.attach_step_hook(budget.accountant.get_optimizer_hook_fn(sample_rate=budget.sample_rate))
+    return DPTraining(model=gsm, optimizer=dp_optimizer, data_loader=loader)
+
+
+def private_backward(
+    model: nn.Module,
+    optimizer: DPOptimizerWithNoiseMultiplicity,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    latents: torch.Tensor,
+    labels: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Forward and backward of one physical batch; per-sample gradients land in ``p.grad_sample``.
+
+    ``loss_fn(model, latents, labels) -> (rows,)`` draws the diffusion noise and timesteps itself.
+    Rows are expanded to ``noise_multiplicity`` copies per example here; the optimizer folds them
+    back before clipping. An empty Poisson batch still makes a (noise-only) step: its per-sample
+    gradients are empty tensors, so opacus clips nothing and adds the noise. Returns the mean loss.
+    """
+    k = optimizer.noise_multiplicity
+    if len(latents) == 0:
+        for p in optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        return None
+    rows_latents = expand_for_noise_multiplicity(latents, k)
+    rows_labels = expand_for_noise_multiplicity(labels, k)
+    loss = loss_fn(model, rows_latents, rows_labels).mean()
+    loss.backward()
+    return loss.detach()

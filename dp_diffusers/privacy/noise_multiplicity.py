@@ -1,0 +1,72 @@
+"""Noise multiplicity (DPDM, Dockhorn et al. 2022): k diffusion draws per private example, one clip.
+
+Each example of a logical batch is repeated k times, each copy with its own timestep and noise.
+The example's gradient is the **average of its k copies' gradients, clipped once** to
+``max_grad_norm``. Guarantee: the per-example sensitivity stays exactly ``max_grad_norm`` for any
+k, so the accountant's numbers hold unchanged. (Clipping each copy separately, as stock opacus does
+on a repeated batch, lets one example move the update by up to ``k * max_grad_norm`` while the
+noise is sized for ``max_grad_norm``: the stated epsilon is then wrong.)
+
+opacus has no notion of copies, so this is the one piece written here: an optimizer mixin that
+folds the k rows of each example into their mean before opacus' own clipping runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+
+
+def expand_for_noise_multiplicity(tensor: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """Repeat each row k times, copies adjacent: rows ``[x0, x0, .., x1, x1, ..]`` (example-major)."""
+    if tensor is None or k == 1:
+        return tensor
+    return tensor.repeat_interleave(k, dim=0)
+
+
+def average_over_copies(grad_sample: torch.Tensor, k: int) -> torch.Tensor:
+    """(B*k, ...) per-row gradients in example-major order -> (B, ...) per-example mean."""
+    if k == 1:
+        return grad_sample
+    if grad_sample.shape[0] % k:
+        raise ValueError(f"{grad_sample.shape[0]} per-sample gradients are not a multiple of noise_multiplicity={k}.")
+    return grad_sample.reshape(grad_sample.shape[0] // k, k, *grad_sample.shape[1:]).mean(dim=1)
+
+
+class NoiseMultiplicityMixin:
+    """Mixin for opacus DP optimizers: averages each example's k copies before clipping.
+
+    With ``loss_reduction="mean"`` over the B*k rows, opacus' per-row gradient is the gradient of
+    that row's own loss, so the mean over the copies is exactly the gradient of the example's
+    k-draw average loss; opacus then clips it once and divides the noised sum by the expected
+    number of *examples* per logical batch.
+    """
+
+    noise_multiplicity: int = 1
+
+    def clip_and_accumulate(self) -> None:
+        k = self.noise_multiplicity
+        if k > 1:
+            for p in self.params:
+                if isinstance(p.grad_sample, list):
+                    p.grad_sample = [average_over_copies(g, k) for g in p.grad_sample]
+                elif p.grad_sample is not None:
+                    p.grad_sample = average_over_copies(p.grad_sample, k)
+        super().clip_and_accumulate()
+
+
+class DPOptimizerWithNoiseMultiplicity(NoiseMultiplicityMixin, DPOptimizer):
+    """``opacus.optimizers.DPOptimizer`` that clips the average of each example's k copies."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplicity: int = 1, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self.noise_multiplicity = int(noise_multiplicity)
+
+
+class DistributedDPOptimizerWithNoiseMultiplicity(NoiseMultiplicityMixin, DistributedDPOptimizer):
+    """``opacus.optimizers.DistributedDPOptimizer`` (noise once, on rank 0, then all-reduce) that
+    clips the average of each example's k copies."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplicity: int = 1, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self.noise_multiplicity = int(noise_multiplicity)
