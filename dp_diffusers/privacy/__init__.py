@@ -9,7 +9,14 @@ from .accounting import (
     epsilon_for,
     max_steps_within_budget,
 )
-from .engine import GRAD_SAMPLE_MODES, DPTraining, make_conv_inputs_contiguous, make_private, private_backward
+from .engine import (
+    GRAD_SAMPLE_MODES,
+    DPTraining,
+    PrivateTrainingState,
+    make_conv_inputs_contiguous,
+    make_private,
+    private_backward,
+)
 from .noise_multiplicity import (
     DistributedDPOptimizerWithNoiseMultiplicity,
     DPOptimizerWithNoiseMultiplicity,
@@ -27,6 +34,7 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "PrivacyBudget",
     "PrivacyBudgetError",
+    "PrivateTrainingState",
     "average_over_copies",
     "build_dp_report",
     "calibrate_noise_multiplier",

@@ -15,6 +15,7 @@ across ranks); the step is recorded in the accountant with sample rate ``q``.
 from __future__ import annotations
 
 from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,13 @@ from .noise_multiplicity import (
 )
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+
+# opacus registers full backward hooks on the adapted layers; their inputs (frozen activations)
+# need no gradient, which torch reports on every backward. Harmless here: opacus reads the output
+# gradients only.
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
+)
 
 
 @dataclass
@@ -136,3 +144,37 @@ def private_backward(
     loss = loss_fn(model, rows_latents, rows_labels).mean()
     loss.backward()
     return loss.detach()
+
+
+class PrivateTrainingState:
+    """Everything a resumed DP run needs, for ``accelerator.register_for_checkpointing``:
+    trainable weights, the optimizer's state and the privacy budget spent (the accountant).
+
+    Guarantee: loading restores the accountant's history, so a resumed run continues counting
+    from the steps already taken; it never starts a fresh budget.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: DPOptimizerWithNoiseMultiplicity, budget: PrivacyBudget):
+        self.model = model
+        self.optimizer = optimizer
+        self.budget = budget
+
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict:
+        return {
+            "trainable": {name: p.detach().cpu().clone() for name, p in self._trainable().items()},
+            "optimizer": self.optimizer.original_optimizer.state_dict(),
+            "budget": self.budget.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        params = self._trainable()
+        if set(state["trainable"]) != set(params):
+            raise ValueError("The checkpoint's trainable parameters do not match this model's LoRA setup.")
+        self.budget.load_state_dict(state["budget"])
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["trainable"][name])
+        self.optimizer.original_optimizer.load_state_dict(state["optimizer"])

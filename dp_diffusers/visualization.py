@@ -1,0 +1,36 @@
+"""Labelled image grids (samples.png) for scripts, the demo and model cards."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from PIL import Image, ImageDraw
+
+
+def labelled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], scale: int = 4) -> Image.Image:
+    """One row of images per label, the label written at the left; images upscaled ``scale`` times."""
+    if not rows or not rows[0]:
+        raise ValueError("labelled_grid needs at least one image.")
+    w, h = rows[0][0].size
+    w, h = w * scale, h * scale
+    margin = max(24, 8 * max(len(str(label)) for label in row_labels))
+    grid = Image.new("RGB", (margin + w * max(len(r) for r in rows), h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (images, label) in enumerate(zip(rows, row_labels)):
+        draw.text((4, i * h + h // 2 - 5), str(label), fill="black")
+        for j, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((w, h), Image.NEAREST), (margin + j * w, i * h))
+    return grid
+
+
+def sample_grid(pipeline, labels: Sequence[str], per_class: int = 8, num_inference_steps: int = 50, seed: int = 0):
+    """Generate ``per_class`` images for each class name with a seeded generator and grid them."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = pipeline.get_label_ids(list(labels))
+    images = pipeline(
+        class_labels=ids, num_images_per_prompt=per_class, num_inference_steps=num_inference_steps, generator=generator
+    ).images
+    rows = [images[i * per_class : (i + 1) * per_class] for i in range(len(ids))]
+    return labelled_grid(rows, labels)

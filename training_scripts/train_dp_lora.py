@@ -1,0 +1,372 @@
+#!/usr/bin/env python
+"""Stage 2 (private data): DP-SGD fine-tuning of LoRA adapters on a public base LDM (DP-LoRA).
+
+    accelerate launch training_scripts/train_dp_lora.py \\
+        --pretrained_model_name_or_path outputs/base --output_dir outputs/dp-lora \\
+        --target_epsilon 10 --target_delta 1e-5
+
+The private images are encoded once by the frozen public autoencoder; only LoRA adapters (and,
+with --train_class_embedding, the class embedding) are trained, with per-example clipping,
+Gaussian noise, Poisson sampling and a PRV/RDP accountant (opacus). All privacy logic lives in
+``dp_diffusers.privacy``; this script wires the parts together.
+"""
+
+import argparse
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, UNet2DModel
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from dp_diffusers import ClassEmbedder, DPLDMPipeline, LatentDenoiser, UNet2DModelWithLoRA, denoising_loss
+from dp_diffusers.data import (
+    DataError,
+    cached_latents,
+    check_resolution,
+    dataset_to_tensors,
+    label_names,
+    load_image_dataset,
+    resolve_columns,
+)
+from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.privacy import (
+    ACCOUNTANTS,
+    GRAD_SAMPLE_MODES,
+    PrivacyBudget,
+    PrivateTrainingState,
+    build_dp_report,
+    calibrate_noise_multiplier,
+    check_delta,
+    make_private,
+    private_backward,
+    write_dp_report,
+)
+from dp_diffusers.training_utils import add_data_args, resolve_dataset_source, resolve_resume, save_checkpoint
+from dp_diffusers.visualization import sample_grid
+
+logger = get_logger(__name__)
+ADAPTER_CONFIG_NAME = "dp_lora_config.json"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Base folder or Hub id.")
+    parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument("--output_dir", type=str, required=True)
+    add_data_args(parser, default_dataset="private-digits")
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the base autoencoder's.")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_rank", type=int, default=8)
+    lora.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
+    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument(
+        "--lora_target_modules",
+        type=str,
+        default="attention",
+        help=f"Preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated module names.",
+    )
+    lora.add_argument("--init_lora_weights", type=str, default="gaussian", help="peft init: gaussian, true, ...")
+    lora.add_argument(
+        "--train_class_embedding",
+        action="store_true",
+        help="Also train the class embedding (DP); needed for private classes the base does not know.",
+    )
+    lora.add_argument("--label_dropout", type=float, default=0.1, help="Null-class probability (keeps CFG).")
+
+    dp = parser.add_argument_group("differential privacy")
+    dp.add_argument("--target_epsilon", type=float, default=10.0)
+    dp.add_argument("--target_delta", type=float, default=1e-5)
+    dp.add_argument(
+        "--noise_multiplier", type=float, default=None, help="Give sigma instead of calibrating it to the target."
+    )
+    dp.add_argument("--max_grad_norm", type=float, default=1.0, help="Per-example clipping norm C.")
+    dp.add_argument("--noise_multiplicity", type=int, default=1, help="k diffusion draws per example, one clip.")
+    dp.add_argument("--accountant", type=str, default="prv", choices=ACCOUNTANTS)
+    dp.add_argument("--grad_sample_mode", type=str, default="hooks", choices=GRAD_SAMPLE_MODES)
+    dp.add_argument("--secure_mode", action="store_true", help="opacus' secure RNG for the noise (slower).")
+    dp.add_argument("--batch_size", type=int, default=64, help="Expected logical (Poisson) batch size, all ranks.")
+    dp.add_argument("--max_physical_batch_size", type=int, default=None, help="Examples per forward pass.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--num_train_epochs", type=float, default=10.0)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--learning_rate", type=float, default=1e-3)
+    train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument("--checkpointing_steps", type=int, default=100)
+    train.add_argument("--checkpoints_total_limit", type=int, default=2)
+    train.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
+    train.add_argument("--epsilon_log_steps", type=int, default=25, help="Record epsilon every N steps.")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--report_to", type=str, default=None, help="e.g. tensorboard")
+    train.add_argument("--logging_dir", type=str, default="logs")
+    train.add_argument("--samples_per_class", type=int, default=8, help="samples.png rows; 0 to skip.")
+    train.add_argument("--num_inference_steps", type=int, default=50)
+    args = parser.parse_args(argv)
+    resolve_dataset_source(args, "private-digits")
+    if args.noise_multiplicity < 1:
+        parser.error("--noise_multiplicity must be >= 1")
+    return args
+
+
+def load_base(args):
+    pipe = DPLDMPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
+    unet = pipe.unet
+    if type(unet) is UNet2DModel:  # give CompVis-style UNet2DModel bases diffusers' adapter API
+        patched = UNet2DModelWithLoRA.from_config(unet.config)
+        patched.load_state_dict(unet.state_dict())
+        pipe.unet = unet = patched
+    return pipe
+
+
+def prepare_labels(args, dataset, pipe, label_column):
+    """Map private labels onto the base's classes by name; new classes need --train_class_embedding."""
+    names = label_names(dataset, label_column)
+    base_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else None
+    if pipe.class_embedder is None:
+        return None, None  # unconditional base: labels are not used
+    if names is None:
+        raise DataError("The base model is class-conditional; the private data needs a label column.")
+    new = [n for n in names if n not in (base_names or [])]
+    if new and not args.train_class_embedding:
+        raise DataError(
+            f"Private labels {new} are unknown to the base model (its classes: {base_names}). "
+            "Pass --train_class_embedding to learn embeddings for them under DP."
+        )
+    class_names = list(base_names or []) + new
+    if new:
+        pipe.class_embedder = extend_class_embedder(pipe.class_embedder, len(new))
+    return names, class_names
+
+
+def extend_class_embedder(embedder: ClassEmbedder, extra: int) -> ClassEmbedder:
+    """New rows for new classes, initialised from the null-class row; the null row stays last."""
+    old = embedder.embedding.weight.detach()
+    grown = ClassEmbedder(embedder.config.num_classes + extra, embedder.config.embedding_dim)
+    with torch.no_grad():
+        grown.embedding.weight[: old.shape[0] - 1] = old[:-1]
+        grown.embedding.weight[old.shape[0] - 1 :] = old[-1]
+    return grown
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed, device_specific=True)
+    world_size = accelerator.num_processes
+
+    # ---- base model and private data: everything is validated before anything is written ----
+    pipe = load_base(args)
+    vae, unet = pipe.vae.eval().requires_grad_(False), pipe.unet
+    resolution = args.resolution or vae.config.sample_size
+    check_resolution(resolution, vae)
+    dataset = load_image_dataset(
+        args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
+    )
+    image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
+    names, class_names = prepare_labels(args, dataset, pipe, label_column)
+    pixels, labels = dataset_to_tensors(
+        dataset, resolution, vae.config.in_channels, image_column, label_column if names else None, class_names
+    )
+    n = len(pixels)
+    if n < args.batch_size:
+        raise DataError(
+            f"The private data set has {n} examples, fewer than one batch (--batch_size {args.batch_size})."
+        )
+    check_delta(args.target_delta, n)
+    sample_rate = args.batch_size / n
+    planned_steps = args.max_train_steps or math.ceil(args.num_train_epochs / sample_rate)
+    if args.noise_multiplier is None:
+        noise_multiplier = calibrate_noise_multiplier(
+            args.target_epsilon, args.target_delta, sample_rate, planned_steps, args.accountant
+        )
+        target_epsilon = args.target_epsilon
+    else:
+        noise_multiplier, target_epsilon = args.noise_multiplier, args.target_epsilon
+    budget = PrivacyBudget(
+        args.accountant, noise_multiplier, sample_rate, args.target_delta, planned_steps, target_epsilon
+    )
+    if budget.max_steps == 0:
+        raise ValueError(f"Not even one step fits in target_epsilon={target_epsilon} with sigma={noise_multiplier}.")
+
+    lora_config = make_lora_config(
+        args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules, _init_flag(args.init_lora_weights)
+    )
+    adapted_modules = add_lora(unet, lora_config)
+    class_embedder = pipe.class_embedder
+    if class_embedder is not None:
+        class_embedder.requires_grad_(args.train_class_embedding)
+    model = LatentDenoiser(unet, class_embedder).to(accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_parameters = sum(p.numel() for p in trainable)
+    logger.info(f"LoRA on {len(adapted_modules)} modules: {adapted_modules}")
+    logger.info(
+        f"{n} private examples, q={sample_rate:.4g}, sigma={noise_multiplier:.4f}, C={args.max_grad_norm}, "
+        f"k={args.noise_multiplicity}, {budget.max_steps} steps, {trainable_parameters} trainable parameters"
+    )
+
+    latents = cached_latents(vae, pixels, args.cache_dir)  # public frozen encoder: no privacy cost
+    if labels is None:
+        labels = torch.zeros(n, dtype=torch.long)
+    frozen_checksum = _frozen_checksum(model)
+
+    # ---- DP-SGD (opacus) ----
+    if world_size > 1:
+        model = DPDDP(model)  # opacus' DDP: noise on rank 0, one all-reduce per logical batch
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    dp = make_private(
+        model,
+        optimizer,
+        TensorDataset(latents, labels),
+        budget=budget,
+        max_grad_norm=args.max_grad_norm,
+        noise_multiplicity=args.noise_multiplicity,
+        grad_sample_mode=args.grad_sample_mode,
+        secure_mode=args.secure_mode,
+    )
+    state = PrivateTrainingState(model, dp.optimizer, budget)
+    accelerator.register_for_checkpointing(state)
+    checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info(f"Resumed from {checkpoint}: {budget.steps} steps and epsilon={budget.epsilon():.3f} already spent")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_dp_lora", config={k: v for k, v in vars(args).items() if v is not None})
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    null_class = class_embedder.null_class_id if class_embedder is not None else None
+    loss_fn = _diffusion_loss(noise_scheduler, null_class if class_names else None, args.label_dropout)
+    progress = tqdm(total=budget.max_steps, initial=budget.steps, disable=not accelerator.is_local_main_process)
+    physical = args.max_physical_batch_size or max(1, 2 * args.batch_size)
+    first_snapshot = None
+    while budget.can_step():
+        with BatchMemoryManager(
+            data_loader=dp.data_loader, max_physical_batch_size=physical, optimizer=dp.optimizer
+        ) as loader:
+            for batch_latents, batch_labels in loader:
+                steps_before = budget.steps
+                if first_snapshot is None:
+                    first_snapshot = [p.detach().clone() for p in trainable]
+                loss = private_backward(
+                    dp.model,
+                    dp.optimizer,
+                    loss_fn,
+                    batch_latents.to(accelerator.device),
+                    batch_labels.to(accelerator.device),
+                )
+                dp.optimizer.step()
+                dp.optimizer.zero_grad(set_to_none=True)
+                if budget.steps == steps_before:
+                    continue  # a physical part of a logical batch: clipped and accumulated, no step yet
+                if budget.steps == 1 or budget.steps == budget.max_steps:
+                    _check_training_moved(trainable, first_snapshot, model, frozen_checksum)
+                progress.update(budget.steps - steps_before)
+                logs = {"loss": float(loss) if loss is not None else float("nan")}
+                if budget.steps % args.epsilon_log_steps == 0 or budget.steps == budget.max_steps:
+                    logs["epsilon"] = budget.record()
+                    progress.set_postfix(loss=f"{logs['loss']:.4f}", eps=f"{logs['epsilon']:.2f}")
+                accelerator.log(logs, step=budget.steps)
+                if budget.steps % args.checkpointing_steps == 0 and budget.can_step():
+                    save_checkpoint(accelerator, args.output_dir, budget.steps, args.checkpoints_total_limit)
+                if not budget.can_step():
+                    break
+    progress.close()
+
+    # ---- outputs: adapter, report, samples ----
+    accelerator.wait_for_everyone()
+    epsilon = budget.record()
+    if target_epsilon is not None and epsilon > target_epsilon:
+        raise RuntimeError(f"epsilon {epsilon} exceeds the target {target_epsilon}: refusing to write the adapter.")
+    if accelerator.is_main_process:
+        out = Path(args.output_dir)
+        save_lora_weights(unet, out)
+        adapter_config = {
+            "base_model": args.pretrained_model_name_or_path,
+            "revision": args.revision,
+            "lora_weights": "pytorch_lora_weights.safetensors",
+            "class_embedder": "class_embedder" if args.train_class_embedding else None,
+            "id2label": dict(enumerate(class_names)) if class_names else None,
+        }
+        if args.train_class_embedding:
+            class_embedder.save_pretrained(out / "class_embedder")
+        elif (out / "class_embedder").exists():
+            shutil.rmtree(out / "class_embedder")
+        (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        report = build_dp_report(
+            budget,
+            max_grad_norm=args.max_grad_norm,
+            noise_multiplicity=args.noise_multiplicity,
+            dataset_size=n,
+            batch_size=args.batch_size,
+            world_size=world_size,
+            trainable_parameters=trainable_parameters,
+            lora_rank=args.lora_rank,
+            lora_alpha=lora_config.lora_alpha,
+            adapted_modules=adapted_modules,
+            base_model=args.pretrained_model_name_or_path,
+            extra={"trained_class_embedding": args.train_class_embedding, "grad_sample_mode": args.grad_sample_mode},
+        )
+        write_dp_report(report, out)
+        logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps; adapter in {out}")
+        if args.samples_per_class > 0 and class_names:
+            pipe.class_embedder = class_embedder
+            pipe.set_progress_bar_config(disable=True)
+            shown = names[:10]
+            grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, seed=args.seed)
+            grid.save(out / "samples.png")
+    accelerator.end_training()
+
+
+def _init_flag(value: str):
+    lowered = value.lower()
+    return {"true": True, "false": False}.get(lowered, value)
+
+
+def _diffusion_loss(noise_scheduler, null_class, label_dropout):
+    """Per-row diffusion loss with fresh timesteps and noise for every row (every copy)."""
+
+    def loss_fn(model, latents, labels):
+        if null_class is not None and label_dropout > 0:
+            drop = torch.rand(len(labels), device=labels.device) < label_dropout
+            labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+        elif null_class is None:
+            labels = None
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
+        return denoising_loss(model, noise_scheduler, latents, labels, timesteps, noise)
+
+    return loss_fn
+
+
+def _frozen_checksum(model) -> float:
+    return float(sum(p.double().sum() for p in model.parameters() if not p.requires_grad))
+
+
+def _check_training_moved(trainable, snapshot, model, frozen_checksum):
+    """Guard against silent no-op training (opacus#820): adapters moved, frozen base did not."""
+    if all(torch.equal(p.detach(), s) for p, s in zip(trainable, snapshot)):
+        raise RuntimeError(
+            "The DP step left every trainable parameter unchanged: per-sample gradients are not flowing."
+        )
+    if _frozen_checksum(model) != frozen_checksum:
+        raise RuntimeError("The frozen base weights changed during DP-LoRA training.")
+
+
+if __name__ == "__main__":
+    main()
