@@ -7,8 +7,8 @@ names are peft's suffix matches on module names; ``to_out.0`` is the attention o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -96,10 +96,14 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora_weights(model: nn.Module, output_dir: str | Path, prefix: str = "unet") -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` with keys ``<prefix>.<module>.lora_{A,B}.weight``,
-    the layout of diffusers' ``save_lora_weights`` (loadable with ``load_lora_adapter(prefix=...)``)."""
+    """Write ``pytorch_lora_weights.safetensors`` as diffusers' pipeline-level ``save_lora_weights``
+    does: keys ``<prefix>.<module>...`` in diffusers naming, and the ``LoraConfig`` in the file's
+    ``lora_adapter_metadata`` (so rank, alpha and targets load back exactly)."""
     state = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    config = model.peft_config["default"].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str)}
     path = Path(output_dir) / LORA_WEIGHT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt"})
+    save_file(state, str(path), metadata=metadata)
     return path

@@ -14,8 +14,8 @@ across ranks); the step is recorded in the accountant with sample rate ``q``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
