@@ -26,11 +26,26 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None) 
         "--label_column", type=str, default=None, help="Default: 'label' when present; '' trains unlabelled."
     )
     group.add_argument("--cache_dir", type=str, default=None, help="datasets / latents cache directory.")
+    group.add_argument(
+        "--max_train_samples", type=int, default=None, help="Use only the first N examples (debugging, tests)."
+    )
 
 
 def resolve_dataset_source(args: argparse.Namespace, default_dataset: str | None) -> None:
     if args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = default_dataset
+
+
+def load_training_dataset(args: argparse.Namespace):
+    """The data set the flags name, cut to ``--max_train_samples`` (a seeded random subset)."""
+    from .data import load_image_dataset
+
+    dataset = load_image_dataset(
+        args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
+    )
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
+    return dataset
 
 
 def checkpoint_dirs(output_dir: str) -> list[Path]:

@@ -20,10 +20,11 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from dp_diffusers.data import dataset_to_tensors, load_image_dataset, resolve_columns
+from dp_diffusers.data import dataset_to_tensors, resolve_columns
 from dp_diffusers.presets import get_preset
 from dp_diffusers.training_utils import (
     add_data_args,
+    load_training_dataset,
     resolve_dataset_source,
     resolve_resume,
     save_checkpoint,
@@ -93,9 +94,7 @@ def main(argv=None):
         raise ValueError(
             f"--resolution {resolution} is not divisible by the autoencoder's downsampling factor {factor}."
         )
-    dataset = load_image_dataset(
-        args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
-    )
+    dataset = load_training_dataset(args)
     image_column, _ = resolve_columns(dataset, args.image_column, args.label_column)
     pixels, _ = dataset_to_tensors(dataset, resolution, num_channels, image_column, label_column=None)
     logger.info(f"{len(pixels)} training images of shape {tuple(pixels.shape[1:])}")

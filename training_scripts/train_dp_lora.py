@@ -35,7 +35,6 @@ from dp_diffusers.data import (
     check_resolution,
     dataset_to_tensors,
     label_names,
-    load_image_dataset,
     resolve_columns,
 )
 from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
@@ -51,7 +50,13 @@ from dp_diffusers.privacy import (
     private_backward,
     write_dp_report,
 )
-from dp_diffusers.training_utils import add_data_args, resolve_dataset_source, resolve_resume, save_checkpoint
+from dp_diffusers.training_utils import (
+    add_data_args,
+    load_training_dataset,
+    resolve_dataset_source,
+    resolve_resume,
+    save_checkpoint,
+)
 from dp_diffusers.visualization import sample_grid
 
 logger = get_logger(__name__)
@@ -176,9 +181,7 @@ def main(argv=None):
     vae, unet = pipe.vae.eval().requires_grad_(False), pipe.unet
     resolution = args.resolution or vae.config.sample_size
     check_resolution(resolution, vae)
-    dataset = load_image_dataset(
-        args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
-    )
+    dataset = load_training_dataset(args)
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
     names, class_names = prepare_labels(args, dataset, pipe, label_column)
     pixels, labels = dataset_to_tensors(

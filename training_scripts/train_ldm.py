@@ -29,12 +29,12 @@ from dp_diffusers.data import (
     check_resolution,
     dataset_to_tensors,
     label_names,
-    load_image_dataset,
     resolve_columns,
 )
 from dp_diffusers.presets import get_preset
 from dp_diffusers.training_utils import (
     add_data_args,
+    load_training_dataset,
     resolve_dataset_source,
     resolve_resume,
     save_checkpoint,
@@ -86,9 +86,7 @@ def main(argv=None):
     vae = AutoencoderKL.from_pretrained(args.vae_path).eval().requires_grad_(False)
     resolution = args.resolution or vae.config.sample_size
     check_resolution(resolution, vae)
-    dataset = load_image_dataset(
-        args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
-    )
+    dataset = load_training_dataset(args)
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
     names = label_names(dataset, label_column)
     pixels, labels = dataset_to_tensors(dataset, resolution, vae.config.in_channels, image_column, label_column)

@@ -1,0 +1,124 @@
+"""Evaluate an adapter folder and write ``metrics.json`` next to its ``dp_report.json``.
+
+Downstream accuracy and the membership audit always run; FID runs when the Inception weights
+file is available (``inception_path`` or ``DP_DIFFUSERS_FID_INCEPTION``). The held-out split is
+only read here, never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..data import dataset_to_tensors, encode_latents, load_image_dataset, resolve_columns
+from ..models import LatentDenoiser, denoising_loss
+from .downstream import downstream_accuracy
+from .fid import InceptionWeightsNotFoundError, _resolve_inception_path, compute_fid
+from .membership import audit
+
+logger = logging.getLogger(__name__)
+METRICS_NAME = "metrics.json"
+
+
+@torch.no_grad()
+def generate_labelled(pipe, per_class: int, num_inference_steps: int, seed: int, batch: int = 250):
+    """``per_class`` samples of every class of ``pipe``: images (N, C, H, W) in [-1, 1], labels (N,)."""
+    ids = sorted(pipe.labels.values()) if pipe.labels else list(range(pipe.num_classes))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(ids).repeat_interleave(per_class)
+    images = []
+    for chunk in labels.split(batch):
+        out = pipe(
+            class_labels=chunk.tolist(), num_inference_steps=num_inference_steps, generator=generator, output_type="pt"
+        ).images
+        images.append(out * 2 - 1)
+    return torch.cat(images).clamp(-1, 1), labels
+
+
+def denoiser_loss_fn(pipe, scheduler=None):
+    """``(latents, labels, timesteps, noise) -> (B,)`` denoising loss of ``pipe``'s model, for the audit."""
+    from diffusers import DDPMScheduler
+
+    model = LatentDenoiser(pipe.unet, pipe.class_embedder).eval()
+    scheduler = scheduler or DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def loss_fn(latents, labels, timesteps, noise):
+        return denoising_loss(model, scheduler, latents, labels, timesteps, noise)
+
+    return loss_fn
+
+
+def evaluate_adapter(
+    adapter_dir: str | Path,
+    dataset_name: str = "private-digits",
+    train_split: str = "train",
+    test_split: str = "test",
+    samples_per_class: int = 100,
+    num_inference_steps: int = 50,
+    inception_path: str | None = None,
+    reference_adapter_dir: str | Path | None = None,
+    seed: int = 0,
+) -> dict:
+    """Evaluate the adapter (or base) in ``adapter_dir`` against the private data set's splits.
+
+    ``reference_adapter_dir``: a non-private fine-tune on the same data, whose audit AUC is
+    reported next to the DP one. Returns the metrics dict it writes to ``metrics.json``.
+    """
+    from ..pipelines import DPLDMPipeline
+
+    adapter_dir = Path(adapter_dir)
+    pipe = DPLDMPipeline.from_pretrained(adapter_dir)
+    pipe.set_progress_bar_config(disable=True)
+    vae = pipe.vae
+    resolution, channels = vae.config.sample_size, vae.config.in_channels
+    class_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else None
+
+    def split(name):
+        data = load_image_dataset(dataset_name, split=name)
+        image_column, label_column = resolve_columns(data)
+        return dataset_to_tensors(data, resolution, channels, image_column, label_column, class_names)
+
+    (train_x, train_y), (test_x, test_y) = split(train_split), split(test_split)
+    num_classes = len(class_names)
+    synthetic_x, synthetic_y = generate_labelled(pipe, samples_per_class, num_inference_steps, seed)
+    downstream = downstream_accuracy(synthetic_x, synthetic_y, train_x, train_y, test_x, test_y, num_classes, seed=seed)
+    metrics = {
+        "downstream_accuracy": {
+            "value": downstream["downstream_accuracy"],
+            "real_data_accuracy": downstream["real_data_accuracy"],
+            "classifier": downstream["classifier"],
+            "num_synthetic": downstream["num_synthetic"],
+            "num_test": downstream["num_test"],
+            "dataset": f"{dataset_name} ({test_split} split, held out)",
+        }
+    }
+
+    # Membership audit: as many members as held-out non-members, same distribution.
+    members = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[: len(test_x)]
+    member_latents = encode_latents(vae, train_x[members])
+    nonmember_latents = encode_latents(vae, test_x)
+    result = audit(denoiser_loss_fn(pipe), member_latents, train_y[members], nonmember_latents, test_y, seed=seed)
+    metrics["membership_auc"] = {"value": result.pop("membership_auc"), **result}
+    if reference_adapter_dir is not None:
+        reference = DPLDMPipeline.from_pretrained(reference_adapter_dir)
+        ref = audit(denoiser_loss_fn(reference), member_latents, train_y[members], nonmember_latents, test_y, seed=seed)
+        metrics["membership_auc"]["reference_nonprivate_auc"] = ref["membership_auc"]
+
+    try:
+        _resolve_inception_path(inception_path)
+    except InceptionWeightsNotFoundError as err:
+        logger.warning(f"FID skipped: {err}")
+    else:
+        to_uint8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).squeeze(-1).numpy()  # noqa: E731
+        fid = compute_fid(to_uint8(synthetic_x), to_uint8(test_x), inception_path=inception_path)
+        metrics["fid"] = {"value": fid.pop("fid"), **fid, "dataset": f"{dataset_name} ({test_split} split)"}
+
+    path = adapter_dir / METRICS_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, path)
+    return metrics

@@ -1,0 +1,118 @@
+"""Embedded data sets, user data sets and latent encoding (offline)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_vae
+from PIL import Image
+
+from dp_diffusers.data import (
+    DataError,
+    cached_latents,
+    check_resolution,
+    dataset_to_tensors,
+    encode_latents,
+    label_names,
+    load_image_dataset,
+    load_private_digits,
+    load_public_digits,
+    resolve_columns,
+)
+
+
+def test_public_digits_are_mnist_5k():
+    ds = load_public_digits()
+    assert len(ds) == 5000
+    assert label_names(ds, "label") == [str(i) for i in range(10)]
+    assert np.bincount(ds["label"]).tolist() == [500] * 10
+    img = ds[0]["image"]
+    assert img.size == (28, 28) and img.mode == "L"
+    arr = np.asarray(img)
+    assert arr.dtype == np.uint8 and arr.max() > 200 and arr.min() == 0
+
+
+def test_private_digits_split_is_fixed_disjoint_and_stratified():
+    train, test = load_private_digits("train"), load_private_digits("test")
+    assert len(train) + len(test) == 1797
+    assert len(test) == 360
+    to_bytes = lambda ds: {np.asarray(x).tobytes() + bytes([y]) for x, y in zip(ds["image"], ds["label"])}  # noqa: E731
+    train_set, test_set = to_bytes(train), to_bytes(test)
+    assert not (train_set & test_set) or len(train_set & test_set) < 5  # a few duplicate digits exist in UCI
+    assert to_bytes(load_private_digits("train")) == train_set  # same split every time
+    counts = np.bincount(test["label"])
+    assert counts.min() >= 34 and counts.max() <= 38
+    assert train[0]["image"].size == (8, 8)
+    with pytest.raises(ValueError, match="split"):
+        load_private_digits("validation")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_tensors_are_resized_and_scaled(channels):
+    pixels, labels = dataset_to_tensors(load_private_digits("test"), 16, channels)
+    assert pixels.shape == (360, channels, 16, 16)
+    assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.max() > 0.9 and pixels.min() < -0.99
+    assert labels.dtype == torch.long and set(labels.tolist()) == set(range(10))
+
+
+def test_labels_map_by_name_onto_model_classes():
+    _, labels = dataset_to_tensors(load_private_digits("test"), 8, 1, class_names=[str(i) for i in reversed(range(10))])
+    _, plain = dataset_to_tensors(load_private_digits("test"), 8, 1)
+    assert torch.equal(labels, 9 - plain)
+    with pytest.raises(DataError, match="not among the model's classes"):
+        dataset_to_tensors(load_private_digits("test"), 8, 1, class_names=["0", "1"])
+
+
+def make_folder(root, n_per_class=3, size=12, mode="L"):
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(np.full((size, size), 40 * i, np.uint8)).convert(mode).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_imagefolder_with_labels(tmp_path):
+    ds = load_image_dataset(train_data_dir=str(make_folder(tmp_path / "data")))
+    image_column, label_column = resolve_columns(ds)
+    assert (image_column, label_column) == ("image", "label")
+    assert label_names(ds, label_column) == ["cat", "dog"]
+    pixels, labels = dataset_to_tensors(ds, 16, 3, image_column, label_column)
+    assert pixels.shape == (6, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_dataset(train_data_dir=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no image files"):
+        load_image_dataset(train_data_dir=str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="exactly one"):
+        load_image_dataset()
+    ds = load_private_digits("test")
+    with pytest.raises(DataError, match="columns"):
+        resolve_columns(ds, image_column="pixels")
+    with pytest.raises(DataError, match="columns"):
+        resolve_columns(ds, label_column="class")
+    corrupt = make_folder(tmp_path / "corrupt")
+    (corrupt / "cat" / "broken.png").write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match="cannot be read"):
+        dataset_to_tensors(load_image_dataset(train_data_dir=str(corrupt)), 16, 1)
+
+
+def test_resolution_must_divide_by_vae_factor():
+    vae = tiny_vae()
+    check_resolution(16, vae)
+    with pytest.raises(DataError, match="divisible by the autoencoder's downsampling factor 2"):
+        check_resolution(15, vae)
+
+
+def test_latents_are_encoded_once_and_cached(tmp_path):
+    vae = tiny_vae().eval()
+    pixels, _ = dataset_to_tensors(load_private_digits("test").select(range(10)), 16, 1)
+    latents = encode_latents(vae, pixels)
+    assert latents.shape == (10, 3, 8, 8)
+    cached = cached_latents(vae, pixels, str(tmp_path))
+    assert torch.allclose(cached, latents)
+    files = list(tmp_path.glob("latents-*.pt"))
+    assert len(files) == 1
+    torch.save(torch.zeros_like(latents), files[0])  # a second call must read the cache, not re-encode
+    assert torch.equal(cached_latents(vae, pixels, str(tmp_path)), torch.zeros_like(latents))
