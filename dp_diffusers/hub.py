@@ -240,9 +240,7 @@ def _evaluation(metrics: dict[str, dict[str, Any]]) -> tuple[list[EvalResult], l
             )
         )
         text = "; ".join(
-            f"{name.replace('_', ' ')}: {_format(value)}"
-            for name, value in details.items()
-            if name != qualifier_key
+            f"{name.replace('_', ' ')}: {_format(value)}" for name, value in details.items() if name != qualifier_key
         )
         rows.append((metric_name, _format(metric["value"]), text))
     return results, rows

@@ -101,7 +101,8 @@ def save_lora_weights(model: nn.Module, output_dir: str | Path, prefix: str = "u
     ``lora_adapter_metadata`` (so rank, alpha and targets load back exactly)."""
     state = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
     config = model.peft_config["default"].to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    # pipeline-level layout: metadata keys carry the component prefix too (diffusers strips it on load)
+    config = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str)}
     path = Path(output_dir) / LORA_WEIGHT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)

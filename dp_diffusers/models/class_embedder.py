@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+
+# ModelMixin imported by name here is also what lets diffusers' loader resolve this component.
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn

@@ -6,7 +6,9 @@ Mixing it in is all that is needed: the weights and config are those of a plain 
 so this class loads any ``UNet2DModel`` checkpoint.
 """
 
-from diffusers import UNet2DModel
+# diffusers' loader imports the module recorded in model_index.json and looks its base classes up
+# *by name in that module*: ModelMixin must be importable from here for from_pretrained to work.
+from diffusers import ModelMixin, UNet2DModel  # noqa: F401
 from diffusers.loaders.peft import PeftAdapterMixin
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel, VQModel
@@ -12,6 +15,42 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.class_embedder import ClassEmbedder
 from ..models.denoiser import LatentDenoiser
+from ..models.unet_2d import UNet2DModelWithLoRA
+
+ADAPTER_CONFIG_NAME = "dp_lora_config.json"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _adapter_folder(path_or_repo: str, **hub_kwargs) -> Path | None:
+    """The local folder of a DP-LoRA adapter (downloading only its files for a Hub id), or ``None``
+    when ``path_or_repo`` is a base pipeline."""
+    local = Path(path_or_repo)
+    if local.is_dir():
+        return local if (local / ADAPTER_CONFIG_NAME).is_file() else None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(
+            path_or_repo,
+            ADAPTER_CONFIG_NAME,
+            revision=hub_kwargs.get("revision"),
+            token=hub_kwargs.get("token"),
+            cache_dir=hub_kwargs.get("cache_dir"),
+        )
+    except EntryNotFoundError:
+        return None
+    return Path(
+        snapshot_download(
+            path_or_repo,
+            revision=hub_kwargs.get("revision"),
+            token=hub_kwargs.get("token"),
+            cache_dir=hub_kwargs.get("cache_dir"),
+            allow_patterns=[ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME, "class_embedder/*", "*.json"],
+        )
+    )
 
 
 class DPLDMPipeline(DiffusionPipeline):
@@ -43,6 +82,70 @@ class DPLDMPipeline(DiffusionPipeline):
         self.labels = {name: idx for idx, name in sorted(id2label.items())}
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DPLDMPipeline:
+        """Load a base pipeline folder / repo, or a DP-LoRA adapter folder / repo: the adapter's
+        ``dp_lora_config.json`` names its base, which is loaded first, then the adapter is applied."""
+        adapter = _adapter_folder(str(pretrained_model_name_or_path), **kwargs)
+        if adapter is None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        config = json.loads((adapter / ADAPTER_CONFIG_NAME).read_text())
+        base = config["base_model"]
+        if not Path(base).is_absolute() and (adapter / base).is_dir():
+            base = str(adapter / base)
+        kwargs.setdefault("revision", config.get("revision"))
+        pipe = super().from_pretrained(base, **kwargs)
+        pipe.load_lora_weights(adapter)
+        return pipe
+
+    def _ensure_peft_unet(self) -> None:
+        # diffusers 0.42's UNet2DModel lacks the PEFT adapter API; same weights, with the mixin.
+        if type(self.unet) is UNet2DModel:
+            unet = UNet2DModelWithLoRA.from_config(self.unet.config)
+            unet.load_state_dict(self.unet.state_dict())
+            self.register_modules(unet=unet.to(self.unet.device, self.unet.dtype))
+
+    def load_lora_weights(self, adapter: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Apply a DP-LoRA adapter folder (LoRA weights, and its class embedding and class names if
+        it trained one) to this pipeline's UNet, as diffusers' ``load_lora_weights`` does for the
+        UNet alone (the stock Stable Diffusion mixin expects a text encoder)."""
+        folder = _adapter_folder(str(adapter)) or Path(adapter)
+        config_path = folder / ADAPTER_CONFIG_NAME
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self._ensure_peft_unet()
+        base = self.name_or_path or type(self.unet).__name__
+        try:
+            self.unet.load_lora_adapter(
+                str(folder),
+                weight_name=config.get("lora_weights", LORA_WEIGHT_NAME),
+                prefix="unet",
+                adapter_name=adapter_name,
+            )
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f"The adapter {str(folder)!r} does not fit the base model {base!r}: {err}") from err
+        if not getattr(self.unet, "peft_config", {}).get(adapter_name):
+            raise ValueError(f"The adapter {str(folder)!r} matched no module of the base model {base!r}.")
+        if config.get("class_embedder"):
+            embedder = ClassEmbedder.from_pretrained(folder / config["class_embedder"])
+            self.register_modules(class_embedder=embedder.to(self.unet.device))
+        if config.get("id2label"):
+            id2label = {int(k): str(v) for k, v in config["id2label"].items()}
+            self.register_to_config(id2label=id2label)
+            self.labels = {name: idx for idx, name in sorted(id2label.items())}
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights=None) -> None:
+        """Activate adapters with LoRA scales (0 = the public base, 1 = the private fine-tune)."""
+        self.unet.set_adapters(adapter_names, adapter_weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        self.unet.fuse_lora(lora_scale=lora_scale)
+
+    def unfuse_lora(self) -> None:
+        self.unet.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        self.unet.unload_lora()
 
     @property
     def num_classes(self) -> int | None:
@@ -87,7 +190,7 @@ class DPLDMPipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         batch_size: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 1.0,
+        guidance_scale: float = 3.0,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -101,8 +204,9 @@ class DPLDMPipeline(DiffusionPipeline):
             num_images_per_prompt: images per class label.
             batch_size: number of images for unconditional models (default 1).
             num_inference_steps: denoising steps.
-            guidance_scale: classifier-free guidance weight; > 1 mixes in the null class (needs a
-                base trained with label dropout). 1 disables guidance.
+            guidance_scale: classifier-free guidance weight; > 1 mixes in the null class (bases of
+                ``train_ldm.py`` are trained with label dropout for it). 1 disables guidance.
+                Ignored for unconditional models.
             eta: DDIM's eta (0 = deterministic DDIM); ignored by schedulers without it.
             generator: a seeded ``torch.Generator`` makes the output reproducible.
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
@@ -116,9 +220,8 @@ class DPLDMPipeline(DiffusionPipeline):
         else:
             labels = None
             n = (batch_size or 1) * num_images_per_prompt
-        use_cfg = guidance_scale > 1.0 and labels is not None
-        if use_cfg and self.class_embedder is None:
-            raise ValueError("guidance_scale > 1 needs a ClassEmbedder with a null class.")
+        # CFG needs the null class of a ClassEmbedder; other bases sample without guidance.
+        use_cfg = guidance_scale > 1.0 and labels is not None and self.class_embedder is not None
 
         denoiser = LatentDenoiser(self.unet, self.class_embedder)
         shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)

@@ -15,6 +15,9 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("prv", "rdp")
+# Beyond this noise multiplier the update is noise; opacus' own search goes to 2,000+ and the PRV
+# accountant becomes very slow there, so an unreachable target is reported from here instead.
+MAX_NOISE_MULTIPLIER = 50.0
 
 
 class PrivacyBudgetError(ValueError):
@@ -50,6 +53,13 @@ def calibrate_noise_multiplier(
     steps is at most ``target_epsilon``."""
     if target_epsilon <= 0:
         raise PrivacyBudgetError(f"target_epsilon must be positive, got {target_epsilon}.")
+    floor = epsilon_for(MAX_NOISE_MULTIPLIER, sample_rate, steps, delta, accountant)
+    if floor > target_epsilon:
+        raise PrivacyBudgetError(
+            f"target_epsilon={target_epsilon} cannot be reached at delta={delta} with {steps} steps at sample rate "
+            f"{sample_rate:.4g}: even noise_multiplier={MAX_NOISE_MULTIPLIER:g} spends epsilon={floor:.3g}. Train "
+            "fewer steps or epochs, use a smaller batch, or raise target_epsilon."
+        )
     try:
         return float(
             get_noise_multiplier(

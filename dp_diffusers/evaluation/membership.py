@@ -1,0 +1,115 @@
+"""Membership-inference audit by denoising loss (loss-threshold attack, Carlini et al. 2023).
+
+A model that memorised its training examples denoises them better than unseen examples from the
+same distribution. Each example is scored by its denoising loss averaged over fixed timesteps with
+fixed noise (the same ``(t, noise)`` for every example, so scores differ only through the example),
+and the audit reports the ROC AUC of separating training members from held-out non-members.
+AUC 0.5 means the attack does no better than chance; DP training bounds how far above 0.5 any
+attack can get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+# Indices into the scheduler's training timesteps (0 .. num_train_timesteps - 1, 1000 for DDPM);
+# small-to-medium noise levels separate members best for the loss-threshold attack.
+DEFAULT_TIMESTEPS = (50, 100, 200, 300)
+ATTACK = "loss-threshold (denoising MSE at fixed timesteps and noise)"
+
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_inputs(latents: torch.Tensor, labels: torch.Tensor | None, name: str) -> None:
+    if latents.ndim < 2 or len(latents) == 0:
+        raise ValueError(f"{name} latents must be a non-empty (N, ...) tensor, got shape {tuple(latents.shape)}")
+    if labels is not None and (labels.ndim != 1 or len(labels) != len(latents)):
+        raise ValueError(f"{name}: {len(latents)} latents but labels of shape {tuple(labels.shape)}")
+
+
+@torch.no_grad()
+def denoising_loss_scores(
+    loss_fn: LossFn,
+    latents: torch.Tensor,
+    labels: torch.Tensor | None,
+    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Per-example denoising loss, averaged over ``timesteps``; lower means more member-like.
+
+    ``loss_fn(latents, labels, timesteps, noise)`` returns the per-example loss ``(B,)`` of the model
+    under audit (e.g. the MSE of the UNet's noise prediction); ``timesteps`` is a ``(B,)`` long tensor
+    and ``noise`` has the shape of ``latents``. For each timestep one noise tensor is drawn from a
+    generator seeded with ``seed`` and shared by all examples. Returns a float CPU tensor ``(N,)``.
+    """
+    _check_inputs(latents, labels, "input")
+    timesteps = [int(t) for t in timesteps]
+    if not timesteps or min(timesteps) < 0:
+        raise ValueError(f"timesteps must be a non-empty sequence of non-negative ints, got {timesteps}")
+    generator = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(latents.shape[1:], generator=generator, dtype=latents.dtype) for _ in timesteps]
+    scores = torch.zeros(len(latents), dtype=torch.float64)
+    for start in range(0, len(latents), batch_size):
+        x = latents[start : start + batch_size]
+        y = None if labels is None else labels[start : start + batch_size]
+        for t, noise in zip(timesteps, noises):
+            t_batch = torch.full((len(x),), t, dtype=torch.long, device=x.device)
+            loss = loss_fn(x, y, t_batch, noise.to(x.device).expand_as(x).contiguous())
+            if loss.shape != (len(x),):
+                raise ValueError(
+                    f"loss_fn must return a per-example loss of shape ({len(x)},), got {tuple(loss.shape)}"
+                )
+            scores[start : start + len(x)] += loss.detach().double().cpu()
+    return (scores / len(timesteps)).float()
+
+
+def membership_auc(member_scores: torch.Tensor | np.ndarray, nonmember_scores: torch.Tensor | np.ndarray) -> float:
+    """ROC AUC in [0, 1] of telling members (positive class) from non-members by low loss.
+
+    0.5 is chance; above 0.5 members have lower loss than non-members.
+    """
+    members = np.asarray(member_scores, dtype=np.float64).ravel()
+    nonmembers = np.asarray(nonmember_scores, dtype=np.float64).ravel()
+    if members.size == 0 or nonmembers.size == 0:
+        raise ValueError(f"need scores for both members and non-members, got {members.size} and {nonmembers.size}")
+    is_member = np.concatenate([np.ones(members.size), np.zeros(nonmembers.size)])
+    return float(roc_auc_score(is_member, -np.concatenate([members, nonmembers])))
+
+
+def audit(
+    loss_fn: LossFn,
+    member_latents: torch.Tensor,
+    member_labels: torch.Tensor | None,
+    nonmember_latents: torch.Tensor,
+    nonmember_labels: torch.Tensor | None,
+    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict:
+    """Loss-threshold membership inference: members (training examples) vs. held-out non-members.
+
+    Non-members should come from the same distribution as members (e.g. the held-out split), else
+    the AUC measures distribution shift, not memorisation. Returns ``{"membership_auc",
+    "num_members", "num_nonmembers", "timesteps", "attack"}``.
+    """
+    _check_inputs(member_latents, member_labels, "member")
+    _check_inputs(nonmember_latents, nonmember_labels, "non-member")
+    if member_latents.shape[1:] != nonmember_latents.shape[1:]:
+        raise ValueError(
+            f"member and non-member latents differ in shape: {tuple(member_latents.shape[1:])} "
+            f"vs {tuple(nonmember_latents.shape[1:])}"
+        )
+    member_scores = denoising_loss_scores(loss_fn, member_latents, member_labels, timesteps, seed, batch_size)
+    nonmember_scores = denoising_loss_scores(loss_fn, nonmember_latents, nonmember_labels, timesteps, seed, batch_size)
+    return {
+        "membership_auc": membership_auc(member_scores, nonmember_scores),
+        "num_members": len(member_latents),
+        "num_nonmembers": len(nonmember_latents),
+        "timesteps": [int(t) for t in timesteps],
+        "attack": ATTACK,
+    }

@@ -1,0 +1,140 @@
+"""train_dp_lora.py end to end on a tiny random base: report, budget, resume, bad input."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dp_diffusers.data import DataError
+from dp_diffusers.lora import NoLoRATargetError
+from dp_diffusers.privacy import PrivacyBudgetError, epsilon_for, max_steps_within_budget
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT_KEYS = {
+    "accountant", "epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm", "sample_rate", "steps",
+    "epochs", "noise_multiplicity", "dataset_size", "batch_size", "world_size", "trainable_parameters", "lora_rank",
+    "lora_alpha", "adapted_modules", "base_model", "epsilon_history", "dp_diffusers_version",
+}  # fmt: skip
+
+
+def train(argv):
+    spec = importlib.util.spec_from_file_location("train_dp_lora", ROOT / "training_scripts" / "train_dp_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in argv])
+
+
+def base_args(tiny_base, out, **overrides):
+    args = {"--pretrained_model_name_or_path": tiny_base, "--output_dir": out, "--max_train_samples": 200,
+            "--batch_size": 20, "--max_train_steps": 4, "--samples_per_class": 0, "--epsilon_log_steps": 1,
+            "--target_delta": 1e-4}  # fmt: skip
+    args.update(overrides)  # None drops a flag, True passes a switch
+    return [x for k, v in args.items() if v is not None for x in ([k] if v is True else [k, v])]
+
+
+def test_report_adapter_and_adapted_modules(tiny_base, tmp_path):
+    out = tmp_path / "adapter"
+    train(base_args(tiny_base, out, **{"--noise_multiplicity": 2, "--samples_per_class": 1,
+                                        "--num_inference_steps": 2}))  # fmt: skip
+    report = json.loads((out / "dp_report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["steps"] == 4 and report["noise_multiplicity"] == 2 and report["world_size"] == 1
+    assert report["dataset_size"] == 200 and report["sample_rate"] == pytest.approx(0.1)
+    assert 0 < report["epsilon"] <= report["target_epsilon"] == 10.0
+    assert report["epsilon"] == pytest.approx(
+        epsilon_for(report["noise_multiplier"], 0.1, 4, 1e-4), rel=1e-6
+    )  # the report's epsilon is the accountant's for the steps taken
+    assert [s for s, _ in report["epsilon_history"]] == [1, 2, 3, 4]
+    # The exact list: every attention projection of the tiny base, including to_out.0
+    blocks = ["down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.0",
+              "up_blocks.0.attentions.1"]  # fmt: skip
+    expected = sorted(
+        f"{b}.transformer_blocks.0.{attn}.{proj}"
+        for b in blocks for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")
+    )  # fmt: skip
+    assert report["adapted_modules"] == expected
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "samples.png").is_file()
+    config = json.loads((out / "dp_lora_config.json").read_text())
+    assert config["base_model"] == str(tiny_base) and config["class_embedder"] is None
+
+
+def test_resumed_run_reports_the_same_epsilon_and_steps(tiny_base, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(base_args(tiny_base, full, **{"--checkpointing_steps": 2}))
+
+    interrupted = tmp_path / "interrupted"
+    spec = importlib.util.spec_from_file_location("train_dp_lora", ROOT / "training_scripts" / "train_dp_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real_save = module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash right after checkpoint-2")
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        module.main([str(a) for a in base_args(tiny_base, interrupted, **{"--checkpointing_steps": 2})])
+    assert not (interrupted / "dp_report.json").exists()  # nothing claimed for a crashed run
+    assert (interrupted / "checkpoints" / "checkpoint-2").is_dir()
+
+    train(base_args(tiny_base, interrupted, **{"--checkpointing_steps": 2, "--resume_from_checkpoint": "latest"}))
+    a = json.loads((full / "dp_report.json").read_text())
+    b = json.loads((interrupted / "dp_report.json").read_text())
+    assert b["steps"] == a["steps"] == 4
+    assert b["epsilon"] == pytest.approx(a["epsilon"], rel=1e-9)
+    assert b["epsilon_history"] == a["epsilon_history"]
+
+
+def test_epsilon_never_passes_the_target(tiny_base, tmp_path):
+    sigma, q, delta, target = 0.7, 0.1, 1e-4, 3.0
+    allowed = max_steps_within_budget(sigma, q, delta, target, upper=1000)
+    assert 1 <= allowed < 1000 and epsilon_for(sigma, q, allowed + 1, delta) > target
+    out = tmp_path / "stopped"
+    train(base_args(tiny_base, out, **{"--noise_multiplier": sigma, "--target_epsilon": target,
+                                        "--max_train_steps": 1000}))  # fmt: skip
+    report = json.loads((out / "dp_report.json").read_text())
+    assert report["steps"] == allowed
+    assert report["epsilon"] <= target
+
+
+def digit_folder(root, names):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(15):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16), dtype=np.uint8)).save(
+                root / name / f"{i}.png"
+            )
+    return root
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        ({"--target_epsilon": 0.01, "--max_train_steps": 5000}, PrivacyBudgetError, "cannot be reached"),
+        ({"--target_delta": 0.01}, PrivacyBudgetError, "not below 1/N"),
+        ({"--max_train_samples": 10}, DataError, "fewer than one batch"),
+        ({"--lora_target_modules": "to_qkv_fused"}, NoLoRATargetError, "no attention layers"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_no_adapter(tiny_base, tmp_path, overrides, error, match):
+    out = tmp_path / "adapter"
+    with pytest.raises(error, match=match):
+        train(base_args(tiny_base, out, **overrides))
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert not (out / "dp_report.json").exists()
+
+
+def test_unknown_labels_need_a_trainable_class_embedding(tiny_base, tmp_path):
+    data = digit_folder(tmp_path / "data", ["3", "7", "cat"])
+    args = dict(**{"--train_data_dir": data, "--max_train_samples": None, "--batch_size": 9, "--target_delta": 1e-3})
+    with pytest.raises(DataError, match=r"\['cat'\] are unknown to the base"):
+        train(base_args(tiny_base, tmp_path / "no", **args))
+    out = tmp_path / "yes"
+    train(base_args(tiny_base, out, **args, **{"--train_class_embedding": True}))
+    config = json.loads((out / "dp_lora_config.json").read_text())
+    assert config["id2label"]["10"] == "cat" and config["class_embedder"] == "class_embedder"
+    assert json.loads((out / "class_embedder" / "config.json").read_text())["num_classes"] == 11

@@ -1,0 +1,272 @@
+"""Tests for dp_diffusers.evaluation: clean-fid FID, downstream accuracy, membership audit.
+
+FID runs the real clean-fid pipeline with a tiny TorchScript stand-in for the Inception file
+(same interface: a ``layers`` submodule mapping (N, 3, 299, 299) images in [-1, 1] to 2048
+features). Each FID costs one 2048x2048 ``sqrtm`` (~10 s on 2 cores), so there are three in all.
+"""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cleanfid import fid as cleanfid_fid
+from PIL import Image
+from torch import nn
+
+from dp_diffusers.evaluation import (
+    INCEPTION_PATH_ENV,
+    INCEPTION_URL,
+    CleanFIDInception,
+    InceptionWeightsNotFoundError,
+    accuracy,
+    audit,
+    compute_fid,
+    denoising_loss_scores,
+    downstream_accuracy,
+    load_inception_feature_extractor,
+    membership_auc,
+    train_classifier,
+)
+
+# --------------------------------------------------------------------------------------------- FID
+
+
+class _StandInLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("projection", torch.randn(3 * 8 * 8, 2048, generator=generator) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(x, 8).flatten(1)
+        return torch.tanh(pooled @ self.projection).view(x.shape[0], 2048, 1, 1)
+
+
+class _StandInInception(nn.Module):
+    """Same interface as inception-2015-12-05.pt: ``layers`` on [-1, 1] input, forward on [0, 255]."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = _StandInLayers()
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers((x - 128) / 128).view(x.shape[0], 2048)
+
+
+@pytest.fixture(scope="module")
+def inception_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "standin-inception.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script deprecation
+        torch.jit.script(_StandInInception()).save(str(path))
+    return str(path)
+
+
+def _images(seed: int, n: int, low: int, high: int, channels: int = 3) -> np.ndarray:
+    shape = (n, 16, 16, channels) if channels > 1 else (n, 16, 16)
+    return np.random.default_rng(seed).integers(low, high, size=shape, dtype=np.uint8)
+
+
+def _save_folder(folder, images: np.ndarray) -> str:
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return str(folder)
+
+
+def test_feature_extractor_interface(inception_path):
+    extractor = load_inception_feature_extractor(inception_path)
+    assert isinstance(extractor, CleanFIDInception)
+    feats = extractor(torch.full((2, 3, 299, 299), 255.0))
+    assert feats.shape == (2, 2048)
+    with pytest.raises(ValueError, match="299"):
+        extractor(torch.zeros(1, 3, 64, 64))
+
+
+def test_fid_identical_sets_is_zero(tmp_path, inception_path):
+    gray = _images(0, 24, 0, 256, channels=1)
+    folder = _save_folder(tmp_path / "ref", gray)  # grayscale PNGs, converted to RGB by clean-fid
+    with pytest.warns(UserWarning, match="< 2048"):
+        result = compute_fid(gray, folder, inception_path=inception_path)
+    assert abs(result["fid"]) < 1e-3
+    assert result["num_generated"] == result["num_reference"] == 24
+    assert result["mode"] == "clean"
+    assert result["feature_extractor"] == "standin-inception.pt"
+
+
+def test_fid_different_sets_matches_cleanfid(tmp_path, inception_path):
+    dark = _save_folder(tmp_path / "dark", _images(1, 20, 0, 128))
+    bright = [Image.fromarray(img) for img in _images(2, 30, 128, 256)]
+    with pytest.warns(UserWarning):
+        result = compute_fid(dark, bright, inception_path=inception_path, batch_size=8)
+    assert result["num_generated"] == 20 and result["num_reference"] == 30
+
+    # Reference: clean-fid's own folder pipeline with the same extractor.
+    bright_dir = _save_folder(tmp_path / "bright", np.stack([np.asarray(img) for img in bright]))
+    extractor = load_inception_feature_extractor(inception_path)
+    kwargs = dict(model=extractor, num_workers=0, device=torch.device("cpu"), mode="clean", verbose=False)
+    expected = cleanfid_fid.fid_from_feats(
+        cleanfid_fid.get_folder_features(dark, **kwargs), cleanfid_fid.get_folder_features(bright_dir, **kwargs)
+    )
+    assert result["fid"] > 10.0
+    assert math.isclose(result["fid"], expected, rel_tol=1e-6)
+
+
+def test_fid_missing_weights_error(tmp_path, monkeypatch):
+    monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
+    with pytest.raises(InceptionWeightsNotFoundError) as excinfo:
+        compute_fid(_images(0, 4, 0, 256), _images(1, 4, 0, 256))
+    message = str(excinfo.value)
+    assert isinstance(excinfo.value, FileNotFoundError)
+    for needle in ("inception-2015-12-05.pt", INCEPTION_URL, "--fid_inception_path", INCEPTION_PATH_ENV):
+        assert needle in message
+    monkeypatch.setenv(INCEPTION_PATH_ENV, str(tmp_path / "nope.pt"))
+    with pytest.raises(InceptionWeightsNotFoundError, match="nope.pt"):
+        load_inception_feature_extractor()
+
+
+def test_fid_empty_inputs(tmp_path, inception_path, monkeypatch):
+    monkeypatch.setenv(INCEPTION_PATH_ENV, inception_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        compute_fid(str(tmp_path / "empty"), _images(0, 4, 0, 256))
+    with pytest.raises(ValueError, match="empty"):
+        compute_fid(_images(0, 4, 0, 256), [])
+    with pytest.raises(ValueError, match="uint8"):
+        compute_fid(_images(0, 4, 0, 256).astype(np.float32), _images(0, 4, 0, 256))
+
+
+# ---------------------------------------------------------------------------------------- downstream
+
+
+def _separable(n: int, seed: int, num_classes: int = 3):
+    """Class k: a bright 4x4 square in quadrant k on a noisy dark 16x16 background, in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    images = -0.8 + 0.2 * torch.rand(n, 1, 16, 16, generator=generator)
+    for k in range(num_classes):
+        row, col = divmod(k, 2)
+        images[labels == k, :, 2 + 8 * row : 6 + 8 * row, 2 + 8 * col : 6 + 8 * col] = 0.9
+    return images, labels
+
+
+def test_downstream_accuracy_separable():
+    synthetic = _separable(600, seed=0)
+    real_train = _separable(600, seed=1)
+    real_test = _separable(300, seed=2)
+    result = downstream_accuracy(*synthetic, *real_train, *real_test, num_classes=3, epochs=3)
+    assert result["downstream_accuracy"] > 0.9
+    assert result["real_data_accuracy"] > 0.9
+    assert result["num_synthetic"] == 600 and result["num_test"] == 300
+    assert "SmallCNN" in result["classifier"]
+
+
+def test_train_classifier_is_seeded_and_rgb():
+    images, labels = _separable(64, seed=3)
+    rgb = images.repeat(1, 3, 2, 2)  # 3x32x32
+    state = torch.get_rng_state()
+    a = train_classifier(rgb, labels, num_classes=3, epochs=1, seed=5)
+    b = train_classifier(rgb, labels, num_classes=3, epochs=1, seed=5)
+    assert torch.equal(state, torch.get_rng_state())
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert 0.0 <= accuracy(a, rgb, labels) <= 1.0
+
+
+def test_downstream_validation_errors():
+    images, labels = _separable(8, seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        train_classifier(images, labels + 3, num_classes=3, epochs=1)
+    with pytest.raises(ValueError, match="labels of shape"):
+        train_classifier(images, labels[:5], num_classes=3, epochs=1)
+    with pytest.raises(ValueError, match="empty"):
+        train_classifier(images[:0], labels[:0], num_classes=3, epochs=1)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        train_classifier(images * 255, labels, num_classes=3, epochs=1)
+    with pytest.raises(ValueError, match="differ"):
+        downstream_accuracy(images, labels, images, labels, images[:, :, :8, :8], labels, num_classes=3)
+
+
+# ---------------------------------------------------------------------------------------- membership
+
+_ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), dim=0)
+
+
+class _ToyDenoiser(nn.Module):
+    """eps-prediction MLP on (x_t, t / 1000)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim + 1, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU(), nn.Linear(256, dim)
+        )
+
+    def loss(self, latents, labels, timesteps, noise):
+        abar = _ALPHAS_CUMPROD[timesteps].unsqueeze(1)
+        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        pred = self.net(torch.cat([noisy, timesteps.unsqueeze(1) / 1000], dim=1))
+        return ((pred - noise) ** 2).mean(dim=1)
+
+
+def test_scores_use_same_timestep_and_noise_for_every_example():
+    seen = []
+
+    def recording_loss(latents, labels, timesteps, noise):
+        seen.append((labels.clone(), timesteps.clone(), noise.clone()))
+        return noise.sum(dim=1)
+
+    latents, labels = torch.randn(10, 4), torch.arange(10)
+    scores = denoising_loss_scores(recording_loss, latents, labels, timesteps=(10, 500), seed=1, batch_size=4)
+    assert scores.shape == (10,) and torch.allclose(scores, scores[0].expand(10))
+    assert len(seen) == 6  # 3 batches x 2 timesteps
+    assert torch.equal(torch.cat([s[0] for s in seen[::2]]), labels)
+    first = {int(t[0]): n[0] for _, t, n in seen[:2]}
+    for _, t, noise in seen:
+        assert (t == t[0]).all() and torch.equal(noise, first[int(t[0])].expand_as(noise))
+    assert torch.equal(scores, denoising_loss_scores(recording_loss, latents, labels, (10, 500), seed=1))
+
+
+def test_audit_chance_level_for_unrelated_loss():
+    torch.manual_seed(0)
+    model = _ToyDenoiser(16)  # untrained: a fixed function that never saw either set
+    members, nonmembers = torch.randn(200, 16), torch.randn(200, 16)
+    result = audit(
+        model.loss, members, torch.zeros(200, dtype=torch.long), nonmembers, torch.ones(200, dtype=torch.long)
+    )
+    assert abs(result["membership_auc"] - 0.5) < 0.1
+    assert result["num_members"] == result["num_nonmembers"] == 200
+    assert result["timesteps"] == [50, 100, 200, 300]
+    assert result["attack"].startswith("loss-threshold")
+
+
+def test_audit_detects_memorisation():
+    torch.manual_seed(0)
+    dim = 8
+    members, nonmembers = torch.randn(16, dim), torch.randn(16, dim)
+    model = _ToyDenoiser(dim)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(600):  # overfit the 16 members
+        t = torch.randint(0, 400, (64,))
+        x = members[torch.randint(0, 16, (64,))]
+        loss = model.loss(x, None, t, torch.randn_like(x)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    result = audit(model.loss, members, None, nonmembers, None, seed=0)
+    assert result["membership_auc"] > 0.8
+
+
+def test_membership_empty_inputs():
+    loss = _ToyDenoiser(4).loss
+    with pytest.raises(ValueError, match="non-empty"):
+        audit(loss, torch.zeros(0, 4), None, torch.randn(3, 4), None)
+    with pytest.raises(ValueError, match="non-empty"):
+        denoising_loss_scores(loss, torch.randn(3, 4), None, timesteps=())
+    with pytest.raises(ValueError, match="members"):
+        membership_auc(torch.tensor([]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="labels of shape"):
+        audit(loss, torch.randn(3, 4), torch.zeros(2), torch.randn(3, 4), None)
+    assert membership_auc([0.1, 0.2], [0.3, 0.4]) == 1.0
