@@ -34,7 +34,7 @@ def main(argv=None):
     parser.add_argument("--target_delta", type=float, default=1e-5)
     parser.add_argument("--dp_epochs", type=float, default=20)
     parser.add_argument("--vae_steps", type=int, default=300)
-    parser.add_argument("--ldm_steps", type=int, default=1200)
+    parser.add_argument("--ldm_steps", type=int, default=500)
     parser.add_argument("--skip_evaluation", action="store_true")
     args = parser.parse_args(argv)
 

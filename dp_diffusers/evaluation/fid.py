@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Sequence
 from glob import glob
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ INCEPTION_PATH_ENV = "DP_DIFFUSERS_FID_INCEPTION"
 FEATURE_DIM = 2048
 CLEAN_FID_EXTRACTOR = "inception-v3 (clean-fid, mode=clean)"
 
-ImageSet = Union[str, os.PathLike, np.ndarray, Sequence[np.ndarray | Image.Image]]
+ImageSet = str | os.PathLike | np.ndarray | Sequence[np.ndarray | Image.Image]
 
 
 class InceptionWeightsNotFoundError(FileNotFoundError):
