@@ -207,3 +207,25 @@ def test_push_to_hub_refuses_folder_without_weights(adapter: Path):
         hub.push_to_hub(adapter, "user/dp-lora-digits", api=api)
     api.create_repo.assert_not_called()
     api.upload_folder.assert_not_called()
+
+
+def test_cli_card_and_push_never_touch_the_network(adapter: Path):
+    from unittest import mock
+
+    from dp_diffusers import cli
+
+    (adapter / "README.md").unlink(missing_ok=True)
+    cli.main(["card", str(adapter), "--repo-id", "me/dp-lora"])
+    assert (
+        ModelCard.load(adapter / "README.md").data.dp_epsilon
+        == json.loads((adapter / "dp_report.json").read_text())["epsilon"]
+    )
+    with mock.patch("dp_diffusers.hub.HfApi") as api_class:
+        api = api_class.return_value
+        api.create_repo.return_value = mock.Mock(repo_id="me/dp-lora")
+        cli.main(["push", str(adapter), "--repo-id", "me/dp-lora"])
+    api.create_repo.assert_called_once()
+    uploaded = api.upload_folder.call_args.kwargs
+    assert "checkpoints/**" in uploaded["ignore_patterns"] or any(
+        "checkpoint" in p for p in uploaded["ignore_patterns"]
+    )
