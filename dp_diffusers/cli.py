@@ -1,9 +1,9 @@
-"""The ``dp-diffusers`` command: ``card``, ``push``, ``evaluate``, ``sample``.
+"""The ``dp-diffusers`` command.
 
-dp-diffusers evaluate outputs/dp-lora-eps10
-dp-diffusers card outputs/dp-lora-eps10 --repo-id you/dp-lora-digits
-dp-diffusers push outputs/dp-lora-eps10 --repo-id you/dp-lora-digits
-dp-diffusers sample outputs/dp-lora-eps10 --labels 3 7 --out grid.png
+dp-diffusers evaluate outputs/dp-lora
+dp-diffusers card outputs/dp-lora --repo-id you/dp-lora-digits
+dp-diffusers push outputs/dp-lora --repo-id you/dp-lora-digits
+dp-diffusers sample outputs/dp-lora --labels 3 7 --out grid.png
 """
 
 from __future__ import annotations
@@ -11,83 +11,118 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
 
-def _card(args) -> None:
-    from .hub import write_model_card
-
-    print(write_model_card(args.folder, repo_id=args.repo_id))
-
-
-def _push(args) -> None:
-    from .hub import push_to_hub
-
-    print(push_to_hub(args.folder, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr))
+from .hub import push_to_hub, write_model_card
+from .pipelines import DPLDMPipeline
+from .visualization import labelled_grid, sample_grid
 
 
-def _evaluate(args) -> None:
-    from .evaluation.evaluate import evaluate_adapter
+def card_command(subparsers: argparse._SubParsersAction) -> None:
+    """``card FOLDER [--repo-id ID]``: write the folder's model card (README.md)."""
+    parser = subparsers.add_parser("card", help="Write the model card (README.md) of an adapter folder.")
+    parser.add_argument("folder", help="An adapter folder (the --output_dir of train_dp_lora.py).")
+    parser.add_argument("--repo-id", default=None, help="The Hub repo the card's usage example loads from.")
 
-    metrics = evaluate_adapter(
-        args.folder,
-        dataset_name=args.dataset_name,
-        samples_per_class=args.samples_per_class,
-        num_inference_steps=args.num_inference_steps,
-        inception_path=args.fid_inception_path,
-        reference_adapter_dir=args.reference_adapter,
+    def run(args: argparse.Namespace) -> None:
+        print(write_model_card(args.folder, repo_id=args.repo_id))
+
+    parser.set_defaults(func=run)
+
+
+def push_command(subparsers: argparse._SubParsersAction) -> None:
+    """``push FOLDER --repo-id ID [--token T] [--private] [--create-pr]``: upload an adapter folder."""
+    parser = subparsers.add_parser(
+        "push", help="Upload an adapter folder to the Hub (model card written if missing; no checkpoints)."
     )
-    print(json.dumps(metrics, indent=2))
+    parser.add_argument("folder", help="An adapter folder (the --output_dir of train_dp_lora.py).")
+    parser.add_argument("--repo-id", required=True, help="The Hub model repo, created if needed.")
+    parser.add_argument("--token", default=None, help="Hub token; default: HF_TOKEN or the saved login.")
+    parser.add_argument("--private", action="store_true", help="Create the repo private.")
+    parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
+
+    def run(args: argparse.Namespace) -> None:
+        print(push_to_hub(args.folder, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr))
+
+    parser.set_defaults(func=run)
 
 
-def _sample(args) -> None:
-    from .pipelines import DPLDMPipeline
-    from .visualization import sample_grid
+def evaluate_command(subparsers: argparse._SubParsersAction) -> None:
+    """``evaluate FOLDER [...]``: downstream accuracy, membership audit and FID, written to metrics.json."""
+    parser = subparsers.add_parser("evaluate", help="Downstream accuracy, membership audit, FID -> metrics.json.")
+    parser.add_argument("folder")
+    parser.add_argument("--dataset_name", default="private-digits")
+    parser.add_argument("--samples_per_class", type=int, default=100)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--fid_inception_path", default=None)
+    parser.add_argument("--reference_adapter", default=None, help="A non-private fine-tune, for the audit.")
 
-    pipe = DPLDMPipeline.from_pretrained(args.folder)
-    sample_grid(pipe, args.labels, args.num_images, args.steps, args.seed).save(args.out)
-    print(args.out)
+    def run(args: argparse.Namespace) -> None:
+        from .evaluation.evaluate import evaluate_adapter  # data sets, classifier and FID: only when evaluating
+
+        metrics = evaluate_adapter(
+            args.folder,
+            dataset_name=args.dataset_name,
+            samples_per_class=args.samples_per_class,
+            num_inference_steps=args.num_inference_steps,
+            inception_path=args.fid_inception_path,
+            reference_adapter_dir=args.reference_adapter,
+        )
+        print(json.dumps(metrics, indent=2))
+
+    parser.set_defaults(func=run)
+
+
+def sample_command(subparsers: argparse._SubParsersAction) -> None:
+    """``sample PATH [--labels L ...] [--num-images N] [--steps S] [--seed X] [--out grid.png]``: a sample grid."""
+    parser = subparsers.add_parser("sample", help="Write a labelled grid of samples of a base or an adapter.")
+    parser.add_argument("path", help="A base or adapter folder, or a Hub repo id.")
+    parser.add_argument("--labels", nargs="+", default=None, help="Class names, one row each (default: all).")
+    parser.add_argument("--num-images", type=int, default=8, help="Images per label (in all if unconditional).")
+    parser.add_argument("--steps", type=int, default=50, help="Denoising steps.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="samples.png", help="The image file to write.")
+
+    def run(args: argparse.Namespace) -> None:
+        pipe = DPLDMPipeline.from_pretrained(args.path).to(args.device)
+        pipe.set_progress_bar_config(disable=True)
+        if pipe.num_classes is not None:
+            grid = sample_grid(pipe, args.labels or list(pipe.labels), args.num_images, args.steps, args.seed)
+        elif args.labels:
+            raise ValueError(f"{args.path} is an unconditional model: it takes no --labels.")
+        else:
+            generator = torch.Generator().manual_seed(args.seed)
+            images = pipe(batch_size=args.num_images, num_inference_steps=args.steps, generator=generator).images
+            grid = labelled_grid([images], [""])
+        grid.save(args.out)
+        print(args.out)
+
+    parser.set_defaults(func=run)
+
+
+# A subcommand is a function that adds its parser to the subparsers, with the function to run as `func`.
+SUBCOMMANDS = [evaluate_command, card_command, push_command, sample_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dp-diffusers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    card = sub.add_parser("card", help="Write the model card (README.md) of an adapter folder.")
-    card.add_argument("folder")
-    card.add_argument("--repo-id", default=None)
-    card.set_defaults(func=_card)
-
-    push = sub.add_parser("push", help="Upload an adapter folder (no checkpoints, no private data) to the Hub.")
-    push.add_argument("folder")
-    push.add_argument("--repo-id", required=True)
-    push.add_argument("--token", default=None)
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--create-pr", action="store_true")
-    push.set_defaults(func=_push)
-
-    evaluate = sub.add_parser("evaluate", help="Downstream accuracy, membership audit, FID -> metrics.json.")
-    evaluate.add_argument("folder")
-    evaluate.add_argument("--dataset_name", default="private-digits")
-    evaluate.add_argument("--samples_per_class", type=int, default=100)
-    evaluate.add_argument("--num_inference_steps", type=int, default=50)
-    evaluate.add_argument("--fid_inception_path", default=None)
-    evaluate.add_argument("--reference_adapter", default=None, help="A non-private fine-tune, for the audit.")
-    evaluate.set_defaults(func=_evaluate)
-
-    sample = sub.add_parser("sample", help="A labelled sample grid from a base or adapter.")
-    sample.add_argument("folder")
-    sample.add_argument("--labels", nargs="+", required=True)
-    sample.add_argument("--num-images", type=int, default=8)
-    sample.add_argument("--steps", type=int, default=50)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", default="samples.png")
-    sample.set_defaults(func=_sample)
+    parser = argparse.ArgumentParser(
+        prog="dp-diffusers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in SUBCOMMANDS:
+        add_command(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    """Run the ``dp-diffusers`` command line; errors in the inputs exit with their message, no traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (OSError, ValueError) as err:
+        parser.exit(1, f"dp-diffusers {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -10,50 +10,66 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel, VQModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders.lora_base import LoraBaseMixin
+from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
+from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..lora import LORA_WEIGHT_NAME
 from ..models.class_embedder import ClassEmbedder
 from ..models.denoiser import LatentDenoiser
 from ..models.unet_2d import UNet2DModelWithLoRA
 
 ADAPTER_CONFIG_NAME = "dp_lora_config.json"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# `from_pretrained` / `load_lora_weights` kwargs that locate files on the Hub (they apply to the adapter repo).
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+_SHOWN = 3  # offending module names quoted in a mismatch error
 
 
 def _adapter_folder(path_or_repo: str, **hub_kwargs) -> Path | None:
-    """The local folder of a DP-LoRA adapter (downloading only its files for a Hub id), or ``None``
-    when ``path_or_repo`` is a base pipeline."""
-    local = Path(path_or_repo)
-    if local.is_dir():
+    """The local folder of a DP-LoRA adapter (for a Hub repo: downloaded, adapter files only), or `None` when
+    `path_or_repo` holds no `dp_lora_config.json` (a base pipeline, or a plain LoRA)."""
+    local = Path(path_or_repo).expanduser()
+    if local.exists():  # a local folder, or a weights file
         return local if (local / ADAPTER_CONFIG_NAME).is_file() else None
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError
-
+    hub_kwargs = {key: hub_kwargs[key] for key in _HUB_KWARGS if key in hub_kwargs}
     try:
-        from huggingface_hub import hf_hub_download
-
-        hf_hub_download(
-            path_or_repo,
-            ADAPTER_CONFIG_NAME,
-            revision=hub_kwargs.get("revision"),
-            token=hub_kwargs.get("token"),
-            cache_dir=hub_kwargs.get("cache_dir"),
-        )
-    except EntryNotFoundError:
+        config_file = hf_hub_download(path_or_repo, ADAPTER_CONFIG_NAME, **hub_kwargs)
+    except (EntryNotFoundError, RepositoryNotFoundError, HFValidationError):
         return None
-    return Path(
-        snapshot_download(
-            path_or_repo,
-            revision=hub_kwargs.get("revision"),
-            token=hub_kwargs.get("token"),
-            cache_dir=hub_kwargs.get("cache_dir"),
-            allow_patterns=[ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME, "class_embedder/*", "*.json"],
-        )
-    )
+    config = _read_adapter_config(Path(config_file).parent)
+    patterns = [ADAPTER_CONFIG_NAME, config.get("lora_weights") or LORA_WEIGHT_NAME]
+    if config.get("class_embedder"):
+        patterns.append(f"{config['class_embedder']}/*")
+    return Path(snapshot_download(path_or_repo, allow_patterns=patterns, **hub_kwargs))
 
 
-class DPLDMPipeline(DiffusionPipeline):
+def _read_adapter_config(folder: Path) -> dict:
+    return json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+
+
+def _local_base(base: str, adapter: Path) -> Path | None:
+    """The base pipeline folder an adapter records: as written (absolute, or relative to the working directory),
+    else relative to the adapter folder or a folder above it (where training ran); `None` if there is none."""
+    path = Path(base).expanduser()
+    adapter = adapter.resolve()
+    for candidate in (path, *(folder / path for folder in (adapter, *adapter.parents))):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    return None
+
+
+def _shorten(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > _SHOWN else shown
+
+
+class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
     r"""Latent diffusion sampling for the bases and DP-LoRA adapters of dp-diffusers.
 
     Components:
@@ -62,10 +78,15 @@ class DPLDMPipeline(DiffusionPipeline):
         scheduler ([`SchedulerMixin`]): DDIM by default; any diffusers scheduler can be swapped in.
         class_embedder ([`ClassEmbedder`], optional): class id -> cross-attention context.
         id2label (`dict[int, str]`, optional): class names, as in [`DiTPipeline`].
+
+    LoRA adapters go into the UNet only: [`load_lora_weights`] plus diffusers' `set_adapters`, `fuse_lora`,
+    `unfuse_lora`, `unload_lora_weights`, `get_active_adapters`, `delete_adapters`, `disable_lora`, ...
     """
 
     model_cpu_offload_seq = "class_embedder->unet->vae"
     _optional_components = ["class_embedder"]
+    _lora_loadable_modules = ["unet"]
+    unet_name = "unet"
 
     def __init__(
         self,
@@ -77,75 +98,258 @@ class DPLDMPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, class_embedder=class_embedder)
+        self._set_id2label(id2label)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # CPU copies of the adapted layers' weights before `fuse_lora`, put back exactly by `unfuse_lora`
+        self._unfused_weights: dict[str, dict[str, torch.Tensor]] = {}
+        # (class_embedder, id2label) of the base while an adapter's class embedding replaces them
+        self._base_class_conditioning: tuple[ClassEmbedder | None, dict | None] | None = None
+
+    def _set_id2label(self, id2label: dict | None) -> None:
         id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
         self.register_to_config(id2label=id2label or None)
         self.labels = {name: idx for idx, name in sorted(id2label.items())}
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DPLDMPipeline:
-        """Load a base pipeline folder / repo, or a DP-LoRA adapter folder / repo: the adapter's
-        ``dp_lora_config.json`` names its base, which is loaded first, then the adapter is applied."""
+        r"""Load a base pipeline, or a DP-LoRA adapter on top of the base it was trained on.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A folder or Hub repo id. If it holds `dp_lora_config.json` (the output folder of
+                `train_dp_lora.py`), only the adapter's files are downloaded, the base model named there is loaded
+                (a local folder, looked up as written, then relative to the adapter folder and the folders above
+                it; a Hub id otherwise) and the adapter is applied with [`load_lora_weights`]. Anything else is
+                loaded as [`~DiffusionPipeline.from_pretrained`] does.
+            kwargs:
+                Passed to [`~DiffusionPipeline.from_pretrained`]. For an adapter, `revision` is the adapter repo's;
+                the base is loaded at the revision the adapter records.
+        """
         adapter = _adapter_folder(str(pretrained_model_name_or_path), **kwargs)
         if adapter is None:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        config = json.loads((adapter / ADAPTER_CONFIG_NAME).read_text())
+        config = _read_adapter_config(adapter)
         base = config["base_model"]
-        if not Path(base).is_absolute() and (adapter / base).is_dir():
-            base = str(adapter / base)
-        kwargs.setdefault("revision", config.get("revision"))
-        pipe = super().from_pretrained(base, **kwargs)
+        local_base = _local_base(base, adapter)
+        base_kwargs = {**kwargs, "revision": config.get("revision")}
+        try:
+            pipe = super().from_pretrained(local_base or base, **base_kwargs)
+        except (OSError, ValueError) as err:
+            if local_base is not None:
+                raise
+            raise OSError(
+                f"The adapter {str(pretrained_model_name_or_path)!r} was trained on the base model {base!r}, found "
+                "neither as a local folder (as written, or relative to the adapter folder or a folder above it) nor "
+                f"on the Hub: {err}"
+            ) from err
         pipe.load_lora_weights(adapter)
         return pipe
 
-    def _ensure_peft_unet(self) -> None:
-        # diffusers 0.42's UNet2DModel lacks the PEFT adapter API; same weights, with the mixin.
-        if type(self.unet) is UNet2DModel:
-            unet = UNet2DModelWithLoRA.from_config(self.unet.config)
-            unet.load_state_dict(self.unet.state_dict())
-            self.register_modules(unet=unet.to(self.unet.device, self.unet.dtype))
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: str | dict[str, torch.Tensor], **kwargs):
+        r"""LoRA weights, network alphas (and metadata with `return_lora_metadata=True`) of a folder, Hub repo or
+        state dict: see [`~loaders.StableDiffusionLoraLoaderMixin.lora_state_dict`], whose formats this reads."""
+        return StableDiffusionLoraLoaderMixin.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
 
-    def load_lora_weights(self, adapter: str | os.PathLike, adapter_name: str = "default") -> None:
-        """Apply a DP-LoRA adapter folder (LoRA weights, and its class embedding and class names if
-        it trained one) to this pipeline's UNet, as diffusers' ``load_lora_weights`` does for the
-        UNet alone (the stock Stable Diffusion mixin expects a text encoder)."""
-        folder = _adapter_folder(str(adapter)) or Path(adapter)
-        config_path = folder / ADAPTER_CONFIG_NAME
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+        **kwargs,
+    ) -> None:
+        r"""Load a LoRA adapter into the UNet, as diffusers' `load_lora_weights` does for the UNet alone.
+
+        A DP-LoRA adapter folder or repo (with `dp_lora_config.json`) that trained a class embedding also replaces
+        the pipeline's `class_embedder` and class names (`id2label`); [`unload_lora_weights`] puts the base's back.
+        A base [`UNet2DModel`] is given diffusers' PEFT adapter API first ([`UNet2DModelWithLoRA`], same weights).
+
+        Args:
+            pretrained_model_name_or_path_or_dict (`str`, `os.PathLike` or `dict`):
+                An adapter folder or Hub repo id, or a state dict with `unet.`-prefixed LoRA keys.
+            adapter_name (`str`, *optional*):
+                Name to refer to the adapter with (`set_adapters`, ...); `default_<i>` if not given.
+            weight_name (`str`, *optional*):
+                The weights file; by default the one `dp_lora_config.json` names, else diffusers' guess.
+            kwargs:
+                Hub options (`cache_dir`, `force_download`, `local_files_only`, `token`, `revision`, `subfolder`),
+                `low_cpu_mem_usage`, and `metadata`: the `LoraConfig` dict of a state dict (keys prefixed `unet.`,
+                as in a weights file's `lora_adapter_metadata`), without which rank and alpha are guessed.
+
+        Raises:
+            `ValueError`: naming the adapter and the base model, when the adapter does not fit the base (LoRA
+            weights for modules the base lacks or of other shapes, another class embedding size or other classes).
+        """
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
+        metadata = kwargs.pop("metadata", None)
+        source = pretrained_model_name_or_path_or_dict
+        config, embedder = {}, None
+        if isinstance(source, dict):
+            name = "given as a state dict"
+        else:
+            name = str(source)
+            folder = _adapter_folder(name, **kwargs)
+            if folder is not None:
+                config, source = _read_adapter_config(folder), str(folder)
+                weight_name = weight_name or config.get("lora_weights")
+                if config.get("class_embedder"):
+                    embedder = ClassEmbedder.from_pretrained(folder / config["class_embedder"])
+        state_dict, network_alphas, file_metadata = self.lora_state_dict(
+            source, weight_name=weight_name, return_lora_metadata=True, **kwargs
+        )
+        metadata = metadata or file_metadata
+        id2label = {int(k): str(v) for k, v in config["id2label"].items()} if config.get("id2label") else None
+
+        problems = self._adapter_mismatches(state_dict, embedder, id2label)
+        base = str(self.name_or_path or f"this pipeline's {type(self.unet).__name__}")
+        if problems:
+            raise ValueError(f"The adapter {name!r} does not fit the base model {base!r}: {'; '.join(problems)}.")
         self._ensure_peft_unet()
-        base = self.name_or_path or type(self.unet).__name__
         try:
             self.unet.load_lora_adapter(
-                str(folder),
-                weight_name=config.get("lora_weights", LORA_WEIGHT_NAME),
-                prefix="unet",
+                state_dict,
+                prefix=self.unet_name,
+                network_alphas=network_alphas,
+                metadata=metadata,
                 adapter_name=adapter_name,
+                _pipeline=self,
+                low_cpu_mem_usage=low_cpu_mem_usage,
             )
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ValueError(f"The adapter {str(folder)!r} does not fit the base model {base!r}: {err}") from err
-        if not getattr(self.unet, "peft_config", {}).get(adapter_name):
-            raise ValueError(f"The adapter {str(folder)!r} matched no module of the base model {base!r}.")
-        if config.get("class_embedder"):
-            embedder = ClassEmbedder.from_pretrained(folder / config["class_embedder"])
-            self.register_modules(class_embedder=embedder.to(self.unet.device))
-        if config.get("id2label"):
-            id2label = {int(k): str(v) for k, v in config["id2label"].items()}
-            self.register_to_config(id2label=id2label)
-            self.labels = {name: idx for idx, name in sorted(id2label.items())}
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"The adapter {name!r} does not fit the base model {base!r}: {err}") from err
 
-    def set_adapters(self, adapter_names: str | list[str], adapter_weights=None) -> None:
-        """Activate adapters with LoRA scales (0 = the public base, 1 = the private fine-tune)."""
-        self.unet.set_adapters(adapter_names, adapter_weights)
+        if embedder is not None or id2label:
+            if self._base_class_conditioning is None:
+                self._base_class_conditioning = (self.class_embedder, self.config.id2label)
+            if embedder is not None:
+                self.register_modules(class_embedder=embedder.to(device=self.unet.device, dtype=self.unet.dtype))
+            self._set_id2label(id2label or self.config.id2label)
 
-    def fuse_lora(self, lora_scale: float = 1.0) -> None:
-        self.unet.fuse_lora(lora_scale=lora_scale)
+    def _ensure_peft_unet(self) -> None:
+        # diffusers 0.42's UNet2DModel lacks the PEFT adapter API. UNet2DModelWithLoRA only adds the mixin (no
+        # state), so switching the class in place keeps the weights, device, dtype and hooks as they are;
+        # registering the UNet again records the new class for save_pretrained.
+        if type(self.unet) is UNet2DModel:
+            self.unet.__class__ = UNet2DModelWithLoRA
+            self.register_modules(unet=self.unet)
+        if not isinstance(self.unet, PeftAdapterMixin):
+            raise ValueError(f"LoRA adapters need a UNet with diffusers' PeftAdapterMixin, not {type(self.unet)}.")
 
-    def unfuse_lora(self) -> None:
-        self.unet.unfuse_lora()
+    def _adapter_mismatches(
+        self, state_dict: dict[str, torch.Tensor], embedder: ClassEmbedder | None, id2label: dict | None
+    ) -> list[str]:
+        """What keeps an adapter from fitting this pipeline (empty if it fits). peft would skip LoRA weights of
+        modules the base lacks with a warning; here they are an error, checked before anything is changed."""
+        prefix = f"{self.unet_name}."
+        lora = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not lora:
+            return [f"it holds no LoRA weights for the UNet (keys starting with {prefix!r})"]
+        if "lora_A" not in next(iter(lora)):  # as `load_lora_adapter` decides to convert
+            lora = convert_unet_state_dict_to_peft(lora)
+        modules = dict(self.unet.named_modules())
+        missing, reshaped = set(), {}
+        for key, weight in lora.items():
+            if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+                continue
+            module_name, part = key.removesuffix(".weight").rsplit(".lora_", 1)
+            module = modules.get(module_name)
+            base_weight = getattr(getattr(module, "base_layer", module), "weight", None)
+            if base_weight is None:
+                missing.add(module_name)
+            elif (part == "A" and weight.shape[1] != base_weight.shape[1]) or (
+                part == "B" and weight.shape[0] != base_weight.shape[0]
+            ):
+                reshaped.setdefault(module_name, f"LoRA {part} {tuple(weight.shape)}, base {tuple(base_weight.shape)}")
+        problems = []
+        if missing:
+            problems.append(f"the base has no layer for its LoRA weights of {_shorten(sorted(missing))}")
+        if reshaped:
+            first = min(reshaped)
+            problems.append(
+                f"its LoRA weights do not match the shapes of {_shorten(sorted(reshaped))} ({first}: {reshaped[first]})"
+            )
+        cross_attention_dim = getattr(self.unet.config, "cross_attention_dim", None)
+        if embedder is not None and embedder.config.embedding_dim != cross_attention_dim:
+            problems.append(
+                f"its class embedding has {embedder.config.embedding_dim} dimensions, the base's cross-attention "
+                f"takes {cross_attention_dim}"
+            )
+        if id2label and embedder is None and id2label != (self.config.id2label or id2label):
+            problems.append(f"its classes {id2label} are not the base's {dict(self.config.id2label)}")
+        return problems
+
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        r"""Merge the active LoRA adapters into the UNet's weights (faster sampling), as diffusers does.
+
+        Args:
+            components (`list[str]`, *optional*): only `["unet"]` (the default) has adapters.
+            lora_scale (`float`, defaults to 1.0): scale of the merged adapters.
+            safe_fusing (`bool`, defaults to `False`): check the merged weights for NaNs first.
+            adapter_names (`list[str]`, *optional*): the adapters to merge; all active ones by default.
+
+        A CPU copy of the adapted layers' weights is kept, so [`unfuse_lora`] restores them bit for bit (peft
+        alone subtracts the merged delta again, which is exact only up to float rounding).
+        """
+        for name, module in self.unet.named_modules():
+            if isinstance(module, BaseTunerLayer) and not module.merged and name not in self._unfused_weights:
+                weights = module.get_base_layer().state_dict()
+                self._unfused_weights[name] = {key: value.to("cpu", copy=True) for key, value in weights.items()}
+        super().fuse_lora(
+            components=components or [self.unet_name],
+            lora_scale=lora_scale,
+            safe_fusing=safe_fusing,
+            adapter_names=adapter_names,
+            **kwargs,
+        )
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
+        r"""Undo [`fuse_lora`]: the UNet's weights are exactly those before fusing; the adapters stay loaded.
+
+        Args:
+            components (`list[str]`, *optional*): only `["unet"]` (the default) has adapters.
+        """
+        super().unfuse_lora(components=components or [self.unet_name], **kwargs)
+        modules = dict(self.unet.named_modules())
+        for name, weights in self._unfused_weights.items():
+            modules[name].get_base_layer().load_state_dict(weights)
+        self._unfused_weights = {}
 
     def unload_lora_weights(self) -> None:
-        self.unet.unload_lora()
+        r"""Remove the LoRA layers from the UNet.
+
+        Fused adapters stay in the weights (diffusers' way to bake an adapter in before [`save_pretrained`]), with
+        the class embedding and class names of the adapter. Otherwise the pipeline is the base again, including
+        its own class embedding and class names.
+        """
+        fused = any(isinstance(m, BaseTunerLayer) and m.merged for m in self.unet.modules())
+        if isinstance(self.unet, PeftAdapterMixin):
+            super().unload_lora_weights()
+        if self._base_class_conditioning is not None and not fused:
+            class_embedder, id2label = self._base_class_conditioning
+            self.register_modules(class_embedder=class_embedder)
+            self._set_id2label(id2label)
+        self._base_class_conditioning = None
+        self._unfused_weights = {}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        r"""Save the pipeline as [`~DiffusionPipeline.save_pretrained`] does, refusing a UNet with LoRA layers
+        (they would be written into its weights file and not load back): call [`unload_lora_weights`] first,
+        after [`fuse_lora`] to keep the adapter in the weights. An adapter itself is its training output folder.
+        """
+        if any(isinstance(module, BaseTunerLayer) for module in self.unet.modules()):
+            raise ValueError(
+                "The UNet has LoRA layers: call `fuse_lora()` then `unload_lora_weights()` to save the fine-tuned "
+                "model, or `unload_lora_weights()` alone to save the base."
+            )
+        super().save_pretrained(save_directory, **kwargs)
 
     @property
     def num_classes(self) -> int | None:
