@@ -315,7 +315,12 @@ def measure_step_memory(step: Callable[[], object], device: str = "cpu", warmup:
         step()
         peak = _status_kib("VmHWM")
         method = "VmHWM-VmRSS" if reset else "VmHWM (not reset: includes model build)"
-    return {"method": method, "baseline_mib": before / 1024, "peak_mib": peak / 1024, "step_mib": (peak - before) / 1024}
+    return {
+        "method": method,
+        "baseline_mib": before / 1024,
+        "peak_mib": peak / 1024,
+        "step_mib": (peak - before) / 1024,
+    }
 
 
 def run_memory_child(script: str, config: dict, timeout: float = 900) -> dict:

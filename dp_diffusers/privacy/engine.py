@@ -23,6 +23,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.utils import prepare_module
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from .accounting import PrivacyBudget
@@ -32,7 +33,7 @@ from .noise_multiplicity import (
     expand_for_noise_multiplicity,
 )
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+GRAD_SAMPLE_MODES = ("fused", "hooks", "functorch", "ew")
 
 # opacus registers full backward hooks on the adapted layers; their inputs (frozen activations)
 # need no gradient, which torch reports on every backward. Harmless here: opacus reads the output
@@ -66,6 +67,274 @@ def make_conv_inputs_contiguous(model: nn.Module) -> int:
     return count
 
 
+# ---------------------------------------------------------------------------------------------
+# grad_sample_mode="fused": per-sample gradients computed inside the trainable layers' backward.
+#
+# Each trainable Linear / Conv2d / Embedding / LayerNorm / GroupNorm runs through an autograd
+# Function whose backward returns the input gradient (the frozen network needs it) and, instead
+# of the summed weight gradient, writes the per-*example* gradient to ``p.grad_sample``: the k
+# adjacent rows of an example (``expand_for_noise_multiplicity``) are contracted together, so the
+# (B*k, ...) per-row tensor never exists and ``p.grad`` is never computed by autograd. Numbers are
+# those of opacus' hooks mode followed by ``average_over_copies`` (``loss_reduction="mean"`` over
+# the B*k rows: row r's gradient is B*k times its share of the mean loss's gradient, so the mean
+# over an example's k rows is B times their sum).
+
+
+class _FusedState:
+    """What the layers' Functions share: noise multiplicity, forward generation, on/off."""
+
+    def __init__(self, noise_multiplicity: int):
+        self.k = int(noise_multiplicity)
+        self.generation = 0
+        self.enabled = True
+
+
+def _rows_to_examples(rows: int, k: int) -> int:
+    if rows % k:
+        raise ValueError(f"{rows} rows are not a multiple of noise_multiplicity={k}: expand the batch with "
+                         "expand_for_noise_multiplicity (private_backward does).")  # fmt: skip
+    return rows // k
+
+
+def _store_grad_sample(state: _FusedState, generation: int, param: nn.Parameter, grad_sample: torch.Tensor) -> None:
+    """Set (or, for a layer used twice in one forward, add to) ``param.grad_sample``."""
+    grad_sample = grad_sample.to(param.dtype)
+    current = getattr(param, "grad_sample", None)
+    if current is not None and getattr(param, "_fused_generation", None) == generation:
+        param.grad_sample = current + grad_sample
+        return
+    if current is not None:
+        raise ValueError(
+            "Poisson sampling is not compatible with grad accumulation. You need to call optimizer.step() after "
+            "every forward/backward pass or consider using BatchMemoryManager"
+        )
+    param.grad_sample = grad_sample
+    param._fused_generation = generation
+
+
+class _FusedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, state, generation):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.state, ctx.generation = bias is not None, state, generation
+        ctx.weight_ref, ctx.bias_ref = weight, bias
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        state = ctx.state
+        examples = _rows_to_examples(x.shape[0], state.k)
+        grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        g = grad_out.reshape(examples, -1, grad_out.shape[-1])
+        a = x.to(g.dtype).reshape(examples, -1, x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gs = torch.bmm(g.transpose(1, 2), a)
+            _store_grad_sample(state, ctx.generation, ctx.weight_ref, gs.mul_(examples))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            _store_grad_sample(state, ctx.generation, ctx.bias_ref, g.sum(1).mul_(examples))
+        return grad_x, None, None, None, None
+
+
+class _FusedConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv, state, generation):
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.state, ctx.generation = conv, state, generation
+        ctx.weight_ref, ctx.bias_ref = weight, bias
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        conv, state = ctx.conv, ctx.state
+        examples = _rows_to_examples(x.shape[0], state.k)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, weight.to(grad_out.dtype), None, conv.stride, conv.padding, conv.dilation, False,
+                [0, 0], conv.groups, [True, False, False],
+            )[0]  # fmt: skip
+        if ctx.needs_input_grad[1]:
+            cols = F.unfold(x.to(grad_out.dtype), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+            n, ckk, positions = cols.shape
+            g = grad_out.reshape(examples, state.k, grad_out.shape[1], positions)
+            cols = cols.reshape(examples, state.k, ckk, positions)
+            if state.k == 1:
+                gs = torch.bmm(g[:, 0], cols[:, 0].transpose(1, 2))
+            else:
+                gs = torch.einsum("bkol,bkpl->bop", g, cols)
+            _store_grad_sample(state, ctx.generation, ctx.weight_ref, gs.mul_(examples).view(-1, *weight.shape))
+        if ctx.bias_ref is not None and ctx.needs_input_grad[2]:
+            gb = grad_out.reshape(examples, -1, grad_out.shape[1], grad_out[0, 0].numel()).sum((1, 3))
+            _store_grad_sample(state, ctx.generation, ctx.bias_ref, gb.mul_(examples))
+        return grad_x, None, None, None, None, None
+
+
+class _FusedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices, weight, padding_idx, state, generation):
+        ctx.save_for_backward(indices)
+        ctx.num_embeddings, ctx.padding_idx = weight.shape[0], padding_idx
+        ctx.state, ctx.generation, ctx.weight_ref = state, generation, weight
+        return F.embedding(indices, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (indices,) = ctx.saved_tensors
+        state, v = ctx.state, ctx.num_embeddings
+        examples = _rows_to_examples(indices.shape[0], state.k)
+        dim = grad_out.shape[-1]
+        idx = indices.reshape(examples, -1)
+        flat = (idx + v * torch.arange(examples, device=idx.device).unsqueeze(1)).reshape(-1)
+        gs = torch.zeros(examples * v, dim, device=grad_out.device, dtype=grad_out.dtype)
+        gs.index_add_(0, flat, grad_out.reshape(-1, dim))
+        gs = gs.view(examples, v, dim)
+        if ctx.padding_idx is not None:
+            gs[:, ctx.padding_idx] = 0
+        _store_grad_sample(state, ctx.generation, ctx.weight_ref, gs.mul_(examples))
+        return None, None, None, None, None
+
+
+class _FusedAffine(torch.autograd.Function):
+    """``y = xhat * weight + bias`` of a LayerNorm (trailing dims) or GroupNorm (channel dim 1);
+    ``xhat`` is the normalised input, differentiated by autograd as usual."""
+
+    @staticmethod
+    def forward(ctx, xhat, weight, bias, channel_dim, state, generation):
+        shape = [1] * xhat.dim()
+        if channel_dim is None:  # LayerNorm: weight covers the trailing dims
+            shape[xhat.dim() - weight.dim() :] = weight.shape
+        else:
+            shape[channel_dim] = weight.shape[0]
+        ctx.save_for_backward(xhat, weight)
+        ctx.shape, ctx.channel_dim, ctx.state, ctx.generation = shape, channel_dim, state, generation
+        ctx.weight_ref, ctx.bias_ref = weight, bias
+        y = xhat * weight.view(shape)
+        return y + bias.view(shape) if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xhat, weight = ctx.saved_tensors
+        state = ctx.state
+        examples = _rows_to_examples(xhat.shape[0], state.k)
+        grad_xhat = grad_out * weight.view(ctx.shape).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+
+        def per_example_sum(t):
+            if ctx.channel_dim is None:  # (N, ..., *weight.shape) -> (B, *weight.shape)
+                return t.reshape(examples, -1, *weight.shape).sum(1)
+            c = weight.shape[0]  # (N, C, ...) -> (B, C)
+            return t.reshape(examples, state.k, c, -1).sum((1, 3))
+
+        if ctx.needs_input_grad[1]:
+            _store_grad_sample(state, ctx.generation, ctx.weight_ref, per_example_sum(grad_out * xhat).mul_(examples))
+        if ctx.bias_ref is not None and ctx.needs_input_grad[2]:
+            _store_grad_sample(state, ctx.generation, ctx.bias_ref, per_example_sum(grad_out).mul_(examples))
+        return grad_xhat, None, None, None, None, None
+
+
+def _fused_forward(module: nn.Module, state: _FusedState):
+    """The replacement ``forward`` of one trainable layer; the layer's own when off or without grad."""
+    original = type(module).forward
+
+    def forward(x, *args, **kwargs):
+        if not (state.enabled and torch.is_grad_enabled()) or args or kwargs:
+            return original(module, x, *args, **kwargs)
+        gen = state.generation
+        if isinstance(module, nn.Linear):
+            return _FusedLinear.apply(x, module.weight, module.bias, state, gen)
+        if isinstance(module, nn.Conv2d):
+            return _FusedConv2d.apply(x, module.weight, module.bias, module, state, gen)
+        if isinstance(module, nn.Embedding):
+            return _FusedEmbedding.apply(x, module.weight, module.padding_idx, state, gen)
+        if isinstance(module, nn.LayerNorm):
+            xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+            return _FusedAffine.apply(xhat, module.weight, module.bias, None, state, gen)
+        xhat = F.group_norm(x, module.num_groups, None, None, module.eps)  # nn.GroupNorm
+        return _FusedAffine.apply(xhat, module.weight, module.bias, 1, state, gen)
+
+    return forward
+
+
+def _fused_unsupported_reason(module: nn.Module) -> str | None:
+    kind = type(module)
+    if kind is nn.Linear:
+        return None
+    if kind is nn.Conv2d:
+        if module.padding_mode != "zeros" or isinstance(module.padding, str) or module.groups != 1:
+            return "Conv2d with groups > 1, padding_mode other than 'zeros' or string padding"
+        return None
+    if kind is nn.Embedding:
+        if module.max_norm is not None or module.scale_grad_by_freq:
+            return "Embedding with max_norm or scale_grad_by_freq"
+        return None
+    if kind is nn.LayerNorm:
+        return None if module.elementwise_affine else "LayerNorm without affine weights"
+    if kind is nn.GroupNorm:
+        return None if module.affine else "GroupNorm without affine weights"
+    return f"no fused per-sample gradient for {kind.__name__}"
+
+
+class FusedGradSampleModule(nn.Module):
+    """``grad_sample_mode="fused"``: per-sample gradients computed in the trainable layers' own
+    backward, the k noise-multiplicity rows of each example contracted there (``p.grad_sample``
+    is (B, ...) per *example*, not (B*k, ...) per row), and no summed ``p.grad`` from autograd.
+
+    Supports trainable ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm`` and
+    ``nn.GroupNorm`` (exact types: peft's LoRA A/B layers, the UNet's own layers for full
+    fine-tuning, the class embedding); any other trainable module raises at wrap time. Frozen
+    modules are untouched. Layers run their own forward under ``torch.no_grad`` or
+    ``disable_hooks()``, so sampling with the same model object is unaffected.
+    """
+
+    def __init__(self, module: nn.Module, noise_multiplicity: int = 1):
+        super().__init__()
+        self._module = module
+        self._fused_state = _FusedState(noise_multiplicity)
+        self._patched: list[nn.Module] = []
+        problems = []
+        for name, sub in module.named_modules():
+            if not any(p.requires_grad for p in sub.parameters(recurse=False)):
+                continue
+            reason = _fused_unsupported_reason(sub)
+            if reason is not None:
+                problems.append(f"{name or type(module).__name__}: {reason}")
+        if problems:
+            raise ValueError(
+                "grad_sample_mode='fused' cannot handle these trainable modules: "
+                + "; ".join(problems[:5])
+                + ". Use grad_sample_mode='hooks' (or 'functorch')."
+            )
+        for sub in module.modules():
+            if any(p.requires_grad for p in sub.parameters(recurse=False)):
+                sub.forward = _fused_forward(sub, self._fused_state)
+                self._patched.append(sub)
+        self._pre_hook = module.register_forward_pre_hook(self._next_generation)
+
+    def _next_generation(self, *_):
+        self._fused_state.generation += 1
+
+    @property
+    def noise_multiplicity(self) -> int:
+        return self._fused_state.k
+
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    def disable_hooks(self) -> None:
+        self._fused_state.enabled = False
+
+    def enable_hooks(self) -> None:
+        self._fused_state.enabled = True
+
+    def remove_hooks(self) -> None:
+        """Give every layer its own forward back."""
+        for sub in self._patched:
+            del sub.forward
+        self._patched.clear()
+        self._pre_hook.remove()
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -74,7 +343,7 @@ def make_private(
     budget: PrivacyBudget,
     max_grad_norm: float,
     noise_multiplicity: int = 1,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "fused",
     secure_mode: bool = False,
     noise_generator: torch.Generator | None = None,
     sampling_generator: torch.Generator | None = None,
@@ -98,9 +367,12 @@ def make_private(
 
     distributed = isinstance(model, DPDDP)
     world_size = torch.distributed.get_world_size() if distributed else 1
-    make_conv_inputs_contiguous(model)
-    gsm = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction="mean")
-    gsm.forbid_grad_accumulation()
+    if grad_sample_mode == "fused":
+        gsm = FusedGradSampleModule(model, noise_multiplicity=noise_multiplicity)
+    else:
+        make_conv_inputs_contiguous(model)
+        gsm = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction="mean")
+        gsm.forbid_grad_accumulation()
 
     loader = DPDataLoader(
         dataset, sample_rate=budget.sample_rate, distributed=distributed, generator=sampling_generator
@@ -116,6 +388,8 @@ def make_private(
         generator=noise_generator,
         secure_mode=secure_mode,
     )
+    # fused mode contracts each example's k rows in the backward already
+    dp_optimizer.copies_folded_in_backward = grad_sample_mode == "fused"
     dp_optimizer.attach_step_hook(budget.accountant.get_optimizer_hook_fn(sample_rate=budget.sample_rate))
     return DPTraining(model=gsm, optimizer=dp_optimizer, data_loader=loader)
 

@@ -43,10 +43,13 @@ class NoiseMultiplicityMixin:
     """
 
     noise_multiplicity: int = 1
+    #: True when the per-sample gradients arrive already averaged over the k copies, (B, ...) per
+    #: example (``grad_sample_mode="fused"`` does it inside the backward); then nothing is folded here.
+    copies_folded_in_backward: bool = False
 
     def clip_and_accumulate(self) -> None:
         k = self.noise_multiplicity
-        if k > 1:
+        if k > 1 and not self.copies_folded_in_backward:
             for p in self.params:
                 if isinstance(p.grad_sample, list):
                     p.grad_sample = [average_over_copies(g, k) for g in p.grad_sample]

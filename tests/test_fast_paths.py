@@ -1,0 +1,221 @@
+"""Exactness of the fast paths of the DP step against the one-example-at-a-time reference.
+
+``grad_sample_mode="fused"`` computes per-example gradients inside the layers' backward and
+contracts the k noise-multiplicity copies there; every number must still be the micro-batch
+reference's (the same checks as test_privacy_gradients.py, plus full fine-tuning, which takes the
+UNet's Conv2d / GroupNorm / LayerNorm layers through the fused path too).
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import scheduler, tiny_cond_unet
+from test_privacy_gradients import CASES, B, build, dp_setup, fixed_loss
+from torch.utils.data import TensorDataset
+
+from dp_diffusers import ClassEmbedder, LatentDenoiser, denoising_loss
+from dp_diffusers.privacy import (
+    GRAD_SAMPLE_MODES,
+    PrivacyBudget,
+    average_over_copies,
+    make_private,
+    private_backward,
+)
+from dp_diffusers.privacy.engine import FusedGradSampleModule
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+
+def build_full(kind="cond"):
+    """Every UNet weight trainable (no LoRA): Conv2d, GroupNorm, LayerNorm, Linear."""
+    unet = tiny_cond_unet()
+    unet.requires_grad_(True)
+    embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
+    embedder.requires_grad_(True)
+    return LatentDenoiser(unet, embedder)
+
+
+def reference_grads(reference, sched, latents, labels, timesteps, noise, k):
+    params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    out = []
+    for i in range(len(latents)):
+        rows = slice(i * k, (i + 1) * k)
+        lab = labels[i : i + 1].repeat(k) if labels is not None else None
+        loss = denoising_loss(
+            reference, sched, latents[i : i + 1].repeat(k, 1, 1, 1), lab, timesteps[rows], noise[rows]
+        ).mean()
+        out.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+    return out
+
+
+def run_fused(model, latents, labels, timesteps, noise, k, mode="fused"):
+    sched, loss_fn = fixed_loss(timesteps, noise)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    budget = PrivacyBudget("prv", 1.0, 0.5, 1e-5, planned_steps=1)
+    dp = make_private(
+        model,
+        optimizer,
+        TensorDataset(latents, torch.zeros(len(latents))),
+        budget=budget,
+        max_grad_norm=1.0,
+        noise_multiplicity=k,
+        grad_sample_mode=mode,
+    )
+    private_backward(dp.model, dp.optimizer, loss_fn, latents, labels)
+    return dp, sched
+
+
+def test_fused_is_a_mode_and_the_default():
+    import inspect
+
+    assert "fused" in GRAD_SAMPLE_MODES
+    assert inspect.signature(make_private).parameters["grad_sample_mode"].default == "fused"
+
+
+@pytest.mark.parametrize("kind,targets,train_embedding", CASES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_fused_per_example_gradients_match_microbatch_reference(kind, targets, train_embedding, k):
+    torch.manual_seed(1)
+    model = build(kind, targets, train_embedding)
+    reference = copy.deepcopy(model)
+    latents = torch.randn(B, 3, 8, 8)
+    labels = torch.randint(0, 10, (B,)) if kind == "cond" else None
+    timesteps = torch.randint(0, 1000, (B * k,))
+    noise = torch.randn(B * k, 3, 8, 8)
+    dp, sched = run_fused(model, latents, labels, timesteps, noise, k)
+    got = {n: p.grad_sample for n, p in model.named_parameters() if p.requires_grad}
+    # folded in the backward: one row per example, and autograd computed no summed gradient
+    assert all(g.shape[0] == B for g in got.values())
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+    ref = reference_grads(reference, sched, latents, labels, timesteps, noise, k)
+    assert set(ref[0]) == set(got) and len(got) > 0
+    for i in range(B):
+        for name, g in ref[i].items():
+            torch.testing.assert_close(got[name][i], g, rtol=1e-4, atol=1e-6, msg=f"{name} example {i}")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fused_full_finetuning_matches_microbatch_reference(k):
+    torch.manual_seed(2)
+    model = build_full()
+    reference = copy.deepcopy(model)
+    n = 2
+    latents = torch.randn(n, 3, 8, 8)
+    labels = torch.randint(0, 10, (n,))
+    timesteps = torch.randint(0, 1000, (n * k,))
+    noise = torch.randn(n * k, 3, 8, 8)
+    dp, sched = run_fused(model, latents, labels, timesteps, noise, k)
+    kinds = {type(m) for m in dp.model._patched}
+    assert {torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Linear, torch.nn.Embedding} <= kinds
+    got = {name: p.grad_sample for name, p in model.named_parameters()}
+    ref = reference_grads(reference, sched, latents, labels, timesteps, noise, k)
+    for i in range(n):
+        for name, g in ref[i].items():
+            torch.testing.assert_close(got[name][i], g, rtol=1e-4, atol=1e-5, msg=f"{name} example {i}")
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_fused_and_hooks_make_the_same_clipped_step(k):
+    """Whole DP step, noise off, tight clipping: same update from both modes."""
+    torch.manual_seed(3)
+    base = build("cond", "attention+proj", train_class_embedding=True)
+    latents = torch.randn(5, 3, 8, 8)
+    labels = torch.randint(0, 10, (5,))
+    timesteps = torch.randint(0, 1000, (5 * k,))
+    noise = torch.randn(5 * k, 3, 8, 8)
+    grads = {}
+    for mode in ("fused", "hooks"):
+        model = copy.deepcopy(base)
+        dp = dp_setup(model, max_grad_norm=0.05, k=k)
+        if mode == "hooks":  # dp_setup uses the default mode; rebuild with hooks
+            model = copy.deepcopy(base)
+            params = [p for p in model.parameters() if p.requires_grad]
+            budget = PrivacyBudget("prv", 1.0, 8 / 64, 1e-5, planned_steps=10)
+            budget.noise_multiplier = 0.0
+            dp = make_private(
+                model,
+                torch.optim.SGD(params, lr=1.0),
+                TensorDataset(torch.randn(64, 3, 8, 8), torch.zeros(64)),
+                budget=budget,
+                max_grad_norm=0.05,
+                noise_multiplicity=k,
+                grad_sample_mode="hooks",
+            )
+        _, loss_fn = fixed_loss(timesteps, noise)
+        private_backward(dp.model, dp.optimizer, loss_fn, latents, labels)
+        dp.optimizer.step()
+        grads[mode] = [p.grad.clone() for p in dp.optimizer.params]
+    for a, b in zip(grads["fused"], grads["hooks"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_fused_refuses_grad_accumulation_and_counts_a_shared_layer_twice():
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(3, 3)
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)  # the same layer used twice
+    reference = copy.deepcopy(model)
+    fused = FusedGradSampleModule(model)
+    x = torch.randn(4, 3)
+    y = torch.randn(4, 3)
+    (fused(x) * y).sum(1).mean().backward()
+    for i in range(4):
+        loss = (reference(x[i : i + 1]) * y[i : i + 1]).sum()
+        g = torch.autograd.grad(loss, [reference[0].weight, reference[0].bias])
+        torch.testing.assert_close(lin.weight.grad_sample[i], g[0])
+        torch.testing.assert_close(lin.bias.grad_sample[i], g[1])
+    with pytest.raises(ValueError, match="grad accumulation"):
+        (fused(x) * y).sum(1).mean().backward()
+
+
+def test_fused_leaves_inference_and_unhooked_use_alone():
+    torch.manual_seed(5)
+    model = build("cond", "attention")
+    reference = copy.deepcopy(model)
+    fused = FusedGradSampleModule(model)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t, y), reference(x, t, y))
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+    fused.remove_hooks()
+    model(x, t, y).sum().backward()  # plain autograd again
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_fused_rejects_what_it_cannot_compute():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="hooks"):
+        FusedGradSampleModule(model)
+    conv = torch.nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="groups"):
+        FusedGradSampleModule(conv)
+
+
+def test_fused_rows_must_be_whole_examples():
+    model = FusedGradSampleModule(torch.nn.Linear(3, 2), noise_multiplicity=2)
+    with pytest.raises(ValueError, match="multiple of noise_multiplicity"):
+        model(torch.randn(3, 3)).mean().backward()
+
+
+def test_fused_empty_batch_is_a_noise_only_step():
+    torch.manual_seed(6)
+    model = build("cond", "attention")
+    dp = dp_setup(model, noise_multiplier=1.0, max_grad_norm=0.1, k=2)
+    assert isinstance(dp.model, FusedGradSampleModule)
+    before = [p.detach().clone() for p in dp.optimizer.params]
+    private_backward(dp.model, dp.optimizer, lambda *a: None, torch.zeros(0, 3, 8, 8), torch.zeros(0).long())
+    dp.optimizer.step()
+    assert any(not torch.equal(p, b) for p, b in zip(dp.optimizer.params, before))
+
+
+def test_hooks_mode_still_hands_per_row_gradients_to_the_optimizer():
+    """Only the fused mode folds in the backward; the others keep (B*k, ...) rows for the mixin."""
+    torch.manual_seed(7)
+    model = build("cond", "attention")
+    latents, labels = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    dp, _ = run_fused(model, latents, labels, torch.randint(0, 1000, (6,)), torch.randn(6, 3, 8, 8), 3, "hooks")
+    assert not dp.optimizer.copies_folded_in_backward
+    g = next(p.grad_sample for p in dp.optimizer.params)
+    assert g.shape[0] == 6 and average_over_copies(g, 3).shape[0] == 2
+    _ = scheduler  # conftest import kept for the shared helpers
