@@ -23,6 +23,7 @@ TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 DP_REPORT_NAME = "dp_report.json"
 METRICS_NAME = "metrics.json"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_CONFIG_NAME = "dp_lora_config.json"
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
 EPSILON_PLOT_NAME = "epsilon.png"
@@ -198,12 +199,16 @@ def _format(value: Any) -> str:
 
 
 def _base_model(folder: Path, report: dict[str, Any] | None) -> str | None:
+    """The base id or path: from the privacy report, else the adapter config of dp-diffusers or peft."""
     if report and report.get("base_model"):
         return str(report["base_model"])
-    config_path = folder / "adapter_config.json"
-    if config_path.is_file():
-        config = _read_json_object(config_path)
-        return config.get("base_model_name_or_path") or config.get("base_model")
+    for name in (ADAPTER_CONFIG_NAME, "adapter_config.json"):
+        config_path = folder / name
+        if config_path.is_file():
+            config = _read_json_object(config_path)
+            base = config.get("base_model") or config.get("base_model_name_or_path")
+            if base:
+                return str(base)
     return None
 
 

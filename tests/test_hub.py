@@ -146,6 +146,17 @@ def test_missing_report_refuses_privacy_claim(adapter: Path):
     assert len(card.data.eval_results) == 3
 
 
+def test_base_model_from_dp_lora_config_when_the_report_lacks_it(adapter: Path):
+    (adapter / "adapter_config.json").unlink()
+    report = {key: value for key, value in REPORT.items() if key != "base_model"}
+    (adapter / "dp_report.json").write_text(json.dumps(report))
+    (adapter / "dp_lora_config.json").write_text(json.dumps({"base_model": "someone/other-base"}))
+
+    card = hub.build_model_card(adapter)
+
+    assert card.data.base_model == "someone/other-base"
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Sampling cost of ``DPLDMPipeline`` with a fused LoRA adapter against a plain diffusers loop.
+
+    python benchmarks/bench_sampling.py --out benchmarks/results/sampling.json
+
+Same random-weight base (a preset's AutoencoderKL + UNet2DConditionModel + ClassEmbedder, DDIM),
+same batch, same number of steps, classifier-free guidance in both (batch doubled with the null
+class), VAE decode included. Variants, timed interleaved (median of per-round ratios to "plain"):
+
+* ``plain``: a hand-written diffusers loop (``scheduler.step`` on ``unet(...).sample``) on a copy
+  of the base UNet without any LoRA layer: the floor;
+* ``pipeline_base``: ``DPLDMPipeline`` without an adapter (pipeline overhead alone);
+* ``pipeline_fused``: ``DPLDMPipeline`` with a rank-8 adapter loaded and ``fuse_lora()``-ed
+  (the recommended way to sample; target <= 1.02 x plain);
+* ``pipeline_unfused``: the same adapter left as peft LoRA layers (extra matmuls per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+
+import bench_common as bc
+import torch
+
+TARGET_FUSED_OVER_PLAIN = 1.02
+
+
+def build_pipeline(preset_name: str, seed: int):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from dp_diffusers import ClassEmbedder, DPLDMPipeline
+    from dp_diffusers.presets import get_preset
+
+    preset = get_preset(preset_name)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**preset.unet_config())
+    pipe = DPLDMPipeline(
+        vae=AutoencoderKL(**preset.vae_config()),
+        unet=unet,
+        scheduler=DDIMScheduler(**preset.scheduler_config()),
+        class_embedder=ClassEmbedder(10, preset.cross_attention_dim),
+        id2label={i: str(i) for i in range(10)},
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_adapter(unet, folder: str, rank: int, seed: int) -> None:
+    """A rank-``rank`` adapter on the attention projections with non-zero B (so fusing changes weights)."""
+    from dp_diffusers.lora import add_lora, make_lora_config, save_lora_weights
+
+    unet = copy.deepcopy(unet)
+    add_lora(unet, make_lora_config(rank, targets="attention"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    save_lora_weights(unet, folder)
+
+
+def plain_loop(unet, vae, embedder, scheduler, labels, steps: int, guidance_scale: float, seed: int):
+    """The diffusers sampling loop written out, as a user without this package would."""
+    generator = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    latents = torch.randn((len(labels), unet.config.in_channels, size, size), generator=generator)
+    latents = latents * scheduler.init_noise_sigma
+    context = embedder(torch.cat([torch.full_like(labels, embedder.null_class_id), labels]))
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        uncond, cond = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
+        latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents, eta=0.0).prev_sample
+    image = vae.decode(latents / (vae.config.scaling_factor or 1.0)).sample
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bc.add_common_args(parser)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch-size", type=int, default=20, help="Images per call (2x rows with guidance).")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps per call.")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    bc.set_threads(args.threads)
+
+    fused = build_pipeline(args.preset, args.seed)
+    unfused = build_pipeline(args.preset, args.seed)
+    base = build_pipeline(args.preset, args.seed)
+    plain_unet = copy.deepcopy(base.unet)
+    plain_scheduler = copy.deepcopy(base.scheduler)
+    with tempfile.TemporaryDirectory() as folder:
+        write_adapter(base.unet, folder, args.rank, args.seed)
+        fused.load_lora_weights(folder)
+        fused.fuse_lora()
+        unfused.load_lora_weights(folder)
+
+    labels = torch.arange(args.batch_size) % 10
+    ids = labels.tolist()
+
+    def call(pipe):
+        return lambda: pipe(
+            class_labels=ids,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            generator=torch.Generator().manual_seed(args.seed),
+            output_type="pt",
+        )
+
+    fns = {
+        "plain": lambda: plain_loop(
+            plain_unet, base.vae, base.class_embedder, plain_scheduler, labels,
+            args.steps, args.guidance_scale, args.seed,
+        ),  # fmt: skip
+        "pipeline_base": call(base),
+        "pipeline_fused": call(fused),
+        "pipeline_unfused": call(unfused),
+    }
+    with torch.inference_mode():
+        # the same numbers from the plain loop and the base pipeline: the comparison is like for like
+        same = torch.allclose(fns["plain"](), call(base)().images, atol=1e-5)
+        times = bc.interleaved(fns, reps=args.reps, warmup=args.warmup)
+
+    rows, results = [], {"machine": bc.machine_info(args.threads), "config": vars(args), "variants": {}}
+    results["plain_equals_pipeline_base"] = bool(same)
+    for name, seconds in times.items():
+        ratio = bc.median_ratio(seconds, times["plain"])
+        low, high = bc.spread(seconds, times["plain"])
+        results["variants"][name] = {"median_s": bc.median(seconds), "ratio_to_plain": ratio, "spread": [low, high]}
+        verdict = bc.verdict(ratio, TARGET_FUSED_OVER_PLAIN) if name == "pipeline_fused" else ""
+        rows.append([name, f"{bc.median(seconds):.3f}", f"{ratio:.3f}", f"{low:.3f}-{high:.3f}", verdict])
+    table = bc.markdown_table(["variant", "median s / call", "ratio to plain", "round spread", "target"], rows)
+    table += (
+        f"\n\n{args.batch_size} images x {args.steps} DDIM steps, CFG {args.guidance_scale:g}, preset {args.preset}, "
+        f"{args.threads} thread(s), {args.reps} rounds; plain loop == pipeline output: {same}"
+    )
+    print(table)
+    if args.out:
+        from pathlib import Path
+
+        bc.write_json(args.out, results)
+        Path(args.out).with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
