@@ -270,3 +270,35 @@ def test_membership_empty_inputs():
     with pytest.raises(ValueError, match="labels of shape"):
         audit(loss, torch.randn(3, 4), torch.zeros(2), torch.randn(3, 4), None)
     assert membership_auc([0.1, 0.2], [0.3, 0.4]) == 1.0
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+def test_evaluate_adapter_writes_metrics_for_a_fused_adapter(tiny_base, tmp_path, monkeypatch):
+    import json
+
+    from test_pipeline import write_adapter
+
+    from dp_diffusers import DPLDMPipeline
+    from dp_diffusers.evaluation.evaluate import evaluate_adapter
+    from dp_diffusers.hub import build_model_card
+
+    monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
+    torch.set_num_threads(1)
+    pipe = DPLDMPipeline.from_pretrained(tiny_base)
+    folder = write_adapter(tmp_path / "adapter", pipe.unet, tiny_base)
+
+    metrics = evaluate_adapter(folder, samples_per_class=2, num_inference_steps=2, reference_adapter_dir=folder)
+
+    assert json.loads((folder / "metrics.json").read_text()) == metrics
+    assert "fid" not in metrics  # no Inception weights: skipped, not invented
+    downstream = metrics["downstream_accuracy"]
+    assert downstream["num_synthetic"] == 20 and downstream["num_test"] == 360
+    assert 0 <= downstream["value"] <= 1 and downstream["real_data_accuracy"] > 0.5
+    audit_result = metrics["membership_auc"]
+    assert audit_result["num_members"] == audit_result["num_nonmembers"] == 360
+    # the reference is the same model here: the fused DP model and the unfused reference score alike
+    assert audit_result["reference_nonprivate_auc"] == pytest.approx(audit_result["value"], abs=1e-3)
+    card = build_model_card(folder)
+    assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}

@@ -73,6 +73,8 @@ def evaluate_adapter(
     adapter_dir = Path(adapter_dir)
     pipe = DPLDMPipeline.from_pretrained(adapter_dir)
     pipe.set_progress_bar_config(disable=True)
+    if getattr(pipe.unet, "peft_config", None):
+        pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling and audit cost what the base costs
     vae = pipe.vae
     resolution, channels = vae.config.sample_size, vae.config.in_channels
     class_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else None
