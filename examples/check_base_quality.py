@@ -47,7 +47,7 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)
     resolution = pipe.vae.config.sample_size
     real, labels = dataset_to_tensors(load_public_digits(), resolution, pipe.vae.config.in_channels)
-    classifier = train_classifier(real, labels, num_classes=10, epochs=8, seed=args.seed)
+    classifier = train_classifier(real, labels, num_classes=10, steps=1000, seed=args.seed)
     images, asked = generate(pipe, args.per_class, args.steps, args.seed, args.guidance_scale)
     result = {
         "class_accuracy_of_samples": accuracy(classifier, images.clamp(-1, 1), asked),

@@ -157,7 +157,7 @@ def test_downstream_accuracy_separable():
     synthetic = _separable(600, seed=0)
     real_train = _separable(600, seed=1)
     real_test = _separable(300, seed=2)
-    result = downstream_accuracy(*synthetic, *real_train, *real_test, num_classes=3, epochs=3)
+    result = downstream_accuracy(*synthetic, *real_train, *real_test, num_classes=3, steps=60)
     assert result["downstream_accuracy"] > 0.9
     assert result["real_data_accuracy"] > 0.9
     assert result["num_synthetic"] == 600 and result["num_test"] == 300
@@ -168,8 +168,8 @@ def test_train_classifier_is_seeded_and_rgb():
     images, labels = _separable(64, seed=3)
     rgb = images.repeat(1, 3, 2, 2)  # 3x32x32
     state = torch.get_rng_state()
-    a = train_classifier(rgb, labels, num_classes=3, epochs=1, seed=5)
-    b = train_classifier(rgb, labels, num_classes=3, epochs=1, seed=5)
+    a = train_classifier(rgb, labels, num_classes=3, steps=5, seed=5)
+    b = train_classifier(rgb, labels, num_classes=3, steps=5, seed=5)
     assert torch.equal(state, torch.get_rng_state())
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
@@ -179,13 +179,13 @@ def test_train_classifier_is_seeded_and_rgb():
 def test_downstream_validation_errors():
     images, labels = _separable(8, seed=0)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        train_classifier(images, labels + 3, num_classes=3, epochs=1)
+        train_classifier(images, labels + 3, num_classes=3, steps=5)
     with pytest.raises(ValueError, match="labels of shape"):
-        train_classifier(images, labels[:5], num_classes=3, epochs=1)
+        train_classifier(images, labels[:5], num_classes=3, steps=5)
     with pytest.raises(ValueError, match="empty"):
-        train_classifier(images[:0], labels[:0], num_classes=3, epochs=1)
+        train_classifier(images[:0], labels[:0], num_classes=3, steps=5)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        train_classifier(images * 255, labels, num_classes=3, epochs=1)
+        train_classifier(images * 255, labels, num_classes=3, steps=5)
     with pytest.raises(ValueError, match="differ"):
         downstream_accuracy(images, labels, images, labels, images[:, :, :8, :8], labels, num_classes=3)
 
