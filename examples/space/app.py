@@ -186,7 +186,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     else:
         card_line = f"Model card: [{card}]({card})" if card.startswith("https://") else f"Model card: `{card}`"
     return (
-        "### Privacy guarantee and evaluation\n\n| | |\n|---|---|\n"
+        "### Privacy guarantee and evaluation\n\n| | Value |\n|---|---|\n"
         f"{table}\n\n"
         "The guarantee holds for every LoRA scale: scaling the adapter is post-processing of the DP training.\n\n"
         f"{card_line}"
@@ -224,7 +224,7 @@ def build_demo(model: SpaceModel, summary: dict[str, Any] | None = None) -> gr.B
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Inference steps")
                 guidance = gr.Slider(1.0, MAX_GUIDANCE, value=3.0, step=0.5, label="Guidance scale")
-                lora_scale = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="LoRA scale (0 = public base, 1 = private)")
+                lora_scale = gr.Slider(0, 1, value=1, step=0.05, label="LoRA scale (0 = public base, 1 = private)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="gallery")
