@@ -25,7 +25,7 @@ demo: install
 	$(PY) examples/run_demo.py --output_dir outputs
 
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -rs tests
 
 lint: install
 	$(PY) -m ruff check dp_diffusers training_scripts tests examples benchmarks
