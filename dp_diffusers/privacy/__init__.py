@@ -11,11 +11,14 @@ from .accounting import (
 )
 from .engine import (
     GRAD_SAMPLE_MODES,
+    DistributedPoissonSampler,
     DPTraining,
     PrivateTrainingState,
     make_conv_inputs_contiguous,
     make_private,
+    poisson_data_loader,
     private_backward,
+    train_trainable_layers,
 )
 from .noise_multiplicity import (
     DistributedDPOptimizerWithNoiseMultiplicity,
@@ -31,6 +34,7 @@ __all__ = [
     "DPOptimizerWithNoiseMultiplicity",
     "DPTraining",
     "DistributedDPOptimizerWithNoiseMultiplicity",
+    "DistributedPoissonSampler",
     "GRAD_SAMPLE_MODES",
     "PrivacyBudget",
     "PrivacyBudgetError",
@@ -44,6 +48,8 @@ __all__ = [
     "make_conv_inputs_contiguous",
     "make_private",
     "max_steps_within_budget",
+    "poisson_data_loader",
     "private_backward",
+    "train_trainable_layers",
     "write_dp_report",
 ]

@@ -4,12 +4,15 @@
 the noise-multiplicity one (see ``noise_multiplicity.py``) and the sample rate is exactly
 ``batch_size / N``, the one the accountant and the noise calibration use. Everything else is
 opacus: ``GradSampleModule`` (hooks / functorch / expanded weights), ``DPDataLoader`` (Poisson
-sampling, distributed-aware), the DP optimizers, ``BatchMemoryManager``.
+sampling), the DP optimizers, ``BatchMemoryManager``; with several processes the sampler is
+``DistributedPoissonSampler`` (below), not opacus' own.
 
-Guarantee (per logical step, over the whole global batch): each private example's gradient (the
-mean over its k noise draws) is clipped to ``max_grad_norm``; Gaussian noise of std
-``noise_multiplier * max_grad_norm`` is added once (on rank 0 with several processes, then summed
-across ranks); the step is recorded in the accountant with sample rate ``q``.
+Guarantee (per logical step, over the whole global batch): every example is in the batch
+independently with probability ``q``; each private example's gradient (the mean over its k noise
+draws, over *all* trainable parameters, the class embedding included when it is trained) is
+clipped to ``max_grad_norm``; Gaussian noise of std ``noise_multiplier * max_grad_norm`` is added
+once (on rank 0 with several processes, then summed across ranks) and the sum is divided by the
+expected global batch size ``q * N``; the step is recorded in the accountant with sample rate ``q``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import torch
 from opacus.data_loader import DPDataLoader
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.utils import prepare_module
+from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from .accounting import PrivacyBudget
 from .noise_multiplicity import (
@@ -49,7 +53,7 @@ class DPTraining:
 
     model: nn.Module
     optimizer: DPOptimizerWithNoiseMultiplicity
-    data_loader: DPDataLoader
+    data_loader: DataLoader
 
 
 def make_conv_inputs_contiguous(model: nn.Module) -> int:
@@ -65,6 +69,59 @@ def make_conv_inputs_contiguous(model: nn.Module) -> int:
             module.register_forward_pre_hook(lambda _m, args: tuple(a.contiguous() for a in args))
             count += 1
     return count
+
+
+def train_trainable_layers(model: nn.Module) -> int:
+    """Training mode for every module that owns trainable parameters (not recursive: the frozen
+    rest keeps its mode). Returns the number of such modules.
+
+    opacus' hooks compute per-sample gradients only for modules in training mode: a trainable
+    layer left in eval mode (the class embedding, loaded by ``from_pretrained``, which calls
+    ``eval()``) got none and the backward failed ("No activations detected"). All modes then see
+    the same trainable layers in the same mode.
+    """
+    count = 0
+    for module in model.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.training = True
+            count += 1
+    return count
+
+
+class DistributedPoissonSampler(DistributedUniformWithReplacementSampler):
+    """Poisson sampling of the whole data set across ranks: rank ``r`` takes the sampled indices
+    ``i`` with ``i % world_size == r``.
+
+    Guarantees: every example is in a logical batch independently with probability
+    ``sample_rate``, so the union of the ranks' batches is exactly the batch the accountant
+    assumes, whatever the ranks' generators (each step draws one mask over all N examples; ranks
+    with identically seeded generators draw the same mask, independent ones independent shares);
+    every rank yields exactly ``num_batches`` batches per epoch, empty ones included, so all ranks
+    step, and all-reduce, together. opacus' sampler drops a rank's empty local batch (that rank
+    then falls a step behind the others: mismatched all-reduces, a hang at the end) and masks by
+    position inside each rank's shard (identically seeded ranks then pick their examples in pairs).
+    """
+
+    def __init__(self, *, total_size: int, sample_rate: float, generator: torch.Generator | None = None):
+        super().__init__(total_size=total_size, sample_rate=sample_rate, shuffle=False, generator=generator)
+
+    def __iter__(self):
+        for _ in range(self.num_batches):
+            mask = torch.rand(self.total_size, generator=self.generator) < self.sample_rate
+            selected = mask.nonzero().reshape(-1)
+            yield selected[selected % self.num_replicas == self.rank].tolist()
+
+
+def poisson_data_loader(
+    dataset: Dataset, sample_rate: float, *, distributed: bool, generator: torch.Generator | None = None
+) -> DataLoader:
+    """opacus' ``DPDataLoader`` (Poisson sampling, empty batches as zero-length tensors); with
+    ``distributed`` the same loader over ``DistributedPoissonSampler``."""
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generator)
+    if not distributed:
+        return loader
+    sampler = DistributedPoissonSampler(total_size=len(dataset), sample_rate=sample_rate, generator=generator)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=loader.collate_fn, generator=generator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,8 +408,12 @@ def make_private(
     """Wrap ``model`` (optionally already in opacus' ``DPDDP``), ``optimizer`` and ``dataset``.
 
     The optimizer must hold exactly the trainable parameters of ``model``; frozen modules get no
-    per-sample hooks. ``budget`` supplies the noise multiplier and the sample rate, and receives
-    every real (non-skipped) optimizer step.
+    per-sample hooks, the modules owning trainable parameters are put in training mode
+    (``train_trainable_layers``). ``budget`` supplies the noise multiplier and the sample rate, and
+    receives every real (non-skipped) optimizer step. With ``DPDDP`` every rank calls this with the
+    whole data set: the loader gives each rank its share of every Poisson batch, and the
+    optimizer's ``expected_batch_size`` is the per-rank share ``q * N / world_size`` (the
+    all-reduce averages over ranks, so the update is divided by ``q * N``).
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
@@ -367,6 +428,7 @@ def make_private(
 
     distributed = isinstance(model, DPDDP)
     world_size = torch.distributed.get_world_size() if distributed else 1
+    train_trainable_layers(model)
     if grad_sample_mode == "fused":
         gsm = FusedGradSampleModule(model, noise_multiplicity=noise_multiplicity)
     else:
@@ -374,9 +436,7 @@ def make_private(
         gsm = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction="mean")
         gsm.forbid_grad_accumulation()
 
-    loader = DPDataLoader(
-        dataset, sample_rate=budget.sample_rate, distributed=distributed, generator=sampling_generator
-    )
+    loader = poisson_data_loader(dataset, budget.sample_rate, distributed=distributed, generator=sampling_generator)
     optimizer_class = DistributedDPOptimizerWithNoiseMultiplicity if distributed else DPOptimizerWithNoiseMultiplicity
     dp_optimizer = optimizer_class(
         optimizer,

@@ -1,0 +1,140 @@
+"""DP training on 2 processes (torchrun, gloo on CPU) against the 1-process reference.
+
+One launch of ``distributed_worker.py`` runs the project's distributed wiring (``DPDDP`` +
+``make_private``: the noise-multiplicity ``DistributedDPOptimizer`` and the distributed Poisson
+loader) and then train_dp_lora.py's ``main`` on both ranks; the tests read what it wrote. Each
+test would fail on a broken distributed DP step: another update than one process makes from the
+same global batch, noise added per rank (sqrt(2) times the std), noise scaled by the per-rank
+batch, Poisson batches per rank that do not add up to the accountant's sample rate, or ranks
+that drop their empty batches and fall out of step.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_worker import (
+    BATCH,
+    CLIPS,
+    EQUALITY_CASES,
+    EQUALITY_STEPS,
+    NOISE_CLIP,
+    NOISE_STEPS,
+    POISSON_BATCH,
+    POISSON_EPOCHS,
+    POISSON_N,
+    SIGMA,
+    build_model,
+    examples,
+    flat,
+    indexed,
+    indexed_loss,
+    private,
+)
+from test_dp_lora import base_args, train
+
+from dp_diffusers.privacy import average_over_copies, private_backward
+
+TESTS = Path(__file__).resolve().parent
+TRAIN = {"--max_physical_batch_size": 4, "--train_class_embedding": True}  # several physical batches per rank
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("distributed")
+    train_args = [str(a) for a in base_args(tiny_base, out / "train", **TRAIN)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "distributed_worker.py"), "--out", str(out), "--train_args", json.dumps(train_args)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=TESTS, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    return out
+
+
+@pytest.mark.parametrize("mode,k", EQUALITY_CASES)
+def test_two_processes_make_the_one_process_update(launched, mode, k):
+    """Noise off: replaying each logical step's global batch (the union of the ranks' Poisson
+    batches) in one process gives the same update, per-example clipping included."""
+    run = torch.load(launched / "equality.pt")[f"{mode}-k{k}"]
+    assert run["ranks_agree"] and len(run["steps"]) == EQUALITY_STEPS
+    data = examples()
+    dp, _ = private(build_model(), indexed(data["latents"]), sigma=0.0, clip=CLIPS[k], batch=BATCH, k=k, mode=mode)
+    loss_fn = indexed_loss(data, k)
+    norms = []
+    for step in run["steps"]:
+        idx = torch.tensor(step["indices"], dtype=torch.long)
+        assert len(idx) > 0 and len(set(step["indices"])) == len(idx)
+        private_backward(dp.model, dp.optimizer, loss_fn, data["latents"][idx], idx)
+        folded = k if not dp.optimizer.copies_folded_in_backward else 1
+        grads = [average_over_copies(p.grad_sample, folded).flatten(1) for p in dp.optimizer.params]
+        norms.append(torch.cat(grads, 1).norm(dim=1))
+        dp.optimizer.step()
+        expected = flat([p.grad for p in dp.optimizer.params])
+        torch.testing.assert_close(step["update"], expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+        dp.optimizer.zero_grad(set_to_none=True)
+    norms = torch.cat(norms)
+    assert (norms > CLIPS[k]).any() and (norms < CLIPS[k]).any()  # both clipped and unclipped examples were in it
+
+
+def test_noise_is_added_once_with_std_sigma_c_over_the_global_batch(launched):
+    """Zero gradient (empty batches on both ranks), noise on: the averaged update is pure noise
+    of std sigma*C/(q*N). Noise added on both ranks would give sqrt(2) times that, noise scaled
+    by the per-rank batch q*N/2 twice that."""
+    noise = torch.load(launched / "noise.pt")
+    assert noise["ranks_agree"]  # every rank applies the same (rank 0's) noise
+    updates = noise["updates"].double()
+    assert updates.shape[0] == NOISE_STEPS
+    m = updates.numel()
+    expected = SIGMA * NOISE_CLIP / BATCH
+    ratio = updates.pow(2).mean().sqrt().item() / expected
+    # m * s^2 / std^2 ~ chi2(m) for zero-mean noise: s^2 / std^2 has standard deviation sqrt(2/m)
+    tolerance = 6 * math.sqrt(2 / m)
+    assert tolerance < 0.1  # sqrt(2) (per-rank noise) is far outside
+    assert abs(ratio**2 - 1) < tolerance, f"noise std is {ratio:.4f} times sigma*C/B"
+    assert abs(updates.mean().item()) < 6 * expected / math.sqrt(m)
+    correlation = torch.corrcoef(updates) - torch.eye(NOISE_STEPS, dtype=updates.dtype)
+    assert correlation.abs().max() < 6 / math.sqrt(updates.shape[1])  # fresh noise every step
+
+
+@pytest.mark.parametrize("generators", ["same_seeded_generators", "global_rngs"])
+def test_poisson_batches_of_both_ranks_add_up_to_the_accountants_sample_rate(launched, generators):
+    """Over many steps the union of the ranks' batches has mean q*N (not 2*q*N), each example is
+    in it at rate q, the ranks' shares are disjoint and uncorrelated, and every rank makes every
+    step, empty local batches included."""
+    rank_batches = json.loads((launched / "checks.json").read_text())["poisson"][generators]["rank_batches"]
+    q, n = POISSON_BATCH / POISSON_N, POISSON_N
+    steps = POISSON_EPOCHS * int(1 / q)
+    assert len(rank_batches) == 2 and all(len(batches) == steps for batches in rank_batches)
+    sizes = torch.tensor([[len(b) for b in batches] for batches in rank_batches], dtype=torch.double)
+    assert (sizes == 0).any()  # empty local batches happened, and were steps all the same
+    union = sizes.sum(0)
+    sd = math.sqrt(n * q * (1 - q) / steps)
+    assert abs(union.mean().item() - q * n) < 5 * sd, f"mean global batch {union.mean():.3f}, expected {q * n}"
+    for rank in (0, 1):
+        assert abs(sizes[rank].mean().item() - q * n / 2) < 5 * sd
+        assert all(i % 2 == rank for batch in rank_batches[rank] for i in batch)  # disjoint shares
+    assert abs(torch.corrcoef(sizes)[0, 1].item()) < 5 / math.sqrt(steps)
+    counts = torch.zeros(n, dtype=torch.double)
+    for batches in rank_batches:
+        for batch in batches:
+            counts[batch] += 1
+    chi2 = ((counts - steps * q) ** 2 / (steps * q * (1 - q))).sum().item()  # ~ chi2(n) for rate q everywhere
+    assert chi2 < n + 6 * math.sqrt(2 * n)
+
+
+def test_train_dp_lora_on_two_processes_spends_the_one_process_epsilon(launched, tiny_base, tmp_path):
+    two = json.loads((launched / "train" / "dp_report.json").read_text())
+    train(base_args(tiny_base, tmp_path / "one", **TRAIN))
+    one = json.loads((tmp_path / "one" / "dp_report.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for key in ("steps", "sample_rate", "noise_multiplier", "batch_size", "dataset_size"):
+        assert two[key] == one[key], key
+    assert two["epsilon"] == pytest.approx(one["epsilon"], rel=1e-9)
+    assert (launched / "train" / "pytorch_lora_weights.safetensors").is_file()
+    assert (launched / "train" / "class_embedder" / "config.json").is_file()
