@@ -35,6 +35,8 @@ def main(argv=None):
     parser.add_argument("--dp_epochs", type=float, default=20)
     parser.add_argument("--vae_steps", type=int, default=300)
     parser.add_argument("--ldm_steps", type=int, default=500)
+    parser.add_argument("--eval_samples_per_class", type=int, default=50)
+    parser.add_argument("--eval_inference_steps", type=int, default=25, help="DDIM steps of the evaluation samples.")
     parser.add_argument("--skip_evaluation", action="store_true")
     args = parser.parse_args(argv)
 
@@ -63,7 +65,9 @@ def main(argv=None):
     if not args.skip_evaluation:
         from dp_diffusers.evaluation.evaluate import evaluate_adapter
 
-        metrics = evaluate_adapter(adapter)
+        metrics = evaluate_adapter(
+            adapter, samples_per_class=args.eval_samples_per_class, num_inference_steps=args.eval_inference_steps
+        )
         print(json.dumps({k: v.get("value") for k, v in metrics.items()}, indent=2))
 
     from dp_diffusers.hub import write_model_card
