@@ -157,6 +157,7 @@ def noise_run() -> dict:
     """Noise-only steps (empty batches on both ranks: zero gradient) of the distributed optimizer."""
     model = DPDDP(build_model(lora_rank=8))
     dp, _ = private(model, indexed(examples()["latents"]), sigma=SIGMA, clip=NOISE_CLIP, batch=BATCH)
+    torch.manual_seed(100 + torch.distributed.get_rank())  # build_model seeds: make the ranks' RNGs differ again
     updates = []
     for _ in range(NOISE_STEPS):
         private_backward(dp.model, dp.optimizer, None, torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))

@@ -49,7 +49,7 @@ def launched(tiny_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
     train_args = [str(a) for a in base_args(tiny_base, out / "train", **TRAIN)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(TESTS / "distributed_worker.py"), "--out", str(out), "--train_args", json.dumps(train_args)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=TESTS, env=env, capture_output=True, text=True, timeout=300)

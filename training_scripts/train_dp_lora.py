@@ -22,13 +22,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from dp_diffusers import ClassEmbedder, DPLDMPipeline, LatentDenoiser, UNet2DModelWithLoRA, denoising_loss
+from dp_diffusers import ClassEmbedder, DPLDMPipeline, LatentDenoiser, denoising_loss
 from dp_diffusers.data import (
     DataError,
     cached_latents,
@@ -37,7 +37,7 @@ from dp_diffusers.data import (
     label_names,
     resolve_columns,
 )
-from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.lora import ADAPTER_CONFIG_NAME, LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
 from dp_diffusers.privacy import (
     ACCOUNTANTS,
     GRAD_SAMPLE_MODES,
@@ -60,7 +60,6 @@ from dp_diffusers.training_utils import (
 from dp_diffusers.visualization import sample_grid
 
 logger = get_logger(__name__)
-ADAPTER_CONFIG_NAME = "dp_lora_config.json"
 
 
 def parse_args(argv=None):
@@ -124,16 +123,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_base(args):
-    pipe = DPLDMPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
-    unet = pipe.unet
-    if type(unet) is UNet2DModel:  # give CompVis-style UNet2DModel bases diffusers' adapter API
-        patched = UNet2DModelWithLoRA.from_config(unet.config)
-        patched.load_state_dict(unet.state_dict())
-        pipe.unet = unet = patched
-    return pipe
-
-
 def prepare_labels(args, dataset, pipe, label_column):
     """Map private labels onto the base's classes by name; new classes need --train_class_embedding."""
     names = label_names(dataset, label_column)
@@ -177,7 +166,8 @@ def main(argv=None):
     world_size = accelerator.num_processes
 
     # ---- base model and private data: everything is validated before anything is written ----
-    pipe = load_base(args)
+    pipe = DPLDMPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
+    pipe.ensure_peft_unet()  # CompVis-style UNet2DModel bases get diffusers' adapter API
     vae, unet = pipe.vae.eval().requires_grad_(False), pipe.unet
     resolution = args.resolution or vae.config.sample_size
     check_resolution(resolution, vae)
@@ -298,11 +288,11 @@ def main(argv=None):
         raise RuntimeError(f"epsilon {epsilon} exceeds the target {target_epsilon}: refusing to write the adapter.")
     if accelerator.is_main_process:
         out = Path(args.output_dir)
-        save_lora_weights(unet, out)
+        weights = save_lora_weights(unet, out)
         adapter_config = {
             "base_model": args.pretrained_model_name_or_path,
             "revision": args.revision,
-            "lora_weights": "pytorch_lora_weights.safetensors",
+            "lora_weights": weights.name,
             "class_embedder": "class_embedder" if args.train_class_embedding else None,
             "id2label": dict(enumerate(class_names)) if class_names else None,
         }

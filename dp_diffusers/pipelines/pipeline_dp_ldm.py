@@ -20,12 +20,11 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..lora import LORA_WEIGHT_NAME
+from ..lora import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
 from ..models.class_embedder import ClassEmbedder
 from ..models.denoiser import LatentDenoiser
 from ..models.unet_2d import UNet2DModelWithLoRA
 
-ADAPTER_CONFIG_NAME = "dp_lora_config.json"
 # `from_pretrained` / `load_lora_weights` kwargs that locate files on the Hub (they apply to the adapter repo).
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
 _SHOWN = 3  # offending module names quoted in a mismatch error
@@ -205,7 +204,7 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         base = str(self.name_or_path or f"this pipeline's {type(self.unet).__name__}")
         if problems:
             raise ValueError(f"The adapter {name!r} does not fit the base model {base!r}: {'; '.join(problems)}.")
-        self._ensure_peft_unet()
+        self.ensure_peft_unet()
         try:
             self.unet.load_lora_adapter(
                 state_dict,
@@ -226,10 +225,17 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
                 self.register_modules(class_embedder=embedder.to(device=self.unet.device, dtype=self.unet.dtype))
             self._set_id2label(id2label or self.config.id2label)
 
-    def _ensure_peft_unet(self) -> None:
-        # diffusers 0.42's UNet2DModel lacks the PEFT adapter API. UNet2DModelWithLoRA only adds the mixin (no
-        # state), so switching the class in place keeps the weights, device, dtype and hooks as they are;
-        # registering the UNet again records the new class for save_pretrained.
+    def ensure_peft_unet(self) -> None:
+        r"""Give the UNet diffusers' PEFT adapter API (`add_adapter`, `load_lora_adapter`, ...), as LoRA training
+        and [`load_lora_weights`] need: a base [`UNet2DModel`] becomes a [`UNet2DModelWithLoRA`], same weights.
+
+        diffusers 0.42's `UNet2DModel` lacks that API. `UNet2DModelWithLoRA` only adds the mixin (no state), so the
+        class is switched in place: weights, device, dtype and hooks stay as they are; registering the UNet again
+        records the new class for `save_pretrained`.
+
+        Raises:
+            `ValueError`: for a UNet of another class without diffusers' `PeftAdapterMixin`.
+        """
         if type(self.unet) is UNet2DModel:
             self.unet.__class__ = UNet2DModelWithLoRA
             self.register_modules(unet=self.unet)
