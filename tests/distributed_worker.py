@@ -157,7 +157,6 @@ def noise_run() -> dict:
     """Noise-only steps (empty batches on both ranks: zero gradient) of the distributed optimizer."""
     model = DPDDP(build_model(lora_rank=8))
     dp, _ = private(model, indexed(examples()["latents"]), sigma=SIGMA, clip=NOISE_CLIP, batch=BATCH)
-    torch.manual_seed(100 + torch.distributed.get_rank())  # build_model seeds: make the ranks' RNGs differ again
     updates = []
     for _ in range(NOISE_STEPS):
         private_backward(dp.model, dp.optimizer, None, torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
@@ -196,7 +195,7 @@ def main() -> None:
     noise = noise_run()
     poisson = {
         "same_seeded_generators": poisson_run(torch.Generator().manual_seed(7)),
-        "global_rngs": poisson_run(None),
+        "default_generators": poisson_run(None),
     }
     if state.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,7 @@ def test_noise_is_added_once_with_std_sigma_c_over_the_global_batch(launched):
     assert correlation.abs().max() < 6 / math.sqrt(updates.shape[1])  # fresh noise every step
 
 
-@pytest.mark.parametrize("generators", ["same_seeded_generators", "global_rngs"])
+@pytest.mark.parametrize("generators", ["same_seeded_generators", "default_generators"])
 def test_poisson_batches_of_both_ranks_add_up_to_the_accountants_sample_rate(launched, generators):
     """Over many steps the union of the ranks' batches has mean q*N (not 2*q*N), each example is
     in it at rate q, the ranks' shares are disjoint and uncorrelated, and every rank makes every

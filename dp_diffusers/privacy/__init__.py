@@ -18,6 +18,7 @@ from .engine import (
     make_private,
     poisson_data_loader,
     private_backward,
+    secret_generator,
     train_trainable_layers,
 )
 from .noise_multiplicity import (
@@ -50,6 +51,7 @@ __all__ = [
     "max_steps_within_budget",
     "poisson_data_loader",
     "private_backward",
+    "secret_generator",
     "train_trainable_layers",
     "write_dp_report",
 ]

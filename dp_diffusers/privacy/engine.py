@@ -17,6 +17,7 @@ expected global batch size ``q * N``; the step is recorded in the accountant wit
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,16 @@ def make_conv_inputs_contiguous(model: nn.Module) -> int:
             module.register_forward_pre_hook(lambda _m, args: tuple(a.contiguous() for a in args))
             count += 1
     return count
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the operating system's entropy (``secrets``), not from torch's
+    global seed: what DP noise and Poisson sampling must draw from. With the global RNG, a run's
+    noise and batches follow from ``--seed`` (public, often 0) and the data set size, and whoever
+    knows them can subtract the noise again."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63))
+    return generator
 
 
 def train_trainable_layers(model: nn.Module) -> int:
@@ -414,6 +425,12 @@ def make_private(
     whole data set: the loader gives each rank its share of every Poisson batch, and the
     optimizer's ``expected_batch_size`` is the per-rank share ``q * N / world_size`` (the
     all-reduce averages over ranks, so the update is divided by ``q * N``).
+
+    ``noise_generator`` and ``sampling_generator`` default to ``secret_generator()``s, so the
+    randomness the guarantee rests on is independent of ``torch.manual_seed`` / ``set_seed`` (the
+    rest of training, e.g. the diffusion noise, stays reproducible from the seed). Pass seeded
+    generators for tests only: a known seed voids the guarantee. ``secure_mode`` is opacus' noise
+    sampling that resists floating-point attacks; it does not make the generator cryptographic.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
@@ -428,6 +445,10 @@ def make_private(
 
     distributed = isinstance(model, DPDDP)
     world_size = torch.distributed.get_world_size() if distributed else 1
+    if noise_generator is None:
+        noise_generator = secret_generator(next(iter(trainable)).device)
+    if sampling_generator is None:
+        sampling_generator = secret_generator()
     train_trainable_layers(model)
     if grad_sample_mode == "fused":
         gsm = FusedGradSampleModule(model, noise_multiplicity=noise_multiplicity)
