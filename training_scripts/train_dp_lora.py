@@ -98,7 +98,7 @@ def parse_args(argv=None):
     dp.add_argument("--noise_multiplicity", type=int, default=1, help="k diffusion draws per example, one clip.")
     dp.add_argument("--accountant", type=str, default="prv", choices=ACCOUNTANTS)
     dp.add_argument("--grad_sample_mode", type=str, default="hooks", choices=GRAD_SAMPLE_MODES)
-    dp.add_argument("--secure_mode", action="store_true", help="opacus' secure RNG for the noise (slower).")
+    dp.add_argument("--secure_mode", action="store_true", help="opacus' floating-point-safe noise (slower).")
     dp.add_argument("--batch_size", type=int, default=64, help="Expected logical (Poisson) batch size, all ranks.")
     dp.add_argument("--max_physical_batch_size", type=int, default=None, help="Examples per forward pass.")
 
