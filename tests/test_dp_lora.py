@@ -138,3 +138,51 @@ def test_unknown_labels_need_a_trainable_class_embedding(tiny_base, tmp_path):
     config = json.loads((out / "dp_lora_config.json").read_text())
     assert config["id2label"]["10"] == "cat" and config["class_embedder"] == "class_embedder"
     assert json.loads((out / "class_embedder" / "config.json").read_text())["num_classes"] == 11
+
+
+def test_disable_dp_trains_the_same_lora_without_a_privacy_claim(tiny_base, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "nonprivate"
+    (out).mkdir()
+    (out / "dp_report.json").write_text("{}")  # stale report of an earlier DP run in the same folder
+    train(base_args(tiny_base, out, **{"--disable_dp": True, "--target_delta": None}))
+
+    assert not (out / "dp_report.json").exists()  # nothing lends this run a guarantee
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "dp_lora_config.json").is_file()
+    card = ModelCard.load(out / "README.md")
+    assert "differential-privacy" not in card.data.tags and "dp_epsilon" not in card.data.to_dict()
+    assert not (out / "checkpoints").exists()
+    with pytest.raises(SystemExit):
+        train(base_args(tiny_base, out, **{"--disable_dp": True, "--resume_from_checkpoint": "latest"}))
+
+
+def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatch):
+    from unittest import mock
+
+    from huggingface_hub import ModelCard
+
+    from dp_diffusers.hub import upload_file_list
+
+    monkeypatch.delenv("DP_DIFFUSERS_FID_INCEPTION", raising=False)
+    out = tmp_path / "adapter"
+    with mock.patch("dp_diffusers.hub.HfApi") as api_class:
+        api = api_class.return_value
+        api.create_repo.return_value = mock.Mock(repo_id="me/dp-lora")
+        train(base_args(tiny_base, out, **{"--evaluate": True, "--eval_samples_per_class": 1,
+                                            "--eval_inference_steps": 2, "--push_to_hub": True,
+                                            "--hub_model_id": "me/dp-lora"}))  # fmt: skip
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"downstream_accuracy", "membership_auc"} <= set(metrics)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.dp_epsilon == json.loads((out / "dp_report.json").read_text())["epsilon"]
+    assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}
+    api.create_repo.assert_called_once()
+    assert api.create_repo.call_args.args[0] == "me/dp-lora"
+    upload = api.upload_folder.call_args.kwargs
+    assert upload["repo_id"] == "me/dp-lora" and Path(upload["folder_path"]) == out
+    assert "checkpoints/*" in upload["ignore_patterns"]
+    assert not any(name.startswith("checkpoints/") for name in upload_file_list(out))
+    with pytest.raises(SystemExit):  # evaluation needs a data set with a held-out split
+        train(base_args(tiny_base, out, **{"--evaluate": True, "--dataset_name": None, "--train_data_dir": tmp_path}))

@@ -9,6 +9,11 @@ The private images are encoded once by the frozen public autoencoder; only LoRA 
 with --train_class_embedding, the class embedding) are trained, with per-example clipping,
 Gaussian noise, Poisson sampling and a PRV/RDP accountant (opacus). All privacy logic lives in
 ``dp_diffusers.privacy``; this script wires the parts together.
+
+``--evaluate`` then measures the adapter (downstream accuracy, membership audit, FID when the
+Inception file is given) and ``--push_to_hub`` uploads the adapter, report and model card.
+``--disable_dp`` (as in opacus' examples) trains the same LoRA without clipping or noise: the
+non-private reference of the audit; its output has no ``dp_report.json`` and claims no guarantee.
 """
 
 import argparse
@@ -25,7 +30,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline, LatentDenoiser, denoising_loss
@@ -37,6 +42,7 @@ from dp_diffusers.data import (
     label_names,
     resolve_columns,
 )
+from dp_diffusers.hub import DP_REPORT_NAME, push_to_hub, write_model_card
 from dp_diffusers.lora import ADAPTER_CONFIG_NAME, LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
 from dp_diffusers.privacy import (
     ACCOUNTANTS,
@@ -89,6 +95,11 @@ def parse_args(argv=None):
     lora.add_argument("--label_dropout", type=float, default=0.1, help="Null-class probability (keeps CFG).")
 
     dp = parser.add_argument_group("differential privacy")
+    dp.add_argument(
+        "--disable_dp",
+        action="store_true",
+        help="Train WITHOUT differential privacy (no clipping, noise or accountant): a non-private reference.",
+    )
     dp.add_argument("--target_epsilon", type=float, default=10.0)
     dp.add_argument("--target_delta", type=float, default=1e-5)
     dp.add_argument(
@@ -97,7 +108,13 @@ def parse_args(argv=None):
     dp.add_argument("--max_grad_norm", type=float, default=1.0, help="Per-example clipping norm C.")
     dp.add_argument("--noise_multiplicity", type=int, default=1, help="k diffusion draws per example, one clip.")
     dp.add_argument("--accountant", type=str, default="prv", choices=ACCOUNTANTS)
-    dp.add_argument("--grad_sample_mode", type=str, default="hooks", choices=GRAD_SAMPLE_MODES)
+    dp.add_argument(
+        "--grad_sample_mode",
+        type=str,
+        default=GRAD_SAMPLE_MODES[0],
+        choices=GRAD_SAMPLE_MODES,
+        help="Per-example gradients: fused (in the layers' backward; fastest), or opacus' hooks / functorch / ew.",
+    )
     dp.add_argument("--secure_mode", action="store_true", help="opacus' floating-point-safe noise (slower).")
     dp.add_argument("--batch_size", type=int, default=64, help="Expected logical (Poisson) batch size, all ranks.")
     dp.add_argument("--max_physical_batch_size", type=int, default=None, help="Examples per forward pass.")
@@ -116,10 +133,27 @@ def parse_args(argv=None):
     train.add_argument("--logging_dir", type=str, default="logs")
     train.add_argument("--samples_per_class", type=int, default=8, help="samples.png rows; 0 to skip.")
     train.add_argument("--num_inference_steps", type=int, default=50)
+
+    evaluation = parser.add_argument_group("evaluation and sharing")
+    evaluation.add_argument("--evaluate", action="store_true", help="Write metrics.json (dp_diffusers.evaluation).")
+    evaluation.add_argument("--eval_samples_per_class", type=int, default=100)
+    evaluation.add_argument("--eval_inference_steps", type=int, default=50)
+    evaluation.add_argument("--fid_inception_path", type=str, default=None, help="inception-2015-12-05.pt for FID.")
+    evaluation.add_argument(
+        "--audit_reference", type=str, default=None, help="A non-private fine-tune (--disable_dp) for the audit."
+    )
+    evaluation.add_argument("--push_to_hub", action="store_true", help="Upload adapter, report, card and images.")
+    evaluation.add_argument("--hub_model_id", type=str, default=None, help="Default: the output folder's name.")
+    evaluation.add_argument("--hub_token", type=str, default=None)
+    evaluation.add_argument("--hub_private_repo", action="store_true")
     args = parser.parse_args(argv)
     resolve_dataset_source(args, "private-digits")
     if args.noise_multiplicity < 1:
         parser.error("--noise_multiplicity must be >= 1")
+    if args.evaluate and args.dataset_name is None:
+        parser.error("--evaluate needs --dataset_name: a data set with a held-out 'test' split to evaluate against.")
+    if args.disable_dp and args.resume_from_checkpoint:
+        parser.error("--disable_dp runs are not checkpointed; --resume_from_checkpoint is for DP runs.")
     return args
 
 
@@ -182,21 +216,26 @@ def main(argv=None):
         raise DataError(
             f"The private data set has {n} examples, fewer than one batch (--batch_size {args.batch_size})."
         )
-    check_delta(args.target_delta, n)
     sample_rate = args.batch_size / n
     planned_steps = args.max_train_steps or math.ceil(args.num_train_epochs / sample_rate)
-    if args.noise_multiplier is None:
-        noise_multiplier = calibrate_noise_multiplier(
-            args.target_epsilon, args.target_delta, sample_rate, planned_steps, args.accountant
-        )
-        target_epsilon = args.target_epsilon
+    if args.disable_dp:
+        logger.warning("--disable_dp: training WITHOUT differential privacy; the adapter claims no guarantee.")
     else:
-        noise_multiplier, target_epsilon = args.noise_multiplier, args.target_epsilon
-    budget = PrivacyBudget(
-        args.accountant, noise_multiplier, sample_rate, args.target_delta, planned_steps, target_epsilon
-    )
-    if budget.max_steps == 0:
-        raise ValueError(f"Not even one step fits in target_epsilon={target_epsilon} with sigma={noise_multiplier}.")
+        check_delta(args.target_delta, n)
+        if args.noise_multiplier is None:
+            noise_multiplier = calibrate_noise_multiplier(
+                args.target_epsilon, args.target_delta, sample_rate, planned_steps, args.accountant
+            )
+            target_epsilon = args.target_epsilon
+        else:
+            noise_multiplier, target_epsilon = args.noise_multiplier, args.target_epsilon
+        budget = PrivacyBudget(
+            args.accountant, noise_multiplier, sample_rate, args.target_delta, planned_steps, target_epsilon
+        )
+        if budget.max_steps == 0:
+            raise ValueError(
+                f"Not even one step fits in target_epsilon={target_epsilon} with sigma={noise_multiplier}."
+            )
 
     lora_config = make_lora_config(
         args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules, _init_flag(args.init_lora_weights)
@@ -209,15 +248,27 @@ def main(argv=None):
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_parameters = sum(p.numel() for p in trainable)
     logger.info(f"LoRA on {len(adapted_modules)} modules: {adapted_modules}")
-    logger.info(
-        f"{n} private examples, q={sample_rate:.4g}, sigma={noise_multiplier:.4f}, C={args.max_grad_norm}, "
-        f"k={args.noise_multiplicity}, {budget.max_steps} steps, {trainable_parameters} trainable parameters"
-    )
+    if not args.disable_dp:
+        logger.info(
+            f"{n} private examples, q={sample_rate:.4g}, sigma={noise_multiplier:.4f}, C={args.max_grad_norm}, "
+            f"k={args.noise_multiplicity}, {budget.max_steps} steps, {trainable_parameters} trainable parameters"
+        )
 
     latents = cached_latents(vae, pixels, args.cache_dir)  # public frozen encoder: no privacy cost
     if labels is None:
         labels = torch.zeros(n, dtype=torch.long)
     frozen_checksum = _frozen_checksum(model)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    null_class = class_embedder.null_class_id if class_embedder is not None else None
+    loss_fn = _diffusion_loss(noise_scheduler, null_class if class_names else None, args.label_dropout)
+    if args.disable_dp:
+        snapshot = [p.detach().clone() for p in trainable]
+        train_without_privacy(args, accelerator, model, trainable, latents, labels, loss_fn, planned_steps)
+        _check_training_moved(trainable, snapshot, model, frozen_checksum)
+        if accelerator.is_main_process:
+            save_outputs(args, pipe, unet, class_embedder, names, class_names, report=None)
+        accelerator.end_training()
+        return
 
     # ---- DP-SGD (opacus) ----
     if world_size > 1:
@@ -242,9 +293,6 @@ def main(argv=None):
     if accelerator.is_main_process:
         accelerator.init_trackers("train_dp_lora", config={k: v for k, v in vars(args).items() if v is not None})
 
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    null_class = class_embedder.null_class_id if class_embedder is not None else None
-    loss_fn = _diffusion_loss(noise_scheduler, null_class if class_names else None, args.label_dropout)
     progress = tqdm(total=budget.max_steps, initial=budget.steps, disable=not accelerator.is_local_main_process)
     physical = args.max_physical_batch_size or max(1, 2 * args.batch_size)
     first_snapshot = None
@@ -287,20 +335,6 @@ def main(argv=None):
     if target_epsilon is not None and epsilon > target_epsilon:
         raise RuntimeError(f"epsilon {epsilon} exceeds the target {target_epsilon}: refusing to write the adapter.")
     if accelerator.is_main_process:
-        out = Path(args.output_dir)
-        weights = save_lora_weights(unet, out)
-        adapter_config = {
-            "base_model": args.pretrained_model_name_or_path,
-            "revision": args.revision,
-            "lora_weights": weights.name,
-            "class_embedder": "class_embedder" if args.train_class_embedding else None,
-            "id2label": dict(enumerate(class_names)) if class_names else None,
-        }
-        if args.train_class_embedding:
-            class_embedder.save_pretrained(out / "class_embedder")
-        elif (out / "class_embedder").exists():
-            shutil.rmtree(out / "class_embedder")
-        (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
         report = build_dp_report(
             budget,
             max_grad_norm=args.max_grad_norm,
@@ -315,15 +349,80 @@ def main(argv=None):
             base_model=args.pretrained_model_name_or_path,
             extra={"trained_class_embedding": args.train_class_embedding, "grad_sample_mode": args.grad_sample_mode},
         )
-        write_dp_report(report, out)
-        logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps; adapter in {out}")
-        if args.samples_per_class > 0 and class_names:
-            pipe.class_embedder = class_embedder
-            pipe.set_progress_bar_config(disable=True)
-            shown = names[:10]
-            grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, seed=args.seed)
-            grid.save(out / "samples.png")
+        logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
+        save_outputs(args, pipe, unet, class_embedder, names, class_names, report)
     accelerator.end_training()
+
+
+def train_without_privacy(args, accelerator, model, trainable, latents, labels, loss_fn, steps: int) -> None:
+    """``--disable_dp``: the same LoRA, loss, noise multiplicity, batch size and number of steps as the DP run,
+    with shuffled batches, no clipping and no noise (not checkpointed: a reference run, minutes long)."""
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    loader = DataLoader(TensorDataset(latents, labels), batch_size=args.batch_size, shuffle=True, drop_last=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    k = args.noise_multiplicity
+    progress = tqdm(total=steps, disable=not accelerator.is_local_main_process)
+    while progress.n < steps:
+        for batch_latents, batch_labels in loader:
+            loss = loss_fn(model, batch_latents.repeat_interleave(k, 0), batch_labels.repeat_interleave(k, 0)).mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            accelerator.log({"loss": loss.item()}, step=progress.n)
+            if progress.n >= steps:
+                break
+    progress.close()
+
+
+def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: dict | None) -> None:
+    """Adapter, its config, the class embedding if trained, ``dp_report.json`` (DP runs only), samples, then
+    ``--evaluate``'s metrics.json, the model card and ``--push_to_hub``. Main process only."""
+    out = Path(args.output_dir)
+    weights = save_lora_weights(unet, out)
+    adapter_config = {
+        "base_model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "lora_weights": weights.name,
+        "class_embedder": "class_embedder" if args.train_class_embedding else None,
+        "id2label": dict(enumerate(class_names)) if class_names else None,
+    }
+    if args.train_class_embedding:
+        class_embedder.save_pretrained(out / "class_embedder")
+    elif (out / "class_embedder").exists():
+        shutil.rmtree(out / "class_embedder")
+    (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+    if report is not None:
+        write_dp_report(report, out)
+    elif (out / DP_REPORT_NAME).exists():
+        (out / DP_REPORT_NAME).unlink()  # a stale report must not lend this run a guarantee
+    logger.info(f"Adapter in {out}")
+    if args.samples_per_class > 0 and class_names:
+        pipe.class_embedder = class_embedder
+        pipe.set_progress_bar_config(disable=True)
+        shown = names[:10]
+        grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, seed=args.seed)
+        grid.save(out / "samples.png")
+    if args.evaluate:
+        from dp_diffusers.evaluation.evaluate import evaluate_adapter
+
+        metrics = evaluate_adapter(
+            out,
+            dataset_name=args.dataset_name,
+            samples_per_class=args.eval_samples_per_class,
+            num_inference_steps=args.eval_inference_steps,
+            inception_path=args.fid_inception_path,
+            reference_adapter_dir=args.audit_reference,
+            seed=args.seed,
+        )
+        logger.info(f"Evaluation: { {name: metric['value'] for name, metric in metrics.items()} }")
+    card = write_model_card(out, repo_id=args.hub_model_id)
+    logger.info(f"Model card: {card}")
+    if args.push_to_hub:
+        repo_id = args.hub_model_id or out.resolve().name
+        url = push_to_hub(out, repo_id, token=args.hub_token, private=args.hub_private_repo)
+        logger.info(f"Pushed to {url}")
 
 
 def _init_flag(value: str):
