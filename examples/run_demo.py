@@ -21,10 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, *args: str) -> None:
+def run(script: str, *args: str, timings: dict[str, float]) -> None:
     cmd = [sys.executable, str(ROOT / "training_scripts" / script), *args]
     print(f"\n$ {' '.join(cmd[1:])}", flush=True)
+    start = time.time()
     subprocess.run(cmd, check=True)
+    timings[script] = time.time() - start
 
 
 def main(argv=None):
@@ -43,15 +45,26 @@ def main(argv=None):
     out = Path(args.output_dir)
     vae, base = out / "vae", out / "base"
     adapter = out / f"dp-lora-eps{args.target_epsilon:g}"
-    start = time.time()
+    start, timings = time.time(), {}
 
     if (base / "model_index.json").exists():
         print(f"Reusing the public base in {base} (delete it to retrain).")
     else:
         if not (vae / "config.json").exists():
-            run("train_autoencoder.py", "--output_dir", str(vae), "--max_train_steps", str(args.vae_steps))
-        run("train_ldm.py", "--vae_path", str(vae), "--output_dir", str(base), "--max_train_steps", str(args.ldm_steps))
+            run(
+                "train_autoencoder.py", "--output_dir", str(vae), "--max_train_steps", str(args.vae_steps),
+                timings=timings,
+            )  # fmt: skip
+        run(
+            "train_ldm.py", "--vae_path", str(vae), "--output_dir", str(base), "--max_train_steps", str(args.ldm_steps),
+            timings=timings,
+        )  # fmt: skip
 
+    evaluation = [] if args.skip_evaluation else [
+        "--evaluate",
+        "--eval_samples_per_class", str(args.eval_samples_per_class),
+        "--eval_inference_steps", str(args.eval_inference_steps),
+    ]  # fmt: skip
     run(
         "train_dp_lora.py",
         "--pretrained_model_name_or_path", str(base),
@@ -59,25 +72,21 @@ def main(argv=None):
         "--target_epsilon", str(args.target_epsilon),
         "--target_delta", str(args.target_delta),
         "--num_train_epochs", str(args.dp_epochs),
+        "--num_inference_steps", str(args.eval_inference_steps),
         "--resume_from_checkpoint", "latest",
+        *evaluation,
+        timings=timings,
     )  # fmt: skip
-
-    if not args.skip_evaluation:
-        from dp_diffusers.evaluation.evaluate import evaluate_adapter
-
-        metrics = evaluate_adapter(
-            adapter, samples_per_class=args.eval_samples_per_class, num_inference_steps=args.eval_inference_steps
-        )
-        print(json.dumps({k: v.get("value") for k, v in metrics.items()}, indent=2))
-
-    from dp_diffusers.hub import write_model_card
-
-    card = write_model_card(adapter)
+    if (adapter / "metrics.json").is_file():
+        metrics = json.loads((adapter / "metrics.json").read_text())
+        print(json.dumps({name: metric["value"] for name, metric in metrics.items()}, indent=2))
     report = json.loads((adapter / "dp_report.json").read_text())
     print(
-        f"\nDone in {time.time() - start:.0f} s. (epsilon={report['epsilon']:.2f}, delta={report['delta']:g}) "
+        f"\nDone in {time.time() - start:.0f} s ({', '.join(f'{k}: {v:.0f} s' for k, v in timings.items())}). "
+        f"(epsilon={report['epsilon']:.2f}, delta={report['delta']:g}) "
         f"after {report['steps']} DP steps.\n"
-        f"  adapter + report: {adapter}\n  samples: {adapter / 'samples.png'}\n  model card: {card}\n\n"
+        f"  adapter + report: {adapter}\n  samples: {adapter / 'samples.png'}\n"
+        f"  model card: {adapter / 'README.md'}\n\n"
         "Load it:\n"
         "  from dp_diffusers import DPLDMPipeline\n"
         f"  pipe = DPLDMPipeline.from_pretrained({str(adapter)!r})\n"
