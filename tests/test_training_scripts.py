@@ -74,3 +74,23 @@ def test_bad_inputs_fail_before_writing(trained_vae, tmp_path):
         script("train_ldm").main(["--vae_path", str(trained_vae), "--output_dir", str(out),
                                   "--train_data_dir", str(tmp_path / "empty")])  # fmt: skip
     assert not out.exists()
+
+
+def test_make_demo_runs_end_to_end_and_reuses_the_base(tmp_path, capsys):
+    """`make demo`'s script with every stage cut to a few steps: base, DP-LoRA, evaluation, card, then a second
+    run that reuses the cached base."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("run_demo", ROOT / "examples" / "run_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    argv = ["--output_dir", str(tmp_path), "--vae_steps", "2", "--ldm_steps", "2", "--dp_epochs", "0.1",
+            "--eval_samples_per_class", "1", "--eval_inference_steps", "2"]  # fmt: skip
+    demo.main(argv)
+    adapter = tmp_path / "dp-lora-eps10"
+    report = json.loads((adapter / "dp_report.json").read_text())
+    assert report["steps"] == 3 and report["epsilon"] <= 10
+    assert {"downstream_accuracy", "membership_auc"} <= set(json.loads((adapter / "metrics.json").read_text()))
+    assert (adapter / "README.md").is_file() and (adapter / "samples.png").is_file()
+    demo.main([*argv, "--skip_evaluation"])
+    assert "Reusing the public base" in capsys.readouterr().out

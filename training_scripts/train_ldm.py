@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--train_batch_size", type=int, default=128)
     parser.add_argument("--max_train_steps", type=int, default=1500)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--lr_scheduler", type=str, default="cosine", help="diffusers' get_scheduler name.")
     parser.add_argument("--lr_warmup_steps", type=int, default=100)
     parser.add_argument("--label_dropout", type=float, default=0.1, help="Null-class probability (CFG).")
     parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet and save it.")
@@ -113,11 +115,11 @@ def main(argv=None):
 
     loader = DataLoader(TensorDataset(latents, labels), batch_size=args.train_batch_size, shuffle=True, drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    lr_scheduler = torch.optim.lr_scheduler.OneCycleLR(
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
         optimizer,
-        max_lr=args.learning_rate,
-        total_steps=args.max_train_steps,
-        pct_start=min(0.5, args.lr_warmup_steps / args.max_train_steps),
+        num_warmup_steps=min(args.lr_warmup_steps, args.max_train_steps // 2),
+        num_training_steps=args.max_train_steps,
     )
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if ema is not None:
