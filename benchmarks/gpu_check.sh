@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Paper-scale speed check on one GPU (sized for < 8 minutes on an H200): the celeba64 preset's UNet
+# (192/384/576 channels, 32x32x3 latents), batch 256, LoRA rank 8 on attention.
+#   1. DP step / non-private step per grad_sample_mode (fused, hooks), time and peak memory;
+#   2. noise multiplicity k = 1 and 4 (default mode);
+#   3. sampling: DPLDMPipeline with the LoRA fused vs a plain diffusers loop.
+# Results land in benchmarks/results/gpu/ (JSON + markdown). Usage: bash benchmarks/gpu_check.sh [python]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-.venv/bin/python}
+OUT=benchmarks/results/gpu
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
+timeout 300 "$PY" benchmarks/bench_dp_step.py --device cuda --preset celeba64 --batch-size 256 \
+    --targets attention --modes fused,hooks --ks 1,4 --reps 5 --warmup 2 --out "$OUT/dp_step.json"
+timeout 150 "$PY" benchmarks/bench_sampling.py --device cuda --preset celeba64 --batch-size 64 --steps 50 \
+    --reps 5 --warmup 2 --out "$OUT/sampling.json"
