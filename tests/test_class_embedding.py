@@ -22,7 +22,7 @@ MODES = ["fused", "hooks", "functorch"]
 @pytest.mark.parametrize("mode", MODES)
 def test_class_embedding_is_clipped_together_with_the_lora_weights(mode):
     torch.manual_seed(0)
-    k, clip, n = 2, 0.05, 3
+    k, clip, n = 2, 0.01, 3
     model = build("cond", "attention", train_class_embedding=True)
     model.class_embedder.eval()  # as ClassEmbedder.from_pretrained leaves it
     reference = copy.deepcopy(model)
@@ -55,6 +55,7 @@ def test_class_embedding_is_clipped_together_with_the_lora_weights(mode):
         grads = torch.autograd.grad(loss, [p for p in reference.parameters() if p.requires_grad])
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         lora_norm = torch.sqrt(sum(g.pow(2).sum() for j, g in enumerate(grads) if j != embedding))
+        assert norm > clip  # every example is clipped, so where the norm comes from matters
         assert grads[embedding].norm() > 0.1 * norm  # the embedding weighs in the example's norm
         for j, g in enumerate(grads):
             joint[j] += g * min(1.0, clip / (norm.item() + 1e-6)) / dp.optimizer.expected_batch_size
