@@ -119,8 +119,14 @@ def main(argv=None):
 
     fns = {
         "plain": lambda: plain_loop(
-            plain_unet, base.vae, base.class_embedder, plain_scheduler, labels,
-            args.steps, args.guidance_scale, args.seed,
+            plain_unet,
+            base.vae,
+            base.class_embedder,
+            plain_scheduler,
+            labels,
+            args.steps,
+            args.guidance_scale,
+            args.seed,
         ),  # fmt: skip
         "pipeline_base": call(base),
         "pipeline_fused": call(fused),
