@@ -218,15 +218,24 @@ def sync(device: str = "cpu") -> None:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: str = "cpu"
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: str = "cpu", seed: int = 0
 ) -> dict[str, list[float]]:
-    """Run every fn once per round, in order, ``warmup + reps`` rounds; seconds of the measured ones."""
+    """Run every fn once per round, ``warmup + reps`` rounds; seconds of the measured ones.
+
+    The order inside a round is shuffled (seeded), so no variant always runs first or right after
+    the same neighbour (a fixed order can bias a ratio by a few percent on its own).
+    """
+    import random
+
+    order = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + reps):
-        for name, fn in fns.items():
+        names = list(fns)
+        order.shuffle(names)
+        for name in names:
             sync(device)
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             sync(device)
             dt = time.perf_counter() - t0
             if r >= warmup:
@@ -247,6 +256,17 @@ def spread(a: list[float], b: list[float]) -> tuple[float, float]:
     """Min and max of the paired ratios: how much the rounds disagreed."""
     r = [x / y for x, y in zip(a, b)]
     return float(min(r)), float(max(r))
+
+
+def ratio_ci(a: list[float], b: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """Bootstrap confidence interval of :func:`median_ratio` (rounds resampled with replacement)."""
+    import random
+
+    ratios = [x / y for x, y in zip(a, b)]
+    rng = random.Random(0)
+    medians = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,9 +369,13 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def verdict(value: float | None, target: float) -> str:
+def verdict(value: float | None, target: float, ci: tuple[float, float] | None = None) -> str:
+    """``yes`` / ``**no**`` against ``target``; with a confidence interval that straddles the
+    target, ``within noise``: the run cannot tell (more rounds or a quieter machine can)."""
     if value is None:
         return "n/a"
+    if ci is not None and ci[0] <= target < ci[1]:
+        return "within noise"
     return "yes" if value <= target else "**no**"
 
 

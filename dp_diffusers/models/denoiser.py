@@ -33,15 +33,18 @@ class LatentDenoiser(nn.Module):
     def is_conditional(self) -> bool:
         return self.class_embedder is not None or getattr(self.unet.config, "num_class_embeds", None) is not None
 
+    def conditioning(self, class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The UNet keyword arguments that carry ``class_labels`` (computed once per sampling call)."""
+        if self.class_embedder is not None:
+            return {"encoder_hidden_states": self.class_embedder(class_labels)}
+        if getattr(self.unet.config, "num_class_embeds", None) is not None:
+            return {"class_labels": class_labels}
+        return {}
+
     def forward(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.class_embedder is not None:
-            context = self.class_embedder(class_labels)
-            return self.unet(noisy_latents, timesteps, encoder_hidden_states=context).sample
-        if getattr(self.unet.config, "num_class_embeds", None) is not None:
-            return self.unet(noisy_latents, timesteps, class_labels=class_labels).sample
-        return self.unet(noisy_latents, timesteps).sample
+        return self.unet(noisy_latents, timesteps, **self.conditioning(class_labels)).sample
 
 
 def denoising_loss(

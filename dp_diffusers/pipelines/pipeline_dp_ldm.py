@@ -444,13 +444,15 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         else:
             labels_in = labels
         step_kwargs = self._scheduler_step_kwargs(eta, generator)
+        # the class context does not change across steps: embed it once, as the plain diffusers loop does
+        conditioning = denoiser.conditioning(labels_in)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if use_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t.expand(model_input.shape[0]) if torch.is_tensor(t) else torch.full((model_input.shape[0],), t)
-            noise_pred = denoiser(model_input, timesteps.to(model_input.device), labels_in)
+            noise_pred = self.unet(model_input, timesteps.to(model_input.device), **conditioning).sample
             if use_cfg:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
