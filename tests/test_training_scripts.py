@@ -94,3 +94,17 @@ def test_make_demo_runs_end_to_end_and_reuses_the_base(tmp_path, capsys):
     assert (adapter / "README.md").is_file() and (adapter / "samples.png").is_file()
     demo.main([*argv, "--skip_evaluation"])
     assert "Reusing the public base" in capsys.readouterr().out
+
+
+def test_min_snr_weights_follow_the_paper():
+    """min(SNR, gamma) / SNR for epsilon prediction: 1 at high noise (SNR < gamma), gamma / SNR below."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    timesteps = torch.tensor([0, 10, 100, 500, 999])
+    snr = compute_snr(scheduler, timesteps)
+    weights = script("train_ldm").min_snr_weights(scheduler, timesteps, gamma=5.0)
+    expected = torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr))
+    torch.testing.assert_close(weights, expected)
+    assert weights[0] < 0.01 and weights[-1] == 1.0
