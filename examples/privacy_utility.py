@@ -13,6 +13,7 @@ non-members). DP runs also report the audit AUC of the non-private reference. Wr
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def train(base: Path, out: Path, extra: list[str], args) -> None:
         sys.executable, str(ROOT / "training_scripts" / "train_dp_lora.py"),
         "--pretrained_model_name_or_path", str(base), "--output_dir", str(out),
         "--num_train_epochs", str(args.epochs), "--batch_size", str(args.batch_size),
+        "--learning_rate", str(args.learning_rate), "--max_grad_norm", str(args.max_grad_norm),
         "--lora_target_modules", args.lora_target_modules, "--samples_per_class", "8",
         "--num_inference_steps", str(args.eval_inference_steps), *extra,
     ]  # fmt: skip
@@ -39,7 +41,9 @@ def main(argv=None):
     parser.add_argument("--epsilons", default="1,10")
     parser.add_argument("--target_delta", type=float, default=1e-5)
     parser.add_argument("--epochs", type=float, default=20)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--max_grad_norm", type=float, default=1e-3)
     parser.add_argument("--lora_target_modules", default="attention")
     parser.add_argument("--eval_samples_per_class", type=int, default=50)
     parser.add_argument("--eval_inference_steps", type=int, default=25)
@@ -55,21 +59,25 @@ def main(argv=None):
         if not (out / "pytorch_lora_weights.safetensors").is_file():
             train(base, out, extra, args)
 
+    # the starting point: the public base itself, evaluated on a copy (evaluation writes metrics.json)
+    base_copy = root / "base-no-finetune"
+    if not (base_copy / "model_index.json").is_file():
+        shutil.copytree(base, base_copy, ignore=shutil.ignore_patterns("checkpoint-*", "metrics.json"))
     reference = runs["no DP"][0]
     results = {"config": vars(args), "runs": {}}
     rows = []
-    for name, (out, _) in runs.items():
+    for name, (out, _) in {"public base, no fine-tuning": (base_copy, None), **runs}.items():
         metrics = evaluate_adapter(
             out,
             samples_per_class=args.eval_samples_per_class,
             num_inference_steps=args.eval_inference_steps,
-            reference_adapter_dir=None if out == reference else reference,
+            reference_adapter_dir=None if out in (reference, base_copy) else reference,
         )
         report_path = out / "dp_report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
         results["runs"][name] = {"metrics": metrics, "report": report}
         down, auc = metrics["downstream_accuracy"], metrics["membership_auc"]
-        epsilon = f"{report['epsilon']:.2f}" if report else "none"
+        epsilon = f"{report['epsilon']:.2f}" if report else ("0 (no private data)" if out == base_copy else "none")
         sigma = f"{report['noise_multiplier']:.3f}" if report else "-"
         rows.append(
             f"| {name} | {epsilon} | {sigma} | {down['value']:.3f} | "
@@ -86,7 +94,8 @@ def main(argv=None):
         ]
     )
     table += (
-        f"\n\n{args.epochs:g} epochs, batch {args.batch_size}, LoRA `{args.lora_target_modules}`; "
+        f"\n\n{args.epochs:g} epochs, batch {args.batch_size}, lr {args.learning_rate:g}, C {args.max_grad_norm:g}, "
+        f"LoRA `{args.lora_target_modules}`; "
         f"{args.eval_samples_per_class} samples per class at {args.eval_inference_steps} DDIM steps, CFG 3; "
         "audit: 360 members vs 360 held-out non-members."
     )

@@ -35,6 +35,8 @@ def main(argv=None):
     parser.add_argument("--target_epsilon", type=float, default=10.0)
     parser.add_argument("--target_delta", type=float, default=1e-5)
     parser.add_argument("--dp_epochs", type=float, default=20)
+    parser.add_argument("--dp_batch_size", type=int, default=256, help="Expected Poisson batch of DP-LoRA.")
+    parser.add_argument("--dp_learning_rate", type=float, default=2e-3)
     parser.add_argument("--vae_steps", type=int, default=300)
     parser.add_argument("--ldm_steps", type=int, default=500)
     parser.add_argument("--eval_samples_per_class", type=int, default=50)
@@ -72,6 +74,8 @@ def main(argv=None):
         "--target_epsilon", str(args.target_epsilon),
         "--target_delta", str(args.target_delta),
         "--num_train_epochs", str(args.dp_epochs),
+        "--batch_size", str(args.dp_batch_size),
+        "--learning_rate", str(args.dp_learning_rate),
         "--num_inference_steps", str(args.eval_inference_steps),
         "--resume_from_checkpoint", "latest",
         *evaluation,

@@ -85,7 +85,7 @@ def test_make_demo_runs_end_to_end_and_reuses_the_base(tmp_path, capsys):
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     argv = ["--output_dir", str(tmp_path), "--vae_steps", "2", "--ldm_steps", "2", "--dp_epochs", "0.1",
-            "--eval_samples_per_class", "1", "--eval_inference_steps", "2"]  # fmt: skip
+            "--dp_batch_size", "64", "--eval_samples_per_class", "1", "--eval_inference_steps", "2"]  # fmt: skip
     demo.main(argv)
     adapter = tmp_path / "dp-lora-eps10"
     report = json.loads((adapter / "dp_report.json").read_text())

@@ -9,6 +9,7 @@ from .accounting import (
     epsilon_for,
     max_steps_within_budget,
 )
+from .clipping import per_example_gradient_norms, suggest_max_grad_norm
 from .engine import (
     GRAD_SAMPLE_MODES,
     DistributedPoissonSampler,
@@ -48,10 +49,12 @@ __all__ = [
     "expand_for_noise_multiplicity",
     "make_conv_inputs_contiguous",
     "make_private",
+    "per_example_gradient_norms",
     "max_steps_within_budget",
     "poisson_data_loader",
     "private_backward",
     "secret_generator",
+    "suggest_max_grad_norm",
     "train_trainable_layers",
     "write_dp_report",
 ]
