@@ -264,7 +264,9 @@ def cached_latents(vae, pixels: torch.Tensor, cache_dir: str | None, batch_size:
         return torch.load(path)
     latents = encode_latents(vae, pixels, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # one temporary file per process: ranks of a multi-process run write the same cache at once,
+    # each replaces the target atomically with identical content
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(latents, tmp)
     os.replace(tmp, path)
     return latents

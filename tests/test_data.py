@@ -116,3 +116,21 @@ def test_latents_are_encoded_once_and_cached(tmp_path):
     assert len(files) == 1
     torch.save(torch.zeros_like(latents), files[0])  # a second call must read the cache, not re-encode
     assert torch.equal(cached_latents(vae, pixels, str(tmp_path)), torch.zeros_like(latents))
+
+
+def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
+    """Two ranks writing the same cache: each uses its own temporary file, the result is complete."""
+    import os
+
+    vae = tiny_vae().eval()
+    pixels, _ = dataset_to_tensors(load_private_digits("test").select(range(4)), 16, 1)
+    written = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(str(f)), real_save(obj, f)))
+    for pid in (1001, 1002):  # what two processes would do
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        cached_latents(vae, pixels, str(tmp_path))
+        for done in tmp_path.glob("latents-*.pt"):  # so that the next "process" writes too
+            done.unlink()
+    assert len(set(written)) == 2 and all(name.endswith(".tmp") for name in written)
+    assert not list(tmp_path.glob("*.tmp"))
