@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -225,8 +226,6 @@ def interleaved(
     The order inside a round is shuffled (seeded), so no variant always runs first or right after
     the same neighbour (a fixed order can bias a ratio by a few percent on its own).
     """
-    import random
-
     order = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + reps):
@@ -260,8 +259,6 @@ def spread(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def ratio_ci(a: list[float], b: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
     """Bootstrap confidence interval of :func:`median_ratio` (rounds resampled with replacement)."""
-    import random
-
     ratios = [x / y for x, y in zip(a, b)]
     rng = random.Random(0)
     medians = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))

@@ -2,7 +2,8 @@
 """Choose ``--max_grad_norm`` for train_dp_lora.py from PUBLIC data (no privacy cost).
 
 Adds the same LoRA adapter the private run will train to the public base, measures each public
-example's gradient norm of the diffusion loss (random timestep and noise, as in training), prints
+example's gradient norm of the diffusion loss (random timestep and noise, as in training; with
+``--noise_multiplicity k`` the loss averaged over k draws, the quantity the private run clips), prints
 the quantiles and a suggested C below most of them (``dp_diffusers.privacy.clipping``). Never
 point it at the private data: a C tuned on private gradients is a release the accountant does
 not count.
@@ -29,6 +30,7 @@ def main(argv=None):
     parser.add_argument("--num_examples", type=int, default=256)
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_target_modules", default="attention")
+    parser.add_argument("--noise_multiplicity", type=int, default=1, help="The k of the private run.")
     parser.add_argument("--quantile", type=float, default=0.1, help="Suggest C at this quantile of the norms.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -48,8 +50,13 @@ def main(argv=None):
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def loss_fn(model, latents, labels):
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),))
-        return denoising_loss(model, scheduler, latents, labels, timesteps, torch.randn_like(latents))
+        # k diffusion draws per example, averaged before the norm is taken (as the private run clips)
+        k = args.noise_multiplicity
+        rows = latents.repeat_interleave(k, dim=0)
+        row_labels = labels.repeat_interleave(k) if labels is not None else None
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),))
+        loss = denoising_loss(model, scheduler, rows, row_labels, timesteps, torch.randn_like(rows))
+        return loss.view(len(latents), k).mean(dim=1)
 
     norms = per_example_gradient_norms(model, loss_fn, latents, labels)
     quantiles = {f"p{int(q * 100)}": float(torch.quantile(norms, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
