@@ -242,6 +242,30 @@ def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Te
     return torch.cat(out) * scaling
 
 
+@torch.no_grad()
+def latent_scaling_factor(vae, pixels: torch.Tensor, batch_size: int = 256, seed: int = 0) -> float:
+    """``1 / std`` of the autoencoder's latents on ``pixels``, to store as its ``scaling_factor``.
+
+    LDM (Rombach et al. 2022, "scale_by_std") rescales latents to unit variance, which is what the
+    diffusion noise schedule assumes; diffusers' ``AutoencoderKL`` default (0.18215) is Stable
+    Diffusion's value for *its* autoencoder and leaves another autoencoder's latents at whatever
+    variance they have (the tiny one's: std ~0.45 after 0.18215, so every timestep is noisier than
+    the schedule says). Computed on posterior samples of the autoencoder's own (public) training
+    images, never on private data.
+    """
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunks = []
+    for start in range(0, len(pixels), batch_size):
+        posterior = vae.encode(pixels[start : start + batch_size].to(device, dtype)).latent_dist
+        chunks.append(posterior.sample(generator).float().cpu())
+    std = torch.cat(chunks).std().item()
+    if not std > 0:
+        raise ValueError(f"The autoencoder's latents have standard deviation {std}: cannot scale them to unit std.")
+    return 1.0 / std
+
+
 def _fingerprint(pixels: torch.Tensor, vae) -> str:
     digest = hashlib.sha256()
     digest.update(pixels.numpy().tobytes())

@@ -45,6 +45,17 @@ def test_autoencoder_reconstruction_error_falls_with_training(trained_vae, tmp_p
     assert after < 0.6 * before
 
 
+def test_autoencoder_scaling_factor_gives_unit_variance_latents(trained_vae):
+    """LDM's scale_by_std: the saved scaling_factor maps the training images' latents to std 1."""
+    vae = AutoencoderKL.from_pretrained(trained_vae).eval()
+    assert vae.config.scaling_factor != AutoencoderKL().config.scaling_factor  # not SD's 0.18215
+    its_training_images = load_public_digits().shuffle(seed=0).select(range(256))
+    pixels, _ = dataset_to_tensors(its_training_images, 16, 1)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
+    assert (latents * vae.config.scaling_factor).std().item() == pytest.approx(1.0, abs=0.02)
+
+
 def test_ldm_saves_a_base_that_loads_samples_and_resumes(trained_vae, tmp_path, caplog):
     out = tmp_path / "base"
     args = ["--vae_path", str(trained_vae), "--output_dir", str(out), "--max_train_samples", "128",

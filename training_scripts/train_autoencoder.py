@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from dp_diffusers.data import dataset_to_tensors, resolve_columns
+from dp_diffusers.data import dataset_to_tensors, latent_scaling_factor, resolve_columns
 from dp_diffusers.presets import get_preset
 from dp_diffusers.training_utils import (
     add_data_args,
@@ -58,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_train_steps", type=int, default=600)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--kl_weight", type=float, default=1e-6)
+    parser.add_argument(
+        "--scaling_images", type=int, default=5000, help="Training images whose latent std sets scaling_factor."
+    )
     parser.add_argument("--checkpointing_steps", type=int, default=200)
     parser.add_argument("--checkpoints_total_limit", type=int, default=2)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
@@ -139,7 +142,10 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).vae.save_pretrained(args.output_dir)
+        vae = accelerator.unwrap_model(model).vae.eval()
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, pixels[: args.scaling_images]))
+        logger.info(f"Latent scaling factor (1 / std on the training images): {vae.config.scaling_factor:.4f}")
+        vae.save_pretrained(args.output_dir)
         logger.info(f"Saved the autoencoder to {args.output_dir}")
     accelerator.end_training()
 
