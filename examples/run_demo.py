@@ -37,8 +37,9 @@ def main(argv=None):
     parser.add_argument("--dp_epochs", type=float, default=20)
     parser.add_argument("--dp_batch_size", type=int, default=256, help="Expected Poisson batch of DP-LoRA.")
     parser.add_argument("--dp_learning_rate", type=float, default=2e-3)
-    parser.add_argument("--vae_steps", type=int, default=300)
-    parser.add_argument("--ldm_steps", type=int, default=500)
+    parser.add_argument("--vae_steps", type=int, default=200)
+    parser.add_argument("--ldm_steps", type=int, default=350)
+    parser.add_argument("--ldm_learning_rate", type=float, default=2e-3)
     parser.add_argument("--eval_samples_per_class", type=int, default=50)
     parser.add_argument("--eval_inference_steps", type=int, default=25, help="DDIM steps of the evaluation samples.")
     parser.add_argument("--skip_evaluation", action="store_true")
@@ -59,7 +60,7 @@ def main(argv=None):
             )  # fmt: skip
         run(
             "train_ldm.py", "--vae_path", str(vae), "--output_dir", str(base), "--max_train_steps", str(args.ldm_steps),
-            timings=timings,
+            "--learning_rate", str(args.ldm_learning_rate), timings=timings,
         )  # fmt: skip
 
     evaluation = [] if args.skip_evaluation else [
