@@ -30,6 +30,10 @@ LORA_TARGET_PRESETS: dict[str, list[str]] = {
     "attention+proj": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"],
     # ... plus the UNet's final output convolution
     "attention+proj+conv_out": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv_out"],
+    # ... plus the two convolutions of every ResNet block: beyond the paper's choice. On the tiny base
+    # it carries the style shift attention alone does not (eps=10 downstream 0.458 vs 0.303; README)
+    # for 4x the trainable parameters and ~1.6x the DP step time.
+    "attention+resnets": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_out"],
 }
 
 
@@ -38,7 +42,7 @@ class NoLoRATargetError(ValueError):
 
 
 def resolve_target_modules(targets: str | Sequence[str]) -> list[str]:
-    """A preset name (``attention``, ``attention+proj``, ``attention+proj+conv_out``) or a list /
+    """A preset name (``attention``, ``attention+proj``, ``attention+proj+conv_out``, ``attention+resnets``) or a list /
     comma-separated string of module-name suffixes."""
     if isinstance(targets, str):
         if targets in LORA_TARGET_PRESETS:

@@ -58,6 +58,7 @@ CASES = [
     ("cond", "attention+proj", True),
     ("cond", "attention+proj+conv_out", False),
     ("uncond", "attention+proj+conv_out", False),
+    ("cond", "attention+resnets", False),  # LoRA on the ResNet blocks' 3x3 convolutions
 ]
 
 
