@@ -44,7 +44,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--max_grad_norm", type=float, default=1e-3)
-    parser.add_argument("--lora_target_modules", default="attention")
+    parser.add_argument("--lora_target_modules", default="attention+resnets")
     parser.add_argument("--eval_samples_per_class", type=int, default=50)
     parser.add_argument("--eval_inference_steps", type=int, default=25)
     args = parser.parse_args(argv)

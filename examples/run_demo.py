@@ -37,6 +37,11 @@ def main(argv=None):
     parser.add_argument("--dp_epochs", type=float, default=20)
     parser.add_argument("--dp_batch_size", type=int, default=256, help="Expected Poisson batch of DP-LoRA.")
     parser.add_argument("--dp_learning_rate", type=float, default=2e-3)
+    parser.add_argument(
+        "--dp_lora_target_modules",
+        default="attention+resnets",
+        help="On the tiny base attention-only DP-LoRA scores below the base itself at eps=10 (README).",
+    )
     parser.add_argument("--vae_steps", type=int, default=200)
     parser.add_argument("--ldm_steps", type=int, default=350)
     parser.add_argument("--ldm_learning_rate", type=float, default=2e-3)
@@ -77,6 +82,7 @@ def main(argv=None):
         "--num_train_epochs", str(args.dp_epochs),
         "--batch_size", str(args.dp_batch_size),
         "--learning_rate", str(args.dp_learning_rate),
+        "--lora_target_modules", args.dp_lora_target_modules,
         "--num_inference_steps", str(args.eval_inference_steps),
         "--resume_from_checkpoint", "latest",
         *evaluation,
