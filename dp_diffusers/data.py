@@ -221,28 +221,35 @@ def check_resolution(resolution: int, vae) -> None:
 
 
 @torch.no_grad()
+def _unscaled_latents(vae, pixels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
+    """Latents of ``pixels`` before the scaling factor: the posterior mean, or with ``generator`` a
+    posterior sample (KL autoencoders); a ``VQModel``'s pre-quantisation latents, as diffusers' VQ
+    pipelines decode them."""
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        encoded = vae.encode(pixels[start : start + batch_size].to(device, dtype))
+        if not hasattr(encoded, "latent_dist"):
+            latents = encoded.latents
+        elif generator is None:
+            latents = encoded.latent_dist.mean
+        else:
+            latents = encoded.latent_dist.sample(generator)
+        out.append(latents.float().cpu())
+    return torch.cat(out)
+
+
 def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Encode images in [-1, 1] to *scaled* latents (the autoencoder's mean, times its scaling factor).
 
     The autoencoder is public and frozen, so encoding the private set once and caching the result
     is a deterministic pre-processing of each example: it costs no privacy and saves re-encoding.
     """
-    device = next(vae.parameters()).device
-    dtype = next(vae.parameters()).dtype
-    out = []
-    for start in range(0, len(pixels), batch_size):
-        batch = pixels[start : start + batch_size].to(device, dtype)
-        encoded = vae.encode(batch)
-        if hasattr(encoded, "latent_dist"):
-            latents = encoded.latent_dist.mean
-        else:  # VQModel: pre-quantisation latents, as diffusers' VQ pipelines decode them
-            latents = encoded.latents
-        out.append(latents.float().cpu())
     scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-    return torch.cat(out) * scaling
+    return _unscaled_latents(vae, pixels, batch_size) * scaling
 
 
-@torch.no_grad()
 def latent_scaling_factor(vae, pixels: torch.Tensor, batch_size: int = 256, seed: int = 0) -> float:
     """``1 / std`` of the autoencoder's latents on ``pixels``, to store as its ``scaling_factor``.
 
@@ -253,14 +260,8 @@ def latent_scaling_factor(vae, pixels: torch.Tensor, batch_size: int = 256, seed
     the schedule says). Computed on posterior samples of the autoencoder's own (public) training
     images, never on private data.
     """
-    device = next(vae.parameters()).device
-    dtype = next(vae.parameters()).dtype
-    generator = torch.Generator(device=device).manual_seed(seed)
-    chunks = []
-    for start in range(0, len(pixels), batch_size):
-        posterior = vae.encode(pixels[start : start + batch_size].to(device, dtype)).latent_dist
-        chunks.append(posterior.sample(generator).float().cpu())
-    std = torch.cat(chunks).std().item()
+    generator = torch.Generator(device=next(vae.parameters()).device).manual_seed(seed)
+    std = _unscaled_latents(vae, pixels, batch_size, generator).std().item()
     if not std > 0:
         raise ValueError(f"The autoencoder's latents have standard deviation {std}: cannot scale them to unit std.")
     return 1.0 / std

@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 from dp_diffusers import DPLDMPipeline, LatentDenoiser, denoising_loss
 from dp_diffusers.data import dataset_to_tensors, encode_latents, load_image_dataset, resolve_columns
 from dp_diffusers.lora import add_lora, make_lora_config
-from dp_diffusers.privacy import per_example_gradient_norms, suggest_max_grad_norm
+from dp_diffusers.privacy import expand_for_noise_multiplicity, per_example_gradient_norms, suggest_max_grad_norm
 
 
 def main(argv=None):
@@ -52,8 +52,7 @@ def main(argv=None):
     def loss_fn(model, latents, labels):
         # k diffusion draws per example, averaged before the norm is taken (as the private run clips)
         k = args.noise_multiplicity
-        rows = latents.repeat_interleave(k, dim=0)
-        row_labels = labels.repeat_interleave(k) if labels is not None else None
+        rows, row_labels = expand_for_noise_multiplicity(latents, k), expand_for_noise_multiplicity(labels, k)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),))
         loss = denoising_loss(model, scheduler, rows, row_labels, timesteps, torch.randn_like(rows))
         return loss.view(len(latents), k).mean(dim=1)
