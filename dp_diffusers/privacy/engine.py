@@ -204,6 +204,14 @@ class _FusedLinear(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def _copies_as_batch(t: torch.Tensor, examples: int, k: int) -> torch.Tensor:
+    """``(examples * k, C, H, W)`` rows (example-major) -> ``(k, examples * C, H, W)``: copy j of every example
+    in batch row j, each example's channels side by side (the layout of a convolution with ``examples`` groups)."""
+    if k == 1:
+        return t.reshape(1, examples * t.shape[1], *t.shape[2:])
+    return t.reshape(examples, k, *t.shape[1:]).transpose(0, 1).reshape(k, examples * t.shape[1], *t.shape[2:])
+
+
 class _FusedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv, state, generation):
@@ -224,14 +232,18 @@ class _FusedConv2d(torch.autograd.Function):
                 [0, 0], conv.groups, [True, False, False],
             )[0]  # fmt: skip
         if ctx.needs_input_grad[1]:
-            cols = F.unfold(x.to(grad_out.dtype), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-            n, ckk, positions = cols.shape
-            g = grad_out.reshape(examples, state.k, grad_out.shape[1], positions)
-            cols = cols.reshape(examples, state.k, ckk, positions)
-            if state.k == 1:
-                gs = torch.bmm(g[:, 0], cols[:, 0].transpose(1, 2))
-            else:
-                gs = torch.einsum("bkol,bkpl->bop", g, cols)
+            # Per-example weight gradients as the weight gradient of ONE grouped convolution: the examples
+            # become groups (channels b*C..(b+1)*C belong to example b) and the k copies its batch, so a
+            # copy's gradients are summed before clipping. opacus unfolds the input instead (a
+            # rows x C*kh*kw x positions copy, then bmm): 4-12x slower for the UNet's 3x3 LoRA convs on CPU.
+            k = state.k
+            grouped_x = _copies_as_batch(x.to(grad_out.dtype), examples, k)
+            grouped_g = _copies_as_batch(grad_out, examples, k)
+            grouped_weight = weight.new_empty((examples * weight.shape[0], *weight.shape[1:]), dtype=grad_out.dtype)
+            gs = torch.ops.aten.convolution_backward(
+                grouped_g, grouped_x, grouped_weight, None, conv.stride, conv.padding, conv.dilation, False,
+                [0, 0], examples, [False, True, False],
+            )[1]  # fmt: skip
             _store_grad_sample(state, ctx.generation, ctx.weight_ref, gs.mul_(examples).view(-1, *weight.shape))
         if ctx.bias_ref is not None and ctx.needs_input_grad[2]:
             gb = grad_out.reshape(examples, -1, grad_out.shape[1], grad_out[0, 0].numel()).sum((1, 3))
