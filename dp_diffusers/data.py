@@ -115,6 +115,17 @@ def load_image_dataset(
     return dataset
 
 
+def seeded_subset(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
+    """The first ``max_samples`` examples of ``dataset`` shuffled with ``seed`` (``dataset`` itself when
+    ``None``): ``--max_train_samples``' subset, rebuilt by the evaluation so the audit's members are
+    examples the run really trained on."""
+    if max_samples is None:
+        return dataset
+    if max_samples < 1:
+        raise DataError(f"max_train_samples must be >= 1, got {max_samples}")
+    return dataset.shuffle(seed=seed).select(range(min(max_samples, len(dataset))))
+
+
 def label_names(dataset: Dataset, label_column: str | None) -> list[str] | None:
     """Class names of ``label_column`` (a ``ClassLabel`` gives its names; other columns their sorted
     distinct values as strings); ``None`` for unlabelled data."""

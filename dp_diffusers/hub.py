@@ -17,13 +17,13 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
+from .lora import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 DP_REPORT_NAME = "dp_report.json"
 METRICS_NAME = "metrics.json"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-ADAPTER_CONFIG_NAME = "dp_lora_config.json"
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
 EPSILON_PLOT_NAME = "epsilon.png"
@@ -372,9 +372,9 @@ def push_to_hub(
     """
     folder = Path(folder)
     files = upload_file_list(folder)
-    if LORA_WEIGHTS_NAME not in files and "model_index.json" not in files:
+    if LORA_WEIGHT_NAME not in files and "model_index.json" not in files:
         raise ValueError(
-            f"{folder} has no {LORA_WEIGHTS_NAME} (nor a full pipeline with model_index.json): nothing to push."
+            f"{folder} has no {LORA_WEIGHT_NAME} (nor a full pipeline with model_index.json): nothing to push."
         )
     if not (folder / CARD_NAME).is_file():
         write_model_card(folder, repo_id=repo_id)

@@ -38,14 +38,12 @@ def resolve_dataset_source(args: argparse.Namespace, default_dataset: str | None
 
 def load_training_dataset(args: argparse.Namespace):
     """The data set the flags name, cut to ``--max_train_samples`` (a seeded random subset)."""
-    from .data import load_image_dataset
+    from .data import load_image_dataset, seeded_subset
 
     dataset = load_image_dataset(
         args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
     )
-    if args.max_train_samples is not None:
-        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
-    return dataset
+    return seeded_subset(dataset, args.max_train_samples, args.seed)
 
 
 def checkpoint_dirs(output_dir: str) -> list[Path]:

@@ -59,6 +59,7 @@ def test_report_adapter_and_adapted_modules(tiny_base, tmp_path):
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "samples.png").is_file()
     config = json.loads((out / "dp_lora_config.json").read_text())
     assert config["base_model"] == str(tiny_base) and config["class_embedder"] is None
+    assert config["train_subset"] == {"max_samples": 200, "seed": 0}  # the audit's members: what was trained on
 
 
 def test_resumed_run_reports_the_same_epsilon_and_steps(tiny_base, tmp_path, monkeypatch):

@@ -302,3 +302,42 @@ def test_evaluate_adapter_writes_metrics_for_a_fused_adapter(tiny_base, tmp_path
     assert audit_result["reference_nonprivate_auc"] == pytest.approx(audit_result["value"], abs=1e-3)
     card = build_model_card(folder)
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}
+
+
+def test_audit_members_are_the_examples_the_run_trained_on(tiny_base, tmp_path, monkeypatch):
+    """A --max_train_samples run trained on a subset: members drawn from the whole split would be mostly
+    non-members, pulling the AUC toward 0.5 and understating leakage."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from test_pipeline import write_adapter
+
+    from dp_diffusers import DPLDMPipeline
+    from dp_diffusers.data import dataset_to_tensors, encode_latents, load_image_dataset, seeded_subset
+    from dp_diffusers.evaluation import evaluate as evaluate_module
+
+    monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
+    torch.set_num_threads(1)
+    pipe = DPLDMPipeline.from_pretrained(tiny_base)
+    whole = write_adapter(tmp_path / "whole", pipe.unet, tiny_base)
+    subset = Path(shutil.copytree(whole, tmp_path / "subset"))
+    config = json.loads((subset / "dp_lora_config.json").read_text())
+    config["train_subset"] = {"max_samples": 6, "seed": 3}
+    (subset / "dp_lora_config.json").write_text(json.dumps(config))
+    seen = {}
+
+    def spy(loss_fn, member_latents, *args, **kwargs):
+        seen["members"] = member_latents
+        return audit(loss_fn, member_latents, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "audit", spy)
+    metrics = evaluate_module.evaluate_adapter(subset, samples_per_class=1, num_inference_steps=1)
+
+    assert metrics["membership_auc"]["num_members"] == metrics["membership_auc"]["num_nonmembers"] == 6
+    trained = seeded_subset(load_image_dataset("private-digits"), 6, 3)
+    pixels, _ = dataset_to_tensors(trained, 16, 1, "image", "label", [str(i) for i in range(10)])
+    distances = torch.cdist(seen["members"].flatten(1), encode_latents(pipe.vae, pixels).flatten(1))
+    assert distances.min(dim=1).values.max() < 1e-4 and distances.min(dim=0).values.max() < 1e-4
+    with pytest.raises(ValueError, match="trained on other examples"):
+        evaluate_module.evaluate_adapter(subset, samples_per_class=1, num_inference_steps=1, reference_adapter_dir=whole)

@@ -395,6 +395,10 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
         "lora_weights": weights.name,
         "class_embedder": "class_embedder" if args.train_class_embedding else None,
         "id2label": dict(enumerate(class_names)) if class_names else None,
+        # The examples trained on (the audit's members): the whole train split, or --max_train_samples' subset.
+        "train_subset": None
+        if args.max_train_samples is None
+        else {"max_samples": args.max_train_samples, "seed": args.seed},
     }
     if args.train_class_embedding:
         class_embedder.save_pretrained(out / "class_embedder")

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from ..data import dataset_to_tensors, encode_latents, load_image_dataset, resolve_columns
+from ..data import dataset_to_tensors, encode_latents, load_image_dataset, resolve_columns, seeded_subset
+from ..hub import METRICS_NAME
+from ..lora import ADAPTER_CONFIG_NAME
 from ..models import LatentDenoiser, denoising_loss
 from .downstream import downstream_accuracy
 from .fid import InceptionWeightsNotFoundError, _resolve_inception_path, compute_fid
 from .membership import audit
 
 logger = logging.getLogger(__name__)
-METRICS_NAME = "metrics.json"
 
 
 @torch.no_grad()
@@ -52,6 +53,12 @@ def denoiser_loss_fn(pipe, scheduler=None):
     return loss_fn
 
 
+def _train_subset(adapter_dir: str | Path) -> dict | None:
+    """``train_dp_lora.py``'s record of ``--max_train_samples`` (``None``: the whole train split)."""
+    config = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    return json.loads(config.read_text()).get("train_subset") if config.is_file() else None
+
+
 def evaluate_adapter(
     adapter_dir: str | Path,
     dataset_name: str = "private-digits",
@@ -79,12 +86,21 @@ def evaluate_adapter(
     resolution, channels = vae.config.sample_size, vae.config.in_channels
     class_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else None
 
-    def split(name):
+    def split(name, subset=None):
         data = load_image_dataset(dataset_name, split=name)
+        if subset:
+            data = seeded_subset(data, subset["max_samples"], subset["seed"])
         image_column, label_column = resolve_columns(data)
         return dataset_to_tensors(data, resolution, channels, image_column, label_column, class_names)
 
     (train_x, train_y), (test_x, test_y) = split(train_split), split(test_split)
+    subset = _train_subset(adapter_dir)
+    if reference_adapter_dir is not None and (reference_subset := _train_subset(reference_adapter_dir)) != subset:
+        raise ValueError(
+            f"The audit reference {reference_adapter_dir} trained on other examples ({reference_subset}) than "
+            f"{adapter_dir} ({subset}): its members differ, so its AUC would not be comparable."
+        )
+    member_x, member_y = split(train_split, subset) if subset else (train_x, train_y)
     num_classes = len(class_names)
     synthetic_x, synthetic_y = generate_labelled(pipe, samples_per_class, num_inference_steps, seed)
     downstream = downstream_accuracy(synthetic_x, synthetic_y, train_x, train_y, test_x, test_y, num_classes, seed=seed)
@@ -99,15 +115,22 @@ def evaluate_adapter(
         }
     }
 
-    # Membership audit: as many members as held-out non-members, same distribution.
-    members = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[: len(test_x)]
-    member_latents = encode_latents(vae, train_x[members])
-    nonmember_latents = encode_latents(vae, test_x)
-    result = audit(denoiser_loss_fn(pipe), member_latents, train_y[members], nonmember_latents, test_y, seed=seed)
+    # Membership audit: as many members (examples the run trained on) as held-out non-members.
+    generator = torch.Generator().manual_seed(seed)
+    count = min(len(member_x), len(test_x))
+    members = torch.randperm(len(member_x), generator=generator)[:count]
+    nonmembers = torch.randperm(len(test_x), generator=generator)[:count]
+    member_latents, member_labels = encode_latents(vae, member_x[members]), member_y[members]
+    nonmember_latents, nonmember_labels = encode_latents(vae, test_x[nonmembers]), test_y[nonmembers]
+    result = audit(
+        denoiser_loss_fn(pipe), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
+    )
     metrics["membership_auc"] = {"value": result.pop("membership_auc"), **result}
     if reference_adapter_dir is not None:
         reference = DPLDMPipeline.from_pretrained(reference_adapter_dir)
-        ref = audit(denoiser_loss_fn(reference), member_latents, train_y[members], nonmember_latents, test_y, seed=seed)
+        ref = audit(
+            denoiser_loss_fn(reference), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
+        )
         metrics["membership_auc"]["reference_nonprivate_auc"] = ref["membership_auc"]
 
     try:
