@@ -340,4 +340,6 @@ def test_audit_members_are_the_examples_the_run_trained_on(tiny_base, tmp_path, 
     distances = torch.cdist(seen["members"].flatten(1), encode_latents(pipe.vae, pixels).flatten(1))
     assert distances.min(dim=1).values.max() < 1e-4 and distances.min(dim=0).values.max() < 1e-4
     with pytest.raises(ValueError, match="trained on other examples"):
-        evaluate_module.evaluate_adapter(subset, samples_per_class=1, num_inference_steps=1, reference_adapter_dir=whole)
+        evaluate_module.evaluate_adapter(
+            subset, samples_per_class=1, num_inference_steps=1, reference_adapter_dir=whole
+        )
