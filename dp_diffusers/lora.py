@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
@@ -97,8 +96,14 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights in diffusers' naming (``<module>.lora_A.weight``...)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    """The adapter weights in peft naming (``<module>.lora_A.weight``, ``<module>.lora_B.weight``), which
+    diffusers' ``load_lora_adapter`` loads as they are (its newer training scripts save this format too).
+
+    Not ``convert_state_dict_to_diffusers``: its old ``.lora.down`` / ``.lora.up`` names exist only for the
+    attention projections, so adapters on ``proj_in`` or convolutions came out mixed, and diffusers, which
+    picks one format from the first key, silently dropped the attention half on load.
+    """
+    return get_peft_model_state_dict(model)
 
 
 def save_lora_weights(model: nn.Module, output_dir: str | Path, prefix: str = "unet") -> Path:

@@ -16,10 +16,10 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline, UNet2DModelWithLoRA, cli
-from dp_diffusers.lora import LORA_WEIGHT_NAME, add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.lora import LORA_TARGET_PRESETS, LORA_WEIGHT_NAME, add_lora, make_lora_config, save_lora_weights
 from dp_diffusers.pipelines.pipeline_dp_ldm import ADAPTER_CONFIG_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +30,10 @@ def sample(pipe, **kw):
     return pipe(num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0), **kw).images
 
 
-def write_adapter(folder: Path, unet, base_model, class_embedder=None, id2label=None) -> Path:
+def write_adapter(folder: Path, unet, base_model, class_embedder=None, id2label=None, targets="attention") -> Path:
     """An adapter folder as train_dp_lora.py writes it; LoRA (rank 2, alpha 8) is injected into ``unet`` in place,
     with non-zero B weights so that it changes the samples."""
-    add_lora(unet, make_lora_config(2, 8.0))
+    add_lora(unet, make_lora_config(2, 8.0, targets=targets))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -54,6 +54,15 @@ def tiny_vq() -> VQModel:
     return VQModel(in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8, latent_channels=3,
                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                    sample_size=16)  # fmt: skip
+
+
+def lora_weights(pipe) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights by module and part, whatever the adapter's name (``default``, ``default_0``...)."""
+    return {
+        re.sub(r"\.default(_\d+)?\.", ".", name): param.detach().clone()
+        for name, param in pipe.unet.named_parameters()
+        if "lora_" in name
+    }
 
 
 def lora_layers(pipe) -> list[str]:
@@ -98,6 +107,37 @@ def test_outputs_and_determinism(tiny_base):
         pipe.get_label_ids(["cat"])
     with pytest.raises(ValueError, match="Unknown class id"):
         pipe(class_labels=[12], num_inference_steps=2)
+
+
+@pytest.mark.parametrize("targets", sorted(LORA_TARGET_PRESETS))
+def test_every_lora_weight_loads_back_for_every_target_preset(tiny_base, tmp_path, targets):
+    """Attention next to proj_in / convolution adapters: once saved in two namings, of which diffusers loaded one."""
+    pipe = DPLDMPipeline.from_pretrained(tiny_base)
+    folder = write_adapter(tmp_path / "adapter", pipe.unet, tiny_base, targets=targets)
+    saved = lora_weights(pipe)
+    loaded = lora_weights(DPLDMPipeline.from_pretrained(folder))
+    assert sorted(loaded) == sorted(saved) and any(".attn1.to_q." in n for n in loaded)
+    for name, weight in saved.items():
+        assert torch.equal(loaded[name], weight), name
+
+
+def test_adapter_file_mixing_diffusers_and_peft_names_loads_whole(tiny_base, tmp_path):
+    """Files of earlier versions: attention weights in diffusers' old `.lora.down` naming, the rest in peft's."""
+    pipe = DPLDMPipeline.from_pretrained(tiny_base)
+    folder = write_adapter(tmp_path / "adapter", pipe.unet, tiny_base, targets="attention+proj+conv_out")
+    path = folder / LORA_WEIGHT_NAME
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    mixed = {
+        re.sub(r"(to_[qkv]|to_out\.0)\.lora_([AB])", lambda m: f"{m[1]}.lora.{'down' if m[2] == 'A' else 'up'}", k): v
+        for k, v in load_file(path).items()
+    }
+    assert any(".lora.down." in k for k in mixed) and any(".lora_A." in k for k in mixed)
+    save_file(mixed, str(path), metadata=metadata)
+    saved, loaded = lora_weights(pipe), lora_weights(DPLDMPipeline.from_pretrained(folder))
+    assert sorted(loaded) == sorted(saved)
+    for name, weight in saved.items():
+        assert torch.equal(loaded[name], weight), name
 
 
 def test_adapter_folder_loads_as_trained_and_scales(tiny_base, adapter, base_images):

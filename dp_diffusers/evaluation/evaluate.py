@@ -115,13 +115,11 @@ def evaluate_adapter(
         }
     }
 
-    # Membership audit: as many members (examples the run trained on) as held-out non-members.
-    generator = torch.Generator().manual_seed(seed)
-    count = min(len(member_x), len(test_x))
-    members = torch.randperm(len(member_x), generator=generator)[:count]
-    nonmembers = torch.randperm(len(test_x), generator=generator)[:count]
+    # Membership audit: every held-out example is a non-member; members are examples the run trained on, at
+    # most as many as the non-members (a random part of a large train split, all of a small subset).
+    members = torch.randperm(len(member_x), generator=torch.Generator().manual_seed(seed))[: len(test_x)]
     member_latents, member_labels = encode_latents(vae, member_x[members]), member_y[members]
-    nonmember_latents, nonmember_labels = encode_latents(vae, test_x[nonmembers]), test_y[nonmembers]
+    nonmember_latents, nonmember_labels = encode_latents(vae, test_x), test_y
     result = audit(
         denoiser_loss_fn(pipe), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
     )

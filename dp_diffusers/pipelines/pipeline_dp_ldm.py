@@ -198,6 +198,10 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
             source, weight_name=weight_name, return_lora_metadata=True, **kwargs
         )
         metadata = metadata or file_metadata
+        # One naming for every key: files written before lora_state_dict saved peft names mix diffusers' old
+        # attention names with peft names, and `load_lora_adapter` (one format, guessed from the first key)
+        # would silently skip the part in the other format.
+        state_dict = convert_unet_state_dict_to_peft(state_dict)
         id2label = {int(k): str(v) for k, v in config["id2label"].items()} if config.get("id2label") else None
 
         problems = self._adapter_mismatches(state_dict, embedder, id2label)
@@ -251,8 +255,6 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         lora = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
         if not lora:
             return [f"it holds no LoRA weights for the UNet (keys starting with {prefix!r})"]
-        if "lora_A" not in next(iter(lora)):  # as `load_lora_adapter` decides to convert
-            lora = convert_unet_state_dict_to_peft(lora)
         modules = dict(self.unet.named_modules())
         missing, reshaped = set(), {}
         for key, weight in lora.items():
