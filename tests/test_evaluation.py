@@ -300,6 +300,7 @@ def test_evaluate_adapter_writes_metrics_for_a_fused_adapter(tiny_base, tmp_path
     assert audit_result["num_members"] == audit_result["num_nonmembers"] == 360
     # the reference is the same model here: the fused DP model and the unfused reference score alike
     assert audit_result["reference_nonprivate_auc"] == pytest.approx(audit_result["value"], abs=1e-3)
+    assert 0 <= audit_result["public_base_auc"] <= 1  # the split's chance level, next to the adapter's
     card = build_model_card(folder)
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}
 
@@ -343,3 +344,20 @@ def test_audit_members_are_the_examples_the_run_trained_on(tiny_base, tmp_path, 
         evaluate_module.evaluate_adapter(
             subset, samples_per_class=1, num_inference_steps=1, reference_adapter_dir=whole
         )
+
+
+def test_an_adapter_that_changes_nothing_audits_like_its_public_base(tiny_base, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    from test_pipeline import write_adapter
+
+    from dp_diffusers import DPLDMPipeline
+    from dp_diffusers.evaluation.evaluate import evaluate_adapter
+    from dp_diffusers.lora import LORA_WEIGHT_NAME
+
+    monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
+    torch.set_num_threads(1)
+    folder = write_adapter(tmp_path / "adapter", DPLDMPipeline.from_pretrained(tiny_base).unet, tiny_base)
+    weights = load_file(folder / LORA_WEIGHT_NAME)
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, folder / LORA_WEIGHT_NAME)
+    audit_result = evaluate_adapter(folder, samples_per_class=1, num_inference_steps=1)["membership_auc"]
+    assert audit_result["public_base_auc"] == pytest.approx(audit_result["value"], abs=1e-3)

@@ -53,10 +53,15 @@ def denoiser_loss_fn(pipe, scheduler=None):
     return loss_fn
 
 
+def _adapter_config(adapter_dir: str | Path) -> dict:
+    """``dp_lora_config.json`` of an adapter folder (``{}`` for a base pipeline folder)."""
+    config = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
 def _train_subset(adapter_dir: str | Path) -> dict | None:
     """``train_dp_lora.py``'s record of ``--max_train_samples`` (``None``: the whole train split)."""
-    config = Path(adapter_dir) / ADAPTER_CONFIG_NAME
-    return json.loads(config.read_text()).get("train_subset") if config.is_file() else None
+    return _adapter_config(adapter_dir).get("train_subset")
 
 
 def evaluate_adapter(
@@ -124,6 +129,15 @@ def evaluate_adapter(
         denoiser_loss_fn(pipe), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
     )
     metrics["membership_auc"] = {"value": result.pop("membership_auc"), **result}
+    config = _adapter_config(adapter_dir)
+    if config.get("base_model") and not config.get("class_embedder"):  # (a trained embedding may add classes)
+        # The public base never saw either set: its AUC is this split's chance level (a few hundred examples
+        # per side put it a few hundredths off 0.5, e.g. when the members happen to be easier to denoise).
+        base = DPLDMPipeline.from_pretrained(config["base_model"], revision=config.get("revision"))
+        base_result = audit(
+            denoiser_loss_fn(base), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
+        )
+        metrics["membership_auc"]["public_base_auc"] = base_result["membership_auc"]
     if reference_adapter_dir is not None:
         reference = DPLDMPipeline.from_pretrained(reference_adapter_dir)
         ref = audit(
