@@ -39,6 +39,20 @@ def train(base: Path, out: Path, extra: list[str], args, epochs: float, batch_si
     subprocess.run(cmd, check=True)
 
 
+def evaluate(out: Path, samples_per_class: int, reference: Path | None, args) -> tuple[dict, dict | None]:
+    """``metrics.json`` of ``out`` (written by the evaluation) and its ``dp_report.json`` (None without DP)."""
+    from dp_diffusers.evaluation.evaluate import evaluate_adapter
+
+    metrics = evaluate_adapter(
+        out,
+        samples_per_class=samples_per_class,
+        num_inference_steps=args.eval_inference_steps,
+        reference_adapter_dir=reference,
+    )
+    report_path = out / "dp_report.json"
+    return metrics, json.loads(report_path.read_text()) if report_path.is_file() else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="outputs/base")
@@ -56,8 +70,6 @@ def main(argv=None):
     parser.add_argument("--audit_epochs", type=float, default=300)
     parser.add_argument("--audit_batch_size", type=int, default=32)
     args = parser.parse_args(argv)
-
-    from dp_diffusers.evaluation.evaluate import evaluate_adapter
 
     base, root = Path(args.base), Path(args.output_dir)
     runs = {"no DP": (root / "nonprivate", ["--disable_dp"])}
@@ -82,14 +94,8 @@ def main(argv=None):
     results = {"config": vars(args), "runs": {}}
     rows = []
     for name, (out, _) in {"public base, no fine-tuning": (base_copy, None), **runs}.items():
-        metrics = evaluate_adapter(
-            out,
-            samples_per_class=args.eval_samples_per_class,
-            num_inference_steps=args.eval_inference_steps,
-            reference_adapter_dir=None if out in (reference, base_copy) else reference,
-        )
-        report_path = out / "dp_report.json"
-        report = json.loads(report_path.read_text()) if report_path.is_file() else None
+        reference_dir = None if out in (reference, base_copy) else reference
+        metrics, report = evaluate(out, args.eval_samples_per_class, reference_dir, args)
         results["runs"][name] = {"metrics": metrics, "report": report}
         down, auc = metrics["downstream_accuracy"], metrics["membership_auc"]
         epsilon = f"{report['epsilon']:.2f}" if report else ("0 (no private data)" if out == base_copy else "none")
@@ -118,14 +124,8 @@ def main(argv=None):
 
     audit_rows, audit_reference = [], audit_runs["no DP"][0]
     for name, (out, _) in audit_runs.items():
-        metrics = evaluate_adapter(
-            out,
-            samples_per_class=10,  # the audit is the point here; a few samples keep the evaluation short
-            num_inference_steps=args.eval_inference_steps,
-            reference_adapter_dir=None if out == audit_reference else audit_reference,
-        )
-        report_path = out / "dp_report.json"
-        report = json.loads(report_path.read_text()) if report_path.is_file() else None
+        # the audit is the point here; a few samples keep the evaluation short
+        metrics, report = evaluate(out, 10, None if out == audit_reference else audit_reference, args)
         results["runs"][f"{name}, {args.audit_subset} examples"] = {"metrics": metrics, "report": report}
         auc = metrics["membership_auc"]
         epsilon = f"{report['epsilon']:.2f}" if report else "none"

@@ -361,3 +361,21 @@ def test_an_adapter_that_changes_nothing_audits_like_its_public_base(tiny_base, 
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, folder / LORA_WEIGHT_NAME)
     audit_result = evaluate_adapter(folder, samples_per_class=1, num_inference_steps=1)["membership_auc"]
     assert audit_result["public_base_auc"] == pytest.approx(audit_result["value"], abs=1e-3)
+
+
+def test_public_base_auc_is_the_base_pipelines_own_audit(tiny_base, tmp_path, monkeypatch):
+    import shutil
+
+    from test_pipeline import write_adapter
+
+    from dp_diffusers import DPLDMPipeline
+    from dp_diffusers.evaluation.evaluate import evaluate_adapter
+
+    monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
+    torch.set_num_threads(1)
+    folder = write_adapter(tmp_path / "adapter", DPLDMPipeline.from_pretrained(tiny_base).unet, tiny_base)
+    base_copy = shutil.copytree(tiny_base, tmp_path / "base")  # evaluation writes metrics.json into its folder
+    adapter_audit = evaluate_adapter(folder, samples_per_class=1, num_inference_steps=1)["membership_auc"]
+    base_audit = evaluate_adapter(base_copy, samples_per_class=1, num_inference_steps=1)["membership_auc"]
+    assert adapter_audit["public_base_auc"] == pytest.approx(base_audit["value"], abs=1e-3)
+    assert "public_base_auc" not in base_audit  # a base folder is its own chance level

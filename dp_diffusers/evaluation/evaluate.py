@@ -83,9 +83,11 @@ def evaluate_adapter(
     from ..pipelines import DPLDMPipeline
 
     adapter_dir = Path(adapter_dir)
+    config = _adapter_config(adapter_dir)
     pipe = DPLDMPipeline.from_pretrained(adapter_dir)
     pipe.set_progress_bar_config(disable=True)
-    if getattr(pipe.unet, "peft_config", None):
+    adapted = bool(getattr(pipe.unet, "peft_config", None))
+    if adapted:
         pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling and audit cost what the base costs
     vae = pipe.vae
     resolution, channels = vae.config.sample_size, vae.config.in_channels
@@ -99,7 +101,7 @@ def evaluate_adapter(
         return dataset_to_tensors(data, resolution, channels, image_column, label_column, class_names)
 
     (train_x, train_y), (test_x, test_y) = split(train_split), split(test_split)
-    subset = _train_subset(adapter_dir)
+    subset = config.get("train_subset")
     if reference_adapter_dir is not None and (reference_subset := _train_subset(reference_adapter_dir)) != subset:
         raise ValueError(
             f"The audit reference {reference_adapter_dir} trained on other examples ({reference_subset}) than "
@@ -129,14 +131,16 @@ def evaluate_adapter(
         denoiser_loss_fn(pipe), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
     )
     metrics["membership_auc"] = {"value": result.pop("membership_auc"), **result}
-    config = _adapter_config(adapter_dir)
-    if config.get("base_model") and not config.get("class_embedder"):  # (a trained embedding may add classes)
+    if adapted and not config.get("class_embedder"):  # (a trained class embedding may add classes)
         # The public base never saw either set: its AUC is this split's chance level (a few hundred examples
         # per side put it a few hundredths off 0.5, e.g. when the members happen to be easier to denoise).
-        base = DPLDMPipeline.from_pretrained(config["base_model"], revision=config.get("revision"))
+        # The base is the same UNet with its adapter taken out (the samples are already drawn).
+        pipe.unfuse_lora()
+        pipe.unet.disable_adapters()
         base_result = audit(
-            denoiser_loss_fn(base), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
+            denoiser_loss_fn(pipe), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
         )
+        pipe.unet.enable_adapters()
         metrics["membership_auc"]["public_base_auc"] = base_result["membership_auc"]
     if reference_adapter_dir is not None:
         reference = DPLDMPipeline.from_pretrained(reference_adapter_dir)
