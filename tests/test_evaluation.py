@@ -5,6 +5,7 @@ FID runs the real clean-fid pipeline with a tiny TorchScript stand-in for the In
 features). Each FID costs one 2048x2048 ``sqrtm`` (~10 s on 2 cores), so there are three in all.
 """
 
+import copy
 import math
 import warnings
 
@@ -247,6 +248,7 @@ def test_audit_detects_memorisation():
     dim = 8
     members, nonmembers = torch.randn(16, dim), torch.randn(16, dim)
     model = _ToyDenoiser(dim)
+    untrained = copy.deepcopy(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(600):  # overfit the 16 members
         t = torch.randint(0, 400, (64,))
@@ -255,8 +257,23 @@ def test_audit_detects_memorisation():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    result = audit(model.loss, members, None, nonmembers, None, seed=0)
+    result = audit(model.loss, members, None, nonmembers, None, seed=0, calibration_loss_fn=untrained.loss)
     assert result["membership_auc"] > 0.8
+    assert result["calibrated_auc"] > 0.8  # calibrating by a model that saw neither set keeps the signal
+    assert abs(result["calibration_auc"] - 0.5) < 0.25
+
+
+def test_calibrated_audit_removes_example_difficulty():
+    """Members that are merely easier to denoise fool the raw threshold, not the calibrated attack."""
+    torch.manual_seed(0)
+    easy_members, nonmembers = 0.3 * torch.randn(100, 8), torch.randn(100, 8)
+
+    def loss(latents, labels, timesteps, noise):  # predicts zero noise: small latents are easy
+        return latents.pow(2).mean(dim=1) + noise.pow(2).mean(dim=1)
+
+    result = audit(loss, easy_members, None, nonmembers, None, calibration_loss_fn=loss)
+    assert result["membership_auc"] == result["calibration_auc"] > 0.99
+    assert result["calibrated_auc"] == 0.5  # the audited model adds nothing to the calibration model
 
 
 def test_membership_empty_inputs():
@@ -301,6 +318,10 @@ def test_evaluate_adapter_writes_metrics_for_a_fused_adapter(tiny_base, tmp_path
     # the reference is the same model here: the fused DP model and the unfused reference score alike
     assert audit_result["reference_nonprivate_auc"] == pytest.approx(audit_result["value"], abs=1e-3)
     assert 0 <= audit_result["public_base_auc"] <= 1  # the split's chance level, next to the adapter's
+    assert 0 <= audit_result["calibrated_auc"] <= 1
+    assert audit_result["reference_nonprivate_calibrated_auc"] == pytest.approx(
+        audit_result["calibrated_auc"], abs=1e-3
+    )
     card = build_model_card(folder)
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}
 
@@ -361,6 +382,7 @@ def test_an_adapter_that_changes_nothing_audits_like_its_public_base(tiny_base, 
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, folder / LORA_WEIGHT_NAME)
     audit_result = evaluate_adapter(folder, samples_per_class=1, num_inference_steps=1)["membership_auc"]
     assert audit_result["public_base_auc"] == pytest.approx(audit_result["value"], abs=1e-3)
+    assert audit_result["calibrated_auc"] == 0.5  # every example's loss equals the base's: nothing to detect
 
 
 def test_public_base_auc_is_the_base_pipelines_own_audit(tiny_base, tmp_path, monkeypatch):

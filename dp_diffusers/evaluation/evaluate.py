@@ -53,6 +53,19 @@ def denoiser_loss_fn(pipe, scheduler=None):
     return loss_fn
 
 
+def _without_adapter(unet, loss_fn):
+    """``loss_fn`` of the public base: the same (unfused) UNet with its LoRA layers switched off."""
+
+    def base_loss_fn(*args):
+        unet.disable_adapters()
+        try:
+            return loss_fn(*args)
+        finally:
+            unet.enable_adapters()
+
+    return base_loss_fn
+
+
 def _adapter_config(adapter_dir: str | Path) -> dict:
     """``dp_lora_config.json`` of an adapter folder (``{}`` for a base pipeline folder)."""
     config = Path(adapter_dir) / ADAPTER_CONFIG_NAME
@@ -88,7 +101,7 @@ def evaluate_adapter(
     pipe.set_progress_bar_config(disable=True)
     adapted = bool(getattr(pipe.unet, "peft_config", None))
     if adapted:
-        pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling and audit cost what the base costs
+        pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling costs what the base costs
     vae = pipe.vae
     resolution, channels = vae.config.sample_size, vae.config.in_channels
     class_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else None
@@ -127,27 +140,24 @@ def evaluate_adapter(
     members = torch.randperm(len(member_x), generator=torch.Generator().manual_seed(seed))[: len(test_x)]
     member_latents, member_labels = encode_latents(vae, member_x[members]), member_y[members]
     nonmember_latents, nonmember_labels = encode_latents(vae, test_x), test_y
-    result = audit(
-        denoiser_loss_fn(pipe), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
-    )
+    sets = (member_latents, member_labels, nonmember_latents, nonmember_labels)
+    base_loss_fn = None
+    if adapted:
+        pipe.unfuse_lora()  # the samples are drawn; the audit switches the adapter off for the base's scores
+        if not config.get("class_embedder"):  # (a trained class embedding may add classes the base lacks)
+            base_loss_fn = _without_adapter(pipe.unet, denoiser_loss_fn(pipe))
+    result = audit(denoiser_loss_fn(pipe), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
     metrics["membership_auc"] = {"value": result.pop("membership_auc"), **result}
-    if adapted and not config.get("class_embedder"):  # (a trained class embedding may add classes)
+    if base_loss_fn is not None:
         # The public base never saw either set: its AUC is this split's chance level (a few hundred examples
         # per side put it a few hundredths off 0.5, e.g. when the members happen to be easier to denoise).
-        # The base is the same UNet with its adapter taken out (the samples are already drawn).
-        pipe.unfuse_lora()
-        pipe.unet.disable_adapters()
-        base_result = audit(
-            denoiser_loss_fn(pipe), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
-        )
-        pipe.unet.enable_adapters()
-        metrics["membership_auc"]["public_base_auc"] = base_result["membership_auc"]
+        metrics["membership_auc"]["public_base_auc"] = metrics["membership_auc"].pop("calibration_auc")
     if reference_adapter_dir is not None:
         reference = DPLDMPipeline.from_pretrained(reference_adapter_dir)
-        ref = audit(
-            denoiser_loss_fn(reference), member_latents, member_labels, nonmember_latents, nonmember_labels, seed=seed
-        )
+        ref = audit(denoiser_loss_fn(reference), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
         metrics["membership_auc"]["reference_nonprivate_auc"] = ref["membership_auc"]
+        if base_loss_fn is not None:
+            metrics["membership_auc"]["reference_nonprivate_calibrated_auc"] = ref["calibrated_auc"]
 
     try:
         _resolve_inception_path(inception_path)

@@ -6,6 +6,13 @@ fixed noise (the same ``(t, noise)`` for every example, so scores differ only th
 and the audit reports the ROC AUC of separating training members from held-out non-members.
 AUC 0.5 means the attack does no better than chance; DP training bounds how far above 0.5 any
 attack can get.
+
+With a calibration model that never saw either set (the public base), the audit also reports the
+difficulty-calibrated attack (Watson et al., ICLR 2022): each example is scored by the audited
+model's loss *minus* the calibration model's loss on it. The raw threshold also rewards examples
+that are easy to denoise in themselves; a few hundred members and non-members can differ in that by
+chance (the calibration model's own AUC shows by how much), and subtracting it leaves what the
+fine-tune learnt about each example.
 """
 
 from __future__ import annotations
@@ -90,12 +97,15 @@ def audit(
     timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
     seed: int = 0,
     batch_size: int = 64,
+    calibration_loss_fn: LossFn | None = None,
 ) -> dict:
     """Loss-threshold membership inference: members (training examples) vs. held-out non-members.
 
     Non-members should come from the same distribution as members (e.g. the held-out split), else
     the AUC measures distribution shift, not memorisation. Returns ``{"membership_auc",
-    "num_members", "num_nonmembers", "timesteps", "attack"}``.
+    "num_members", "num_nonmembers", "timesteps", "attack"}``; with ``calibration_loss_fn`` (a model
+    that saw neither set, scored with the same timesteps and noise) also ``"calibration_auc"`` (its
+    own raw AUC: the split's chance level) and ``"calibrated_auc"`` (the difficulty-calibrated attack).
     """
     _check_inputs(member_latents, member_labels, "member")
     _check_inputs(nonmember_latents, nonmember_labels, "non-member")
@@ -106,10 +116,20 @@ def audit(
         )
     member_scores = denoising_loss_scores(loss_fn, member_latents, member_labels, timesteps, seed, batch_size)
     nonmember_scores = denoising_loss_scores(loss_fn, nonmember_latents, nonmember_labels, timesteps, seed, batch_size)
-    return {
+    result = {
         "membership_auc": membership_auc(member_scores, nonmember_scores),
         "num_members": len(member_latents),
         "num_nonmembers": len(nonmember_latents),
         "timesteps": [int(t) for t in timesteps],
         "attack": ATTACK,
     }
+    if calibration_loss_fn is not None:
+        member_ref = denoising_loss_scores(
+            calibration_loss_fn, member_latents, member_labels, timesteps, seed, batch_size
+        )
+        nonmember_ref = denoising_loss_scores(
+            calibration_loss_fn, nonmember_latents, nonmember_labels, timesteps, seed, batch_size
+        )
+        result["calibration_auc"] = membership_auc(member_ref, nonmember_ref)
+        result["calibrated_auc"] = membership_auc(member_scores - member_ref, nonmember_scores - nonmember_ref)
+    return result
