@@ -90,6 +90,54 @@ def test_resumed_run_reports_the_same_epsilon_and_steps(tiny_base, tmp_path, mon
     assert b["epsilon_history"] == a["epsilon_history"]
 
 
+def test_ema_saves_the_average_of_the_iterates_and_resume_continues_it(tiny_base, tmp_path, monkeypatch):
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    spec = importlib.util.spec_from_file_location("train_dp_lora", ROOT / "training_scripts" / "train_dp_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    emas = []
+
+    class RecordingEMA(EMAModel):
+        def __init__(self, parameters, **kwargs):
+            self.live = list(parameters)
+            super().__init__(self.live, **kwargs)
+            self.iterates, self.averages_before = [], []
+            emas.append(self)
+
+        def step(self, parameters):
+            parameters = list(parameters)
+            self.iterates.append([p.detach().clone() for p in parameters])
+            self.averages_before.append([s.clone() for s in self.shadow_params])
+            super().step(parameters)
+
+    real_save = module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash right after checkpoint-2")
+
+    monkeypatch.setattr(module, "EMAModel", RecordingEMA)
+    monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
+    argv = base_args(tiny_base, tmp_path / "ema", **{"--checkpointing_steps": 2, "--ema_decay": 0.9})
+    with pytest.raises(KeyboardInterrupt):
+        module.main([str(a) for a in argv])
+    monkeypatch.setattr(module, "save_checkpoint", real_save)
+    module.main([str(a) for a in argv + ["--resume_from_checkpoint", "latest"]])
+
+    interrupted, resumed = emas
+    assert len(interrupted.iterates) == 2 and len(resumed.iterates) == 2  # one update per DP step
+    assert resumed.optimization_step == 4  # restored from checkpoint-2, not restarted
+    for before, saved in zip(resumed.averages_before[0], interrupted.shadow_params):
+        torch.testing.assert_close(before, saved)  # the resumed average continues the interrupted one
+    for live, average in zip(resumed.live, resumed.shadow_params):
+        torch.testing.assert_close(live, average)  # the saved adapter is the average ...
+    assert any(
+        not torch.equal(live, last) for live, last in zip(resumed.live, resumed.iterates[-1])
+    )  # ... not the last
+
+
 def test_epsilon_never_passes_the_target(tiny_base, tmp_path):
     sigma, q, delta, target = 0.7, 0.1, 1e-4, 3.0
     allowed = max_steps_within_budget(sigma, q, delta, target, upper=1000)

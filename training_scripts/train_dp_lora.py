@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
@@ -132,6 +133,13 @@ def parse_args(argv=None):
     train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
     train.add_argument("--learning_rate", type=float, default=1e-3)
     train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument(
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="Save an exponential moving average of the trained weights (diffusers' EMAModel, its warm-up "
+        "included) instead of the last iterate. Averaging released iterates is post-processing: no privacy cost.",
+    )
     train.add_argument("--checkpointing_steps", type=int, default=100)
     train.add_argument("--checkpoints_total_limit", type=int, default=2)
     train.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
@@ -158,6 +166,8 @@ def parse_args(argv=None):
     resolve_dataset_source(args, "private-digits")
     if args.noise_multiplicity < 1:
         parser.error("--noise_multiplicity must be >= 1")
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        parser.error(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if args.evaluate and args.dataset_name is None:
         parser.error("--evaluate needs --dataset_name: a data set with a held-out 'test' split to evaluate against.")
     if args.disable_dp and args.resume_from_checkpoint:
@@ -294,6 +304,7 @@ def main(argv=None):
     )
     state = PrivateTrainingState(model, dp.optimizer, budget)
     accelerator.register_for_checkpointing(state)
+    ema = make_ema(args, accelerator, trainable)
     checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -326,6 +337,8 @@ def main(argv=None):
                 if budget.steps == 1 or budget.steps == budget.max_steps:
                     _check_training_moved(trainable, first_snapshot, model, frozen_checksum)
                 progress.update(budget.steps - steps_before)
+                if ema is not None:
+                    ema.step(trainable)
                 logs = {"loss": float(loss) if loss is not None else float("nan")}
                 if budget.steps % args.epsilon_log_steps == 0 or budget.steps == budget.max_steps:
                     logs["epsilon"] = budget.record()
@@ -339,6 +352,8 @@ def main(argv=None):
 
     # ---- outputs: adapter, report, samples ----
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(trainable)
     epsilon = budget.record()
     if target_epsilon is not None and epsilon > target_epsilon:
         raise RuntimeError(f"epsilon {epsilon} exceeds the target {target_epsilon}: refusing to write the adapter.")
@@ -368,6 +383,7 @@ def train_without_privacy(args, accelerator, model, trainable, latents, labels, 
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     loader = DataLoader(TensorDataset(latents, labels), batch_size=args.batch_size, shuffle=True, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ema = make_ema(args, accelerator, trainable)
     k = args.noise_multiplicity
     progress = tqdm(total=steps, disable=not accelerator.is_local_main_process)
     while progress.n < steps:
@@ -376,12 +392,25 @@ def train_without_privacy(args, accelerator, model, trainable, latents, labels, 
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(trainable)
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
             accelerator.log({"loss": loss.item()}, step=progress.n)
             if progress.n >= steps:
                 break
     progress.close()
+    if ema is not None:
+        ema.copy_to(trainable)
+
+
+def make_ema(args, accelerator, trainable) -> EMAModel | None:
+    """``--ema_decay``: an average of the iterates, saved in every checkpoint (resume continues it)."""
+    if args.ema_decay is None:
+        return None
+    ema = EMAModel(trainable, decay=args.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    return ema
 
 
 def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: dict | None) -> None:
