@@ -9,8 +9,7 @@ held-out private split) next to the same CNN trained on the real private train s
 membership-inference audit AUC (denoising-loss threshold, private train members vs held-out
 non-members), the public base's AUC on the same sets (their chance level) and the difficulty-calibrated
 AUC (each example's loss minus the public base's). DP runs also report the audit AUC of the non-private
-reference. Writes
-``table.md`` and ``results.json`` in ``--output_dir``.
+reference. Writes ``table.md`` and ``results.json`` in ``--output_dir``.
 
 A second table checks the audit itself: 20 epochs over 1,437 images memorise nothing measurable even
 without DP, so the same LoRA is also trained on ``--audit_subset`` examples for ``--audit_epochs``
