@@ -39,7 +39,12 @@ def main(argv=None):
     parser.add_argument("--output_dir", default="outputs")
     parser.add_argument("--target_epsilon", type=float, default=10.0)
     parser.add_argument("--target_delta", type=float, default=1e-5)
-    parser.add_argument("--dp_epochs", type=float, default=20)
+    parser.add_argument(
+        "--dp_epochs",
+        type=float,
+        default=15,
+        help="At eps=10 on the tiny base 15 epochs (85 steps) scored like 20 (0.447 vs 0.453, README).",
+    )
     parser.add_argument("--dp_batch_size", type=int, default=256, help="Expected Poisson batch of DP-LoRA.")
     parser.add_argument("--dp_learning_rate", type=float, default=2e-3)
     parser.add_argument(
