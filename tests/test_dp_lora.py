@@ -129,6 +129,7 @@ def test_ema_saves_the_average_of_the_iterates_and_resume_continues_it(tiny_base
     interrupted, resumed = emas
     assert len(interrupted.iterates) == 2 and len(resumed.iterates) == 2  # one update per DP step
     assert resumed.optimization_step == 4  # restored from checkpoint-2, not restarted
+    assert json.loads((tmp_path / "ema" / "dp_report.json").read_text())["ema_decay"] == 0.9
     for before, saved in zip(resumed.averages_before[0], interrupted.shadow_params):
         torch.testing.assert_close(before, saved)  # the resumed average continues the interrupted one
     for live, average in zip(resumed.live, resumed.shadow_params):

@@ -370,7 +370,11 @@ def main(argv=None):
             lora_alpha=lora_config.lora_alpha,
             adapted_modules=adapted_modules,
             base_model=args.pretrained_model_name_or_path,
-            extra={"trained_class_embedding": args.train_class_embedding, "grad_sample_mode": args.grad_sample_mode},
+            extra={
+                "trained_class_embedding": args.train_class_embedding,
+                "grad_sample_mode": args.grad_sample_mode,
+                "ema_decay": args.ema_decay,
+            },
         )
         logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
         save_outputs(args, pipe, unet, class_embedder, names, class_names, report)
