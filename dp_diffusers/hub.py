@@ -88,6 +88,7 @@ _PRIVACY_TABLE = [
     ("steps", "Steps", "noisy gradient steps, all accounted for"),
     ("epochs", "Epochs", "passes over the private data"),
     ("noise_multiplicity", "Noise multiplicity", "noise draws averaged per example before clipping"),
+    ("ema_decay", "Weight averaging (EMA decay)", "the adapter averages the DP iterates: post-processing, no cost"),
     ("dataset_size", "Training-set size N", "examples in the private fine-tuning set"),
     ("batch_size", "Batch size", "logical (expected) batch size"),
     ("world_size", "World size", "training processes"),

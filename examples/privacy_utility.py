@@ -43,6 +43,7 @@ def train(base: Path, out: Path, extra: list[str], args, epochs: float, batch_si
 def evaluate(out: Path, samples_per_class: int, reference: Path | None, args) -> tuple[dict, dict | None]:
     """``metrics.json`` of ``out`` (written by the evaluation) and its ``dp_report.json`` (None without DP)."""
     from dp_diffusers.evaluation.evaluate import evaluate_adapter
+    from dp_diffusers.hub import DP_REPORT_NAME
 
     metrics = evaluate_adapter(
         out,
@@ -50,7 +51,7 @@ def evaluate(out: Path, samples_per_class: int, reference: Path | None, args) ->
         num_inference_steps=args.eval_inference_steps,
         reference_adapter_dir=reference,
     )
-    report_path = out / "dp_report.json"
+    report_path = out / DP_REPORT_NAME
     return metrics, json.loads(report_path.read_text()) if report_path.is_file() else None
 
 
