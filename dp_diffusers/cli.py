@@ -54,6 +54,7 @@ def evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset_name", default="private-digits")
     parser.add_argument("--samples_per_class", type=int, default=100)
     parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the pipeline's).")
     parser.add_argument("--fid_inception_path", default=None)
     parser.add_argument("--reference_adapter", default=None, help="A non-private fine-tune, for the audit.")
 
@@ -65,6 +66,7 @@ def evaluate_command(subparsers: argparse._SubParsersAction) -> None:
             dataset_name=args.dataset_name,
             samples_per_class=args.samples_per_class,
             num_inference_steps=args.num_inference_steps,
+            scheduler=args.scheduler,
             inception_path=args.fid_inception_path,
             reference_adapter_dir=args.reference_adapter,
         )

@@ -56,7 +56,12 @@ def main(argv=None):
     parser.add_argument("--ldm_steps", type=int, default=350)
     parser.add_argument("--ldm_learning_rate", type=float, default=2e-3)
     parser.add_argument("--eval_samples_per_class", type=int, default=50)
-    parser.add_argument("--eval_inference_steps", type=int, default=25, help="DDIM steps of the evaluation samples.")
+    parser.add_argument(
+        "--scheduler",
+        default="DPMSolverMultistepScheduler",
+        help="Sampler of the grid and the evaluation (DPM-Solver++ at 10 steps scored like DDIM at 25, README).",
+    )
+    parser.add_argument("--eval_inference_steps", type=int, default=10, help="Denoising steps of the samples.")
     parser.add_argument("--skip_evaluation", action="store_true")
     args = parser.parse_args(argv)
 
@@ -94,6 +99,7 @@ def main(argv=None):
         "--learning_rate", str(args.dp_learning_rate),
         "--lora_target_modules", args.dp_lora_target_modules,
         "--num_inference_steps", str(args.eval_inference_steps),
+        "--scheduler", args.scheduler,
         "--resume_from_checkpoint", "latest",
         *evaluation,
         timings=timings,

@@ -221,10 +221,12 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
         api.create_repo.return_value = mock.Mock(repo_id="me/dp-lora")
         train(base_args(tiny_base, out, **{"--evaluate": True, "--eval_samples_per_class": 1,
                                             "--eval_inference_steps": 2, "--push_to_hub": True,
+                                            "--scheduler": "DPMSolverMultistepScheduler",
                                             "--hub_model_id": "me/dp-lora"}))  # fmt: skip
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"downstream_accuracy", "membership_auc"} <= set(metrics)
+    assert metrics["downstream_accuracy"]["sampler"] == "DPMSolverMultistepScheduler, 2 steps"
     card = ModelCard.load(out / "README.md")
     assert card.data.dp_epsilon == json.loads((out / "dp_report.json").read_text())["epsilon"]
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}
@@ -234,5 +236,8 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
     assert upload["repo_id"] == "me/dp-lora" and Path(upload["folder_path"]) == out
     assert "checkpoints/*" in upload["ignore_patterns"]
     assert not any(name.startswith("checkpoints/") for name in upload_file_list(out))
+    with pytest.raises(SystemExit):  # a typo in the sampler fails before training, not after it
+        train(base_args(tiny_base, tmp_path / "typo", **{"--scheduler": "DPMSolverMultistep"}))
+    assert not (tmp_path / "typo").exists()
     with pytest.raises(SystemExit):  # evaluation needs a data set with a held-out split
         train(base_args(tiny_base, out, **{"--evaluate": True, "--dataset_name": None, "--train_data_dir": tmp_path}))

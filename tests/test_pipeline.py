@@ -109,6 +109,19 @@ def test_outputs_and_determinism(tiny_base):
         pipe(class_labels=[12], num_inference_steps=2)
 
 
+def test_set_scheduler_swaps_the_sampler_and_keeps_the_noise_schedule(tiny_base):
+    pipe = DPLDMPipeline.from_pretrained(tiny_base)
+    ddim = sample(pipe)
+    pipe.set_scheduler("DPMSolverMultistepScheduler")
+
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert torch.equal(pipe.scheduler.betas, DPLDMPipeline.from_pretrained(tiny_base).scheduler.betas)
+    first, again = sample(pipe), sample(pipe)  # the multistep solver's history restarts with every call
+    assert torch.equal(first, again) and not torch.equal(first, ddim)
+    with pytest.raises(ValueError, match="not a diffusers scheduler.*DPMSolverMultistepScheduler"):
+        pipe.set_scheduler("UNet2DModel")
+
+
 @pytest.mark.parametrize("targets", sorted(LORA_TARGET_PRESETS))
 def test_every_lora_weight_loads_back_for_every_target_preset(tiny_base, tmp_path, targets):
     """Attention next to proj_in / convolution adapters: once saved in two namings, of which diffusers loaded one."""

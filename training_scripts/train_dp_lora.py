@@ -45,6 +45,7 @@ from dp_diffusers.data import (
 )
 from dp_diffusers.hub import DP_REPORT_NAME, push_to_hub, write_model_card
 from dp_diffusers.lora import ADAPTER_CONFIG_NAME, LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.pipelines.pipeline_dp_ldm import scheduler_class
 from dp_diffusers.privacy import (
     ACCOUNTANTS,
     GRAD_SAMPLE_MODES,
@@ -149,6 +150,13 @@ def parse_args(argv=None):
     train.add_argument("--logging_dir", type=str, default="logs")
     train.add_argument("--samples_per_class", type=int, default=8, help="samples.png rows; 0 to skip.")
     train.add_argument("--num_inference_steps", type=int, default=50)
+    train.add_argument(
+        "--scheduler",
+        type=str,
+        default=None,
+        help="diffusers scheduler class that draws samples.png and --evaluate's samples, e.g. "
+        "DPMSolverMultistepScheduler (default: the base's own, DDIM for train_ldm.py's bases).",
+    )
 
     evaluation = parser.add_argument_group("evaluation and sharing")
     evaluation.add_argument("--evaluate", action="store_true", help="Write metrics.json (dp_diffusers.evaluation).")
@@ -168,6 +176,11 @@ def parse_args(argv=None):
         parser.error("--noise_multiplicity must be >= 1")
     if args.ema_decay is not None and not 0 < args.ema_decay < 1:
         parser.error(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    if args.scheduler is not None:
+        try:
+            scheduler_class(args.scheduler)
+        except ValueError as error:
+            parser.error(str(error))
     if args.evaluate and args.dataset_name is None:
         parser.error("--evaluate needs --dataset_name: a data set with a held-out 'test' split to evaluate against.")
     if args.disable_dp and args.resume_from_checkpoint:
@@ -446,6 +459,8 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
     if args.samples_per_class > 0 and class_names:
         pipe.class_embedder = class_embedder
         pipe.set_progress_bar_config(disable=True)
+        if args.scheduler is not None:
+            pipe.set_scheduler(args.scheduler)
         shown = names[:10]
         grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, seed=args.seed)
         grid.save(out / "samples.png")
@@ -457,6 +472,7 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
             dataset_name=args.dataset_name,
             samples_per_class=args.eval_samples_per_class,
             num_inference_steps=args.eval_inference_steps,
+            scheduler=args.scheduler,
             inception_path=args.fid_inception_path,
             reference_adapter_dir=args.audit_reference,
             seed=args.seed,

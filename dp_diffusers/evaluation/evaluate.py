@@ -84,6 +84,7 @@ def evaluate_adapter(
     test_split: str = "test",
     samples_per_class: int = 100,
     num_inference_steps: int = 50,
+    scheduler: str | None = None,
     inception_path: str | None = None,
     reference_adapter_dir: str | Path | None = None,
     seed: int = 0,
@@ -99,6 +100,8 @@ def evaluate_adapter(
     config = _adapter_config(adapter_dir)
     pipe = DPLDMPipeline.from_pretrained(adapter_dir)
     pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.set_scheduler(scheduler)
     adapted = bool(getattr(pipe.unet, "peft_config", None))
     if adapted:
         pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling costs what the base costs
@@ -131,6 +134,7 @@ def evaluate_adapter(
             "classifier": downstream["classifier"],
             "num_synthetic": downstream["num_synthetic"],
             "num_test": downstream["num_test"],
+            "sampler": f"{type(pipe.scheduler).__name__}, {num_inference_steps} steps",
             "dataset": f"{dataset_name} ({test_split} split, held out)",
         }
     }

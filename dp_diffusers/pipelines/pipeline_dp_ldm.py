@@ -68,6 +68,17 @@ def _shorten(names: list[str]) -> str:
     return f"{shown}, ... ({len(names)} in all)" if len(names) > _SHOWN else shown
 
 
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class called ``name``; ``ValueError`` naming the choices if there is none."""
+    import diffusers
+
+    found = getattr(diffusers, name, None)
+    if isinstance(found, type) and issubclass(found, SchedulerMixin):
+        return found
+    known = sorted({*diffusers.DDIMScheduler._compatibles, "DDIMScheduler"})
+    raise ValueError(f"{name!r} is not a diffusers scheduler; the DDIM-compatible ones are {', '.join(known)}.")
+
+
 class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
     r"""Latent diffusion sampling for the bases and DP-LoRA adapters of dp-diffusers.
 
@@ -385,6 +396,12 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         if bad:
             known = list(self.labels) if self.labels else f"ids 0..{num_classes - 1}"
             raise ValueError(f"Unknown class id(s) {bad}; this model knows {known}.")
+
+    def set_scheduler(self, name: str) -> None:
+        """Swap in the diffusers scheduler class ``name`` (e.g. ``"DPMSolverMultistepScheduler"``), built from
+        the current one's config: the same trained noise schedule, another sampler (diffusers' ``from_config``
+        swap, by name so that command lines can choose it)."""
+        self.scheduler = scheduler_class(name).from_config(self.scheduler.config)
 
     def _scheduler_step_kwargs(self, eta: float, generator) -> dict:
         params = set(inspect.signature(self.scheduler.step).parameters)
