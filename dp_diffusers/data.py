@@ -217,6 +217,30 @@ def dataset_to_tensors(
     return pixels, torch.tensor([lookup[n] for n in as_names], dtype=torch.long)
 
 
+def make_canaries(
+    num_canaries: int, num_channels: int, resolution: int, num_classes: int, seed: int, grid: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``2 * num_canaries`` audit canaries drawn from ``seed``: ``(inserted_pixels, inserted_labels,
+    heldout_pixels, heldout_labels)``.
+
+    A canary is a random ``grid x grid`` black-and-white block pattern (64 random bits per channel:
+    no two alike, unlike anything real) with a random class label in ``[0, num_classes)``, pixels in
+    {-1, 1}, shape ``(num_channels, resolution, resolution)``. A run trains on the first half like on
+    any other example (counted, sampled, clipped and noised: the DP guarantee covers each canary); the
+    second half comes from the same distribution and is never trained on, so the audit's AUC of
+    inserted vs held-out canaries measures how much the model memorised individual examples
+    (canary auditing, Jagielski et al. 2020, Steinke et al. 2023). The same arguments rebuild the same
+    canaries: the evaluation finds them from the run's recorded ``num_canaries`` and ``seed``.
+    """
+    if num_canaries < 1 or num_classes < 1:
+        raise ValueError(f"need num_canaries >= 1 and num_classes >= 1, got {num_canaries} and {num_classes}")
+    generator = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 2, (2 * num_canaries, num_channels, grid, grid), generator=generator)
+    pixels = torch.nn.functional.interpolate(bits.float() * 2 - 1, size=(resolution, resolution), mode="nearest")
+    labels = torch.randint(0, num_classes, (2 * num_canaries,), generator=generator)
+    return pixels[:num_canaries], labels[:num_canaries], pixels[num_canaries:], labels[num_canaries:]
+
+
 def vae_scale_factor(vae) -> int:
     """Spatial downsampling factor of a diffusers autoencoder (``AutoencoderKL`` or ``VQModel``)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -90,6 +90,7 @@ _PRIVACY_TABLE = [
     ("noise_multiplicity", "Noise multiplicity", "noise draws averaged per example before clipping"),
     ("ema_decay", "Weight averaging (EMA decay)", "the adapter averages the DP iterates: post-processing, no cost"),
     ("dataset_size", "Training-set size N", "examples in the private fine-tuning set"),
+    ("num_canaries", "Audit canaries", "random-pattern examples trained on for the audit, counted in N"),
     ("batch_size", "Batch size", "logical (expected) batch size"),
     ("world_size", "World size", "training processes"),
     ("trainable_parameters", "Trainable parameters", "LoRA parameters trained with DP-SGD"),

@@ -16,6 +16,7 @@ from dp_diffusers.data import (
     load_image_dataset,
     load_private_digits,
     load_public_digits,
+    make_canaries,
     resolve_columns,
 )
 
@@ -96,6 +97,21 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     (corrupt / "cat" / "broken.png").write_bytes(b"not an image at all")
     with pytest.raises(DataError, match="cannot be read"):
         dataset_to_tensors(load_image_dataset(train_data_dir=str(corrupt)), 16, 1)
+
+
+def test_canaries_are_reproducible_distinct_and_split_in_two():
+    inserted_x, inserted_y, heldout_x, heldout_y = make_canaries(32, 3, 16, 10, seed=7)
+
+    assert inserted_x.shape == heldout_x.shape == (32, 3, 16, 16) and inserted_y.shape == heldout_y.shape == (32,)
+    assert set(torch.cat([inserted_x, heldout_x]).unique().tolist()) == {-1.0, 1.0}
+    assert 0 <= min(inserted_y.min(), heldout_y.min()) and max(inserted_y.max(), heldout_y.max()) < 10
+    everything = torch.cat([inserted_x, heldout_x]).flatten(1)
+    assert len(everything.unique(dim=0)) == 64  # no canary repeats another, across the halves included
+    again = make_canaries(32, 3, 16, 10, seed=7)  # what the evaluation rebuilds from the run's record
+    assert all(torch.equal(a, b) for a, b in zip((inserted_x, inserted_y, heldout_x, heldout_y), again))
+    assert not torch.equal(make_canaries(32, 3, 16, 10, seed=8)[0], inserted_x)
+    with pytest.raises(ValueError, match="num_canaries"):
+        make_canaries(0, 1, 16, 10, seed=0)
 
 
 def test_resolution_must_divide_by_vae_factor():

@@ -222,11 +222,20 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
         train(base_args(tiny_base, out, **{"--evaluate": True, "--eval_samples_per_class": 1,
                                             "--eval_inference_steps": 2, "--push_to_hub": True,
                                             "--scheduler": "DPMSolverMultistepScheduler",
+                                            "--num_canaries": 8,
                                             "--hub_model_id": "me/dp-lora"}))  # fmt: skip
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"downstream_accuracy", "membership_auc"} <= set(metrics)
     assert metrics["downstream_accuracy"]["sampler"] == "DPMSolverMultistepScheduler, 2 steps"
+    # the 8 canaries were trained on like any example (counted in the data set and the sampling rate), and the
+    # evaluation audited them against their 8 never-trained twins
+    report = json.loads((out / "dp_report.json").read_text())
+    assert report["dataset_size"] == 208 and report["sample_rate"] == pytest.approx(20 / 208)
+    assert report["num_canaries"] == 8
+    assert json.loads((out / "dp_lora_config.json").read_text())["canaries"] == {"num_canaries": 8, "seed": 0}
+    assert metrics["membership_auc"]["num_canaries"] == 8 and 0 <= metrics["membership_auc"]["canary_auc"] <= 1
+    assert "| Audit canaries | 8 |" in (out / "README.md").read_text()
     card = ModelCard.load(out / "README.md")
     assert card.data.dp_epsilon == json.loads((out / "dp_report.json").read_text())["epsilon"]
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}

@@ -305,6 +305,8 @@ def test_evaluate_adapter_writes_metrics_for_a_fused_adapter(tiny_base, tmp_path
     torch.set_num_threads(1)
     pipe = DPLDMPipeline.from_pretrained(tiny_base)
     folder = write_adapter(tmp_path / "adapter", pipe.unet, tiny_base)
+    config = json.loads((folder / "dp_lora_config.json").read_text())
+    (folder / "dp_lora_config.json").write_text(json.dumps({**config, "canaries": {"num_canaries": 4, "seed": 1}}))
 
     metrics = evaluate_adapter(folder, samples_per_class=2, num_inference_steps=2, reference_adapter_dir=folder)
 
@@ -322,6 +324,10 @@ def test_evaluate_adapter_writes_metrics_for_a_fused_adapter(tiny_base, tmp_path
     assert audit_result["reference_nonprivate_calibrated_auc"] == pytest.approx(
         audit_result["calibrated_auc"], abs=1e-3
     )
+    assert audit_result["num_canaries"] == 4  # the run's recorded canaries, against their 4 held-out twins
+    assert audit_result["reference_nonprivate_canary_auc"] == pytest.approx(audit_result["canary_auc"], abs=1e-3)
+    assert {"canary_calibrated_auc", "canary_public_base_auc"} <= set(audit_result)
+    assert "reference_nonprivate_num_canaries" not in audit_result
     card = build_model_card(folder)
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}
 

@@ -119,7 +119,8 @@ def test_card_metadata_round_trip(adapter: Path):
     assert 'DPLDMPipeline.from_pretrained("user/dp-lora-digits")' in card.text
     assert "Per example, not per person" in card.text
     assert "| Weight averaging (EMA decay) | 0.95 |" in card.text
-    assert "`calibrated auc`" in card.text
+    assert "`calibrated auc`" in card.text and "`canary auc`" in card.text
+    assert "Audit canaries" not in card.text  # a report without canaries has no such row
     assert (adapter / "epsilon.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -41,6 +41,7 @@ from dp_diffusers.data import (
     check_resolution,
     dataset_to_tensors,
     label_names,
+    make_canaries,
     resolve_columns,
 )
 from dp_diffusers.hub import DP_REPORT_NAME, push_to_hub, write_model_card
@@ -166,6 +167,14 @@ def parse_args(argv=None):
     evaluation.add_argument(
         "--audit_reference", type=str, default=None, help="A non-private fine-tune (--disable_dp) for the audit."
     )
+    evaluation.add_argument(
+        "--num_canaries",
+        type=int,
+        default=0,
+        help="Audit mode: train on N random-pattern canaries too (dp_diffusers.data.make_canaries; they count in "
+        "the data set size and the guarantee) and report how well the audit tells them from N never-trained "
+        "ones. They cost utility: not for a model you ship.",
+    )
     evaluation.add_argument("--push_to_hub", action="store_true", help="Upload adapter, report, card and images.")
     evaluation.add_argument("--hub_model_id", type=str, default=None, help="Default: the output folder's name.")
     evaluation.add_argument("--hub_token", type=str, default=None)
@@ -174,6 +183,8 @@ def parse_args(argv=None):
     resolve_dataset_source(args, "private-digits")
     if args.noise_multiplicity < 1:
         parser.error("--noise_multiplicity must be >= 1")
+    if args.num_canaries < 0:
+        parser.error("--num_canaries must be >= 0")
     if args.ema_decay is not None and not 0 < args.ema_decay < 1:
         parser.error(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if args.scheduler is not None:
@@ -242,6 +253,14 @@ def main(argv=None):
     pixels, labels = dataset_to_tensors(
         dataset, resolution, vae.config.in_channels, image_column, label_column if names else None, class_names
     )
+    if args.num_canaries:
+        # Audit canaries are training examples like any other: counted in n, Poisson-sampled, clipped, noised.
+        num_classes = len(class_names) if class_names else 1
+        canaries, canary_labels, _, _ = make_canaries(
+            args.num_canaries, pixels.shape[1], resolution, num_classes, args.seed
+        )
+        pixels = torch.cat([pixels, canaries])
+        labels = None if labels is None else torch.cat([labels, canary_labels])
     n = len(pixels)
     if n < args.batch_size:
         raise DataError(
@@ -387,6 +406,7 @@ def main(argv=None):
                 "trained_class_embedding": args.train_class_embedding,
                 "grad_sample_mode": args.grad_sample_mode,
                 "ema_decay": args.ema_decay,
+                "num_canaries": args.num_canaries or None,
             },
         )
         logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
@@ -445,6 +465,7 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
         "train_subset": None
         if args.max_train_samples is None
         else {"max_samples": args.max_train_samples, "seed": args.seed},
+        "canaries": {"num_canaries": args.num_canaries, "seed": args.seed} if args.num_canaries else None,
     }
     if args.train_class_embedding:
         class_embedder.save_pretrained(out / "class_embedder")

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..data import dataset_to_tensors, encode_latents, load_image_dataset, resolve_columns, seeded_subset
+from ..data import (
+    dataset_to_tensors,
+    encode_latents,
+    load_image_dataset,
+    make_canaries,
+    resolve_columns,
+    seeded_subset,
+)
 from ..hub import METRICS_NAME
 from ..lora import ADAPTER_CONFIG_NAME
 from ..models import LatentDenoiser, denoising_loss
@@ -64,6 +71,17 @@ def _without_adapter(unet, loss_fn):
             unet.enable_adapters()
 
     return base_loss_fn
+
+
+def _canary_audit(loss_fn, canary_sets, seed: int, base_loss_fn) -> dict:
+    """``canary_auc``: inserted vs held-out canaries; with the public base's loss also its AUC on them (their
+    chance level, ``canary_public_base_auc``) and ``canary_calibrated_auc``."""
+    result = audit(loss_fn, *canary_sets, seed=seed, calibration_loss_fn=base_loss_fn)
+    out = {"canary_auc": result["membership_auc"], "num_canaries": result["num_members"]}
+    if base_loss_fn is not None:
+        out["canary_public_base_auc"] = result["calibration_auc"]
+        out["canary_calibrated_auc"] = result["calibrated_auc"]
+    return out
 
 
 def _adapter_config(adapter_dir: str | Path) -> dict:
@@ -156,12 +174,23 @@ def evaluate_adapter(
         # The public base never saw either set: its AUC is this split's chance level (a few hundred examples
         # per side put it a few hundredths off 0.5, e.g. when the members happen to be easier to denoise).
         metrics["membership_auc"]["public_base_auc"] = metrics["membership_auc"].pop("calibration_auc")
+    canaries = config.get("canaries")
+    if canaries:  # the run also trained on canaries: inserted ones are members, never-trained twins non-members
+        inserted_x, inserted_y, heldout_x, heldout_y = make_canaries(
+            canaries["num_canaries"], channels, resolution, num_classes, canaries["seed"]
+        )
+        canary_sets = (encode_latents(vae, inserted_x), inserted_y, encode_latents(vae, heldout_x), heldout_y)
+        metrics["membership_auc"].update(_canary_audit(denoiser_loss_fn(pipe), canary_sets, seed, base_loss_fn))
     if reference_adapter_dir is not None:
         reference = DPLDMPipeline.from_pretrained(reference_adapter_dir)
         ref = audit(denoiser_loss_fn(reference), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
         metrics["membership_auc"]["reference_nonprivate_auc"] = ref["membership_auc"]
         if base_loss_fn is not None:
             metrics["membership_auc"]["reference_nonprivate_calibrated_auc"] = ref["calibrated_auc"]
+        if canaries and _adapter_config(reference_adapter_dir).get("canaries") == canaries:
+            ref_canaries = _canary_audit(denoiser_loss_fn(reference), canary_sets, seed, base_loss_fn)
+            del ref_canaries["num_canaries"], ref_canaries["canary_public_base_auc"]  # the same as the adapter's
+            metrics["membership_auc"].update({f"reference_nonprivate_{k}": v for k, v in ref_canaries.items()})
 
     try:
         _resolve_inception_path(inception_path)
