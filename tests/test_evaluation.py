@@ -6,6 +6,7 @@ features). Each FID costs one 2048x2048 ``sqrtm`` (~10 s on 2 cores), so there a
 """
 
 import copy
+import json
 import math
 import warnings
 
@@ -386,9 +387,34 @@ def test_an_adapter_that_changes_nothing_audits_like_its_public_base(tiny_base, 
     folder = write_adapter(tmp_path / "adapter", DPLDMPipeline.from_pretrained(tiny_base).unet, tiny_base)
     weights = load_file(folder / LORA_WEIGHT_NAME)
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, folder / LORA_WEIGHT_NAME)
+    config = json.loads((folder / "dp_lora_config.json").read_text())
+    (folder / "dp_lora_config.json").write_text(json.dumps({**config, "canaries": {"num_canaries": 6, "seed": 2}}))
     audit_result = evaluate_adapter(folder, samples_per_class=1, num_inference_steps=1)["membership_auc"]
     assert audit_result["public_base_auc"] == pytest.approx(audit_result["value"], abs=1e-3)
     assert audit_result["calibrated_auc"] == 0.5  # every example's loss equals the base's: nothing to detect
+    assert audit_result["canary_public_base_auc"] == pytest.approx(audit_result["canary_auc"], abs=1e-3)
+    assert audit_result["canary_calibrated_auc"] == 0.5  # the canaries too
+
+
+def test_canary_audit_of_an_adapter_with_its_own_class_embedding(tiny_base, tmp_path, monkeypatch):
+    """A trained class embedding may add classes the base lacks: no base scores, so no calibrated AUCs."""
+    from test_pipeline import write_adapter
+
+    from dp_diffusers import DPLDMPipeline
+    from dp_diffusers.evaluation.evaluate import evaluate_adapter
+
+    monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
+    torch.set_num_threads(1)
+    pipe = DPLDMPipeline.from_pretrained(tiny_base)
+    folder = write_adapter(tmp_path / "adapter", pipe.unet, tiny_base, class_embedder=pipe.class_embedder)
+    config = json.loads((folder / "dp_lora_config.json").read_text())
+    (folder / "dp_lora_config.json").write_text(json.dumps({**config, "canaries": {"num_canaries": 6, "seed": 2}}))
+    audit_result = evaluate_adapter(folder, samples_per_class=1, num_inference_steps=1, reference_adapter_dir=folder)[
+        "membership_auc"
+    ]
+    assert audit_result["num_canaries"] == 6
+    assert audit_result["reference_nonprivate_canary_auc"] == pytest.approx(audit_result["canary_auc"], abs=1e-3)
+    assert not any("calibrated" in key or "public_base" in key for key in audit_result)
 
 
 def test_public_base_auc_is_the_base_pipelines_own_audit(tiny_base, tmp_path, monkeypatch):

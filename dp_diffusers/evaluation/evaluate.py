@@ -189,8 +189,9 @@ def evaluate_adapter(
             metrics["membership_auc"]["reference_nonprivate_calibrated_auc"] = ref["calibrated_auc"]
         if canaries and _adapter_config(reference_adapter_dir).get("canaries") == canaries:
             ref_canaries = _canary_audit(denoiser_loss_fn(reference), canary_sets, seed, base_loss_fn)
-            del ref_canaries["num_canaries"], ref_canaries["canary_public_base_auc"]  # the same as the adapter's
-            metrics["membership_auc"].update({f"reference_nonprivate_{k}": v for k, v in ref_canaries.items()})
+            for key in ("canary_auc", "canary_calibrated_auc"):  # (the counts and the base's AUC are the adapter's)
+                if key in ref_canaries:
+                    metrics["membership_auc"][f"reference_nonprivate_{key}"] = ref_canaries[key]
 
     try:
         _resolve_inception_path(inception_path)
