@@ -14,7 +14,8 @@ reference. Writes ``table.md`` and ``results.json`` in ``--output_dir``.
 A second table checks the audit itself: 20 epochs over 1,437 images memorise nothing measurable even
 without DP, so the same LoRA is also trained on ``--audit_subset`` examples for ``--audit_epochs``
 epochs, without DP (it memorises) and at each epsilon (members: that subset; the public base's AUC on
-the same sets is the split's chance level).
+the same sets is the split's chance level). With ``--num_canaries N`` every run also trains on N
+random-pattern canaries and both tables get the canary audit's columns (inserted vs never-trained canaries).
 """
 
 import argparse
@@ -35,6 +36,7 @@ def train(base: Path, out: Path, extra: list[str], args, epochs: float, batch_si
         "--learning_rate", str(args.learning_rate), "--max_grad_norm", str(args.max_grad_norm),
         "--lora_target_modules", args.lora_target_modules, "--samples_per_class", "8",
         "--num_inference_steps", str(args.eval_inference_steps), *extra,
+        *(["--num_canaries", str(args.num_canaries)] if args.num_canaries else []),
     ]  # fmt: skip
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
@@ -71,6 +73,9 @@ def main(argv=None):
     parser.add_argument("--audit_subset", type=int, default=64, help="Private examples of the memorisation runs.")
     parser.add_argument("--audit_epochs", type=float, default=300)
     parser.add_argument("--audit_batch_size", type=int, default=32)
+    parser.add_argument(
+        "--num_canaries", type=int, default=0, help="Every run also trains on N canaries; adds canary AUC columns."
+    )
     args = parser.parse_args(argv)
 
     base, root = Path(args.base), Path(args.output_dir)
@@ -94,6 +99,15 @@ def main(argv=None):
         shutil.copytree(base, base_copy, ignore=shutil.ignore_patterns("checkpoint-*", "metrics.json"))
     reference = runs["no DP"][0]
     results = {"config": vars(args), "runs": {}}
+    canary_header = " canary AUC | public base, canaries | calibrated canary AUC |" if args.num_canaries else ""
+
+    def canary_cells(auc: dict) -> str:
+        if not args.num_canaries:
+            return ""
+        if "canary_auc" not in auc:  # the public base never trained on canaries
+            return " - | - | - |"
+        return f" {auc['canary_auc']:.3f} | {auc['canary_public_base_auc']:.3f} | {auc['canary_calibrated_auc']:.3f} |"
+
     rows = []
     for name, (out, _) in {"public base, no fine-tuning": (base_copy, None), **runs}.items():
         reference_dir = None if out in (reference, base_copy) else reference
@@ -110,15 +124,17 @@ def main(argv=None):
                 if "public_base_auc" in auc
                 else "- | - |"
             )
+            + canary_cells(auc)
         )
     real = results["runs"]["no DP"]["metrics"]["downstream_accuracy"]["real_data_accuracy"]
     table = "\n".join(
         [
             f"| run | epsilon (delta={args.target_delta:g}) | sigma | downstream accuracy | / real-data accuracy "
-            "| audit AUC | public base, same examples | calibrated audit AUC |",
-            "|---|---|---|---|---|---|---|---|",
+            "| audit AUC | public base, same examples | calibrated audit AUC |" + canary_header,
+            "|---|---|---|---|---|---|---|---|" + "---|" * canary_header.count("|"),
             *rows,
-            f"| real private train split (same CNN) | - | - | {real:.3f} | 1.00 | - | - | - |",
+            f"| real private train split (same CNN) | - | - | {real:.3f} | 1.00 | - | - | - |"
+            + " - |" * canary_header.count("|"),
         ]
     )
     table += (
@@ -138,12 +154,13 @@ def main(argv=None):
         epsilon = f"{report['epsilon']:.2f}" if report else "none"
         audit_rows.append(
             f"| {name} | {epsilon} | {auc['value']:.3f} | {auc['public_base_auc']:.3f} | {auc['calibrated_auc']:.3f} |"
+            + canary_cells(auc)
         )
     table += "\n\n" + "\n".join(
         [
             f"| run on {args.audit_subset} private examples, {args.audit_epochs:g} epochs | epsilon | audit AUC "
-            "| public base, same examples | calibrated audit AUC |",
-            "|---|---|---|---|---|",
+            "| public base, same examples | calibrated audit AUC |" + canary_header,
+            "|---|---|---|---|---|" + "---|" * canary_header.count("|"),
             *audit_rows,
         ]
     )
