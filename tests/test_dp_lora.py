@@ -233,7 +233,11 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
     report = json.loads((out / "dp_report.json").read_text())
     assert report["dataset_size"] == 208 and report["sample_rate"] == pytest.approx(20 / 208)
     assert report["num_canaries"] == 8
-    assert json.loads((out / "dp_lora_config.json").read_text())["canaries"] == {"num_canaries": 8, "seed": 0}
+    assert json.loads((out / "dp_lora_config.json").read_text())["canaries"] == {
+        "num_canaries": 8,
+        "seed": 0,
+        "resolution": 16,
+    }
     assert metrics["membership_auc"]["num_canaries"] == 8 and 0 <= metrics["membership_auc"]["canary_auc"] <= 1
     assert "| Audit canaries | 8 |" in (out / "README.md").read_text()
     card = ModelCard.load(out / "README.md")

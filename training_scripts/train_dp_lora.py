@@ -465,7 +465,14 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
         "train_subset": None
         if args.max_train_samples is None
         else {"max_samples": args.max_train_samples, "seed": args.seed},
-        "canaries": {"num_canaries": args.num_canaries, "seed": args.seed} if args.num_canaries else None,
+        # (the resolution they were drawn at, which --resolution may set apart from the autoencoder's)
+        "canaries": {
+            "num_canaries": args.num_canaries,
+            "seed": args.seed,
+            "resolution": args.resolution or pipe.vae.config.sample_size,
+        }
+        if args.num_canaries
+        else None,
     }
     if args.train_class_embedding:
         class_embedder.save_pretrained(out / "class_embedder")

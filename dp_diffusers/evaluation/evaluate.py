@@ -177,7 +177,7 @@ def evaluate_adapter(
     canaries = config.get("canaries")
     if canaries:  # the run also trained on canaries: inserted ones are members, never-trained twins non-members
         inserted_x, inserted_y, heldout_x, heldout_y = make_canaries(
-            canaries["num_canaries"], channels, resolution, num_classes, canaries["seed"]
+            canaries["num_canaries"], channels, canaries.get("resolution", resolution), num_classes, canaries["seed"]
         )
         canary_sets = (encode_latents(vae, inserted_x), inserted_y, encode_latents(vae, heldout_x), heldout_y)
         metrics["membership_auc"].update(_canary_audit(denoiser_loss_fn(pipe), canary_sets, seed, base_loss_fn))

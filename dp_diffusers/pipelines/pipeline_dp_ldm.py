@@ -13,7 +13,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LoraBaseMixin
 from diffusers.loaders.peft import PeftAdapterMixin
-from diffusers.schedulers import SchedulerMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download, snapshot_download
@@ -75,7 +75,7 @@ def scheduler_class(name: str) -> type[SchedulerMixin]:
     found = getattr(diffusers, name, None)
     if isinstance(found, type) and issubclass(found, SchedulerMixin):
         return found
-    known = sorted({*diffusers.DDIMScheduler._compatibles, "DDIMScheduler"})
+    known = sorted(scheduler.name for scheduler in KarrasDiffusionSchedulers)  # diffusers' interchangeable ones
     raise ValueError(f"{name!r} is not a diffusers scheduler; the DDIM-compatible ones are {', '.join(known)}.")
 
 
