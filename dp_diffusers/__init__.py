@@ -1,19 +1,40 @@
-"""dp-diffusers: differentially private LoRA fine-tuning of latent diffusion models."""
+"""dp-diffusers: differentially private LoRA fine-tuning of latent diffusion models.
 
-__version__ = "0.1.0"
+The names below load on first use (as diffusers' own top level does), so importing a part,
+e.g. ``dp_diffusers.privacy``, does not load the pipelines and models.
+"""
 
-from .models import ClassEmbedder, LatentDenoiser, UNet2DModelWithLoRA, denoising_loss
-from .pipelines import DPLDMPipeline
-from .presets import PRESETS, ModelPreset, get_preset
+from __future__ import annotations
 
-__all__ = [
-    "ClassEmbedder",
-    "DPLDMPipeline",
-    "LatentDenoiser",
-    "ModelPreset",
-    "PRESETS",
-    "UNet2DModelWithLoRA",
-    "__version__",
-    "denoising_loss",
-    "get_preset",
-]
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("dp-diffusers")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+_LAZY = {
+    "ClassEmbedder": ".models",
+    "LatentDenoiser": ".models",
+    "UNet2DModelWithLoRA": ".models",
+    "denoising_loss": ".models",
+    "DPLDMPipeline": ".pipelines",
+    "PRESETS": ".presets",
+    "ModelPreset": ".presets",
+    "get_preset": ".presets",
+}
+
+__all__ = [*sorted(_LAZY), "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

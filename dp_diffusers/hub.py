@@ -17,16 +17,19 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
-from .lora import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
+from .constants import (
+    ADAPTER_CONFIG_NAME,
+    CARD_NAME,
+    DP_REPORT_NAME,
+    EPSILON_PLOT_NAME,
+    LORA_WEIGHT_NAME,
+    METRICS_NAME,
+    SAMPLES_NAME,
+)
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
-DP_REPORT_NAME = "dp_report.json"
-METRICS_NAME = "metrics.json"
-CARD_NAME = "README.md"
-SAMPLES_NAME = "samples.png"
-EPSILON_PLOT_NAME = "epsilon.png"
 
 CARD_TAGS = ["differential-privacy", "dp-sgd", "lora", "diffusers", "dp-diffusers", "latent-diffusion"]
 # Dropped when there is no privacy report: a card without a guarantee must not be found as private.

@@ -18,9 +18,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-#: Marks a DP-LoRA adapter folder (train_dp_lora.py's output): base model, weights file, class embedding, classes.
-ADAPTER_CONFIG_NAME = "dp_lora_config.json"
+from .constants import LORA_WEIGHT_NAME
 
 LORA_TARGET_PRESETS: dict[str, list[str]] = {
     # attention projections of every attention block (self- and cross-attention)

@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dp_diffusers.constants import DP_REPORT_NAME, LORA_WEIGHT_NAME, METRICS_NAME
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,7 +47,6 @@ def train(base: Path, out: Path, extra: list[str], args, epochs: float, batch_si
 def evaluate(out: Path, samples_per_class: int, reference: Path | None, args) -> tuple[dict, dict | None]:
     """``metrics.json`` of ``out`` (written by the evaluation) and its ``dp_report.json`` (None without DP)."""
     from dp_diffusers.evaluation.evaluate import evaluate_adapter
-    from dp_diffusers.hub import DP_REPORT_NAME
 
     metrics = evaluate_adapter(
         out,
@@ -86,17 +87,17 @@ def main(argv=None):
         name: (out.with_name(f"{out.name}-subset{args.audit_subset}"), extra) for name, (out, extra) in runs.items()
     }
     for out, extra in runs.values():
-        if not (out / "pytorch_lora_weights.safetensors").is_file():
+        if not (out / LORA_WEIGHT_NAME).is_file():
             train(base, out, extra, args, args.epochs, args.batch_size)
     for out, extra in audit_runs.values():
-        if not (out / "pytorch_lora_weights.safetensors").is_file():
+        if not (out / LORA_WEIGHT_NAME).is_file():
             subset = ["--max_train_samples", str(args.audit_subset)]
             train(base, out, [*extra, *subset], args, args.audit_epochs, args.audit_batch_size)
 
     # the starting point: the public base itself, evaluated on a copy (evaluation writes metrics.json)
     base_copy = root / "base-no-finetune"
     if not (base_copy / "model_index.json").is_file():
-        shutil.copytree(base, base_copy, ignore=shutil.ignore_patterns("checkpoint-*", "metrics.json"))
+        shutil.copytree(base, base_copy, ignore=shutil.ignore_patterns("checkpoint-*", METRICS_NAME))
     reference = runs["no DP"][0]
     results = {"config": vars(args), "runs": {}}
     canary_header = " canary AUC | public base, canaries | calibrated canary AUC |" if args.num_canaries else ""

@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from dp_diffusers.constants import CARD_NAME, DP_REPORT_NAME, METRICS_NAME, SAMPLES_NAME
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,16 +106,16 @@ def main(argv=None):
         *evaluation,
         timings=timings,
     )  # fmt: skip
-    if (adapter / "metrics.json").is_file():
-        metrics = json.loads((adapter / "metrics.json").read_text())
+    if (adapter / METRICS_NAME).is_file():
+        metrics = json.loads((adapter / METRICS_NAME).read_text())
         print(json.dumps({name: metric["value"] for name, metric in metrics.items()}, indent=2))
-    report = json.loads((adapter / "dp_report.json").read_text())
+    report = json.loads((adapter / DP_REPORT_NAME).read_text())
     print(
         f"\nDone in {time.time() - start:.0f} s ({', '.join(f'{k}: {v:.0f} s' for k, v in timings.items())}). "
         f"(epsilon={report['epsilon']:.2f}, delta={report['delta']:g}) "
         f"after {report['steps']} DP steps.\n"
-        f"  adapter + report: {adapter}\n  samples: {adapter / 'samples.png'}\n"
-        f"  model card: {adapter / 'README.md'}\n\n"
+        f"  adapter + report: {adapter}\n  samples: {adapter / SAMPLES_NAME}\n"
+        f"  model card: {adapter / CARD_NAME}\n\n"
         "Load it:\n"
         "  from dp_diffusers import DPLDMPipeline\n"
         f"  pipe = DPLDMPipeline.from_pretrained({str(adapter)!r})\n"

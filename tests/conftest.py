@@ -1,5 +1,7 @@
-"""Tiny models and bases built in the test session: no download, seconds on 2 CPU cores."""
+"""Fixtures only (functions shared by tests live in helpers.py): tiny bases built in the test session, no
+download, seconds on 2 CPU cores."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,65 +9,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from helpers import base_args, load_app, scheduler, tiny_cond_unet, tiny_vae, train  # noqa: E402
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline  # noqa: E402
+from dp_diffusers.constants import METRICS_NAME  # noqa: E402
+from dp_diffusers.hub import write_model_card  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-
-def tiny_vae(channels: int = 1) -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=channels,
-        out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=3,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-
-
-def tiny_cond_unet(conv_projection: bool = False) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        use_linear_projection=not conv_projection,
-    )
-
-
-def tiny_uncond_unet() -> UNet2DModel:
-    """The CompVis unconditional LDM layout: UNet2DModel with attention blocks."""
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-
-
-def scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False
-    )
+#: The metrics.json of the Space's adapter (no FID).
+SPACE_METRICS = {"downstream_accuracy": {"value": 0.75, "classifier": "logistic-regression"}, "membership_auc": 0.5125}
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +35,30 @@ def tiny_base(tmp_path_factory):
     )
     pipe.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose ~10x when other processes share the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def app():
+    """The Space's app module (examples/space/app.py)."""
+    return load_app()
+
+
+@pytest.fixture(scope="session")
+def space_adapter(tiny_base, tmp_path_factory):
+    """An adapter folder of train_dp_lora.py (2 DP steps, a large learning rate so that the LoRA shows in 8-bit
+    images), with a metrics.json that has no FID and a model card."""
+    out = tmp_path_factory.mktemp("space") / "dp-lora"
+    overrides = {"--max_train_samples": 40, "--batch_size": 8, "--max_train_steps": 2, "--learning_rate": 0.1}
+    train(base_args(tiny_base, out, **overrides))
+    (out / METRICS_NAME).write_text(json.dumps(SPACE_METRICS))
+    write_model_card(out)
+    return out

@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-from test_dp_lora import base_args, train
-from test_privacy_gradients import build, fixed_loss
+from helpers import base_args, fixed_loss, lora_denoiser, train
 from torch.utils.data import TensorDataset
 
 from dp_diffusers import ClassEmbedder, denoising_loss
@@ -23,7 +22,7 @@ MODES = ["fused", "hooks", "functorch"]
 def test_class_embedding_is_clipped_together_with_the_lora_weights(mode):
     torch.manual_seed(0)
     k, clip, n = 2, 0.01, 3
-    model = build("cond", "attention", train_class_embedding=True)
+    model = lora_denoiser("cond", "attention", train_class_embedding=True)
     model.class_embedder.eval()  # as ClassEmbedder.from_pretrained leaves it
     reference = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]

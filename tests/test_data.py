@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vae
+from helpers import tiny_vae
 from PIL import Image
 
 from dp_diffusers.data import (

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import (
-    BATCH,
+from helpers import (
     CLIPS,
+    DIST_BATCH,
     EQUALITY_CASES,
     EQUALITY_STEPS,
     NOISE_CLIP,
@@ -29,14 +29,15 @@ from distributed_worker import (
     POISSON_EPOCHS,
     POISSON_N,
     SIGMA,
-    build_model,
-    examples,
+    base_args,
+    distributed_model,
     flat,
     indexed,
+    indexed_examples,
     indexed_loss,
     private,
+    train,
 )
-from test_dp_lora import base_args, train
 
 from dp_diffusers.privacy import average_over_copies, private_backward
 
@@ -63,8 +64,9 @@ def test_two_processes_make_the_one_process_update(launched, mode, k):
     batches) in one process gives the same update, per-example clipping included."""
     run = torch.load(launched / "equality.pt")[f"{mode}-k{k}"]
     assert run["ranks_agree"] and len(run["steps"]) == EQUALITY_STEPS
-    data = examples()
-    dp, _ = private(build_model(), indexed(data["latents"]), sigma=0.0, clip=CLIPS[k], batch=BATCH, k=k, mode=mode)
+    data = indexed_examples()
+    dataset = indexed(data["latents"])
+    dp, _ = private(distributed_model(), dataset, sigma=0.0, clip=CLIPS[k], batch=DIST_BATCH, k=k, mode=mode)
     loss_fn = indexed_loss(data, k)
     norms = []
     for step in run["steps"]:
@@ -91,7 +93,7 @@ def test_noise_is_added_once_with_std_sigma_c_over_the_global_batch(launched):
     updates = noise["updates"].double()
     assert updates.shape[0] == NOISE_STEPS
     m = updates.numel()
-    expected = SIGMA * NOISE_CLIP / BATCH
+    expected = SIGMA * NOISE_CLIP / DIST_BATCH
     ratio = updates.pow(2).mean().sqrt().item() / expected
     # m * s^2 / std^2 ~ chi2(m) for zero-mean noise: s^2 / std^2 has standard deviation sqrt(2/m)
     tolerance = 6 * math.sqrt(2 / m)

@@ -1,38 +1,22 @@
 """train_dp_lora.py end to end on a tiny random base: report, budget, resume, bad input."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import base_args, script, train
 from PIL import Image
 
 from dp_diffusers.data import DataError
 from dp_diffusers.lora import NoLoRATargetError
 from dp_diffusers.privacy import PrivacyBudgetError, epsilon_for, max_steps_within_budget
 
-ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
     "accountant", "epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm", "sample_rate", "steps",
     "epochs", "noise_multiplicity", "dataset_size", "batch_size", "world_size", "trainable_parameters", "lora_rank",
     "lora_alpha", "adapted_modules", "base_model", "epsilon_history", "dp_diffusers_version",
 }  # fmt: skip
-
-
-def train(argv):
-    spec = importlib.util.spec_from_file_location("train_dp_lora", ROOT / "training_scripts" / "train_dp_lora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in argv])
-
-
-def base_args(tiny_base, out, **overrides):
-    args = {"--pretrained_model_name_or_path": tiny_base, "--output_dir": out, "--max_train_samples": 200,
-            "--batch_size": 20, "--max_train_steps": 4, "--samples_per_class": 0, "--epsilon_log_steps": 1,
-            "--target_delta": 1e-4}  # fmt: skip
-    args.update(overrides)  # None drops a flag, True passes a switch
-    return [x for k, v in args.items() if v is not None for x in ([k] if v is True else [k, v])]
 
 
 def test_report_adapter_and_adapted_modules(tiny_base, tmp_path):
@@ -67,9 +51,7 @@ def test_resumed_run_reports_the_same_epsilon_and_steps(tiny_base, tmp_path, mon
     train(base_args(tiny_base, full, **{"--checkpointing_steps": 2}))
 
     interrupted = tmp_path / "interrupted"
-    spec = importlib.util.spec_from_file_location("train_dp_lora", ROOT / "training_scripts" / "train_dp_lora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("train_dp_lora")
     real_save = module.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
@@ -94,9 +76,7 @@ def test_ema_saves_the_average_of_the_iterates_and_resume_continues_it(tiny_base
     import torch
     from diffusers.training_utils import EMAModel
 
-    spec = importlib.util.spec_from_file_location("train_dp_lora", ROOT / "training_scripts" / "train_dp_lora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("train_dp_lora")
     emas = []
 
     class RecordingEMA(EMAModel):

@@ -296,7 +296,7 @@ def test_membership_empty_inputs():
 def test_evaluate_adapter_writes_metrics_for_a_fused_adapter(tiny_base, tmp_path, monkeypatch):
     import json
 
-    from test_pipeline import write_adapter
+    from helpers import write_adapter
 
     from dp_diffusers import DPLDMPipeline
     from dp_diffusers.evaluation.evaluate import evaluate_adapter
@@ -340,7 +340,7 @@ def test_audit_members_are_the_examples_the_run_trained_on(tiny_base, tmp_path, 
     import shutil
     from pathlib import Path
 
-    from test_pipeline import write_adapter
+    from helpers import write_adapter
 
     from dp_diffusers import DPLDMPipeline
     from dp_diffusers.data import dataset_to_tensors, encode_latents, load_image_dataset, seeded_subset
@@ -375,12 +375,12 @@ def test_audit_members_are_the_examples_the_run_trained_on(tiny_base, tmp_path, 
 
 
 def test_an_adapter_that_changes_nothing_audits_like_its_public_base(tiny_base, tmp_path, monkeypatch):
+    from helpers import write_adapter
     from safetensors.torch import load_file, save_file
-    from test_pipeline import write_adapter
 
     from dp_diffusers import DPLDMPipeline
+    from dp_diffusers.constants import LORA_WEIGHT_NAME
     from dp_diffusers.evaluation.evaluate import evaluate_adapter
-    from dp_diffusers.lora import LORA_WEIGHT_NAME
 
     monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
     torch.set_num_threads(1)
@@ -398,7 +398,7 @@ def test_an_adapter_that_changes_nothing_audits_like_its_public_base(tiny_base, 
 
 def test_canary_audit_of_an_adapter_with_its_own_class_embedding(tiny_base, tmp_path, monkeypatch):
     """A trained class embedding may add classes the base lacks: no base scores, so no calibrated AUCs."""
-    from test_pipeline import write_adapter
+    from helpers import write_adapter
 
     from dp_diffusers import DPLDMPipeline
     from dp_diffusers.evaluation.evaluate import evaluate_adapter
@@ -420,7 +420,7 @@ def test_canary_audit_of_an_adapter_with_its_own_class_embedding(tiny_base, tmp_
 def test_public_base_auc_is_the_base_pipelines_own_audit(tiny_base, tmp_path, monkeypatch):
     import shutil
 
-    from test_pipeline import write_adapter
+    from helpers import write_adapter
 
     from dp_diffusers import DPLDMPipeline
     from dp_diffusers.evaluation.evaluate import evaluate_adapter

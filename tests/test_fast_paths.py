@@ -10,19 +10,23 @@ import copy
 
 import pytest
 import torch
-from conftest import scheduler, tiny_cond_unet
-from test_privacy_gradients import CASES, B, build, dp_setup, fixed_loss
+from helpers import (
+    GRADIENT_CASES,
+    dp_setup,
+    fixed_loss,
+    lora_denoiser,
+    per_sample_gradients,
+    private,
+    reference_grads,
+    tiny_cond_unet,
+)
 from torch.utils.data import TensorDataset
 
-from dp_diffusers import ClassEmbedder, LatentDenoiser, denoising_loss
-from dp_diffusers.privacy import (
-    GRAD_SAMPLE_MODES,
-    PrivacyBudget,
-    average_over_copies,
-    make_private,
-    private_backward,
-)
-from dp_diffusers.privacy.engine import FusedGradSampleModule
+from dp_diffusers import ClassEmbedder, LatentDenoiser
+from dp_diffusers.privacy import GRAD_SAMPLE_MODES, average_over_copies, make_private, private_backward
+from dp_diffusers.privacy.grad_sample import FusedGradSampleModule
+
+B = 3
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -36,37 +40,6 @@ def build_full(kind="cond"):
     return LatentDenoiser(unet, embedder)
 
 
-def reference_grads(reference, sched, latents, labels, timesteps, noise, k):
-    params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
-    out = []
-    for i in range(len(latents)):
-        rows = slice(i * k, (i + 1) * k)
-        lab = labels[i : i + 1].repeat(k) if labels is not None else None
-        loss = denoising_loss(
-            reference, sched, latents[i : i + 1].repeat(k, 1, 1, 1), lab, timesteps[rows], noise[rows]
-        ).mean()
-        out.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
-    return out
-
-
-def run_fused(model, latents, labels, timesteps, noise, k, mode="fused"):
-    sched, loss_fn = fixed_loss(timesteps, noise)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.1)
-    budget = PrivacyBudget("prv", 1.0, 0.5, 1e-5, planned_steps=1)
-    dp = make_private(
-        model,
-        optimizer,
-        TensorDataset(latents, torch.zeros(len(latents))),
-        budget=budget,
-        max_grad_norm=1.0,
-        noise_multiplicity=k,
-        grad_sample_mode=mode,
-    )
-    private_backward(dp.model, dp.optimizer, loss_fn, latents, labels)
-    return dp, sched
-
-
 def test_fused_is_a_mode_and_the_default():
     import inspect
 
@@ -74,17 +47,17 @@ def test_fused_is_a_mode_and_the_default():
     assert inspect.signature(make_private).parameters["grad_sample_mode"].default == "fused"
 
 
-@pytest.mark.parametrize("kind,targets,train_embedding", CASES)
+@pytest.mark.parametrize("kind,targets,train_embedding", GRADIENT_CASES)
 @pytest.mark.parametrize("k", [1, 3])
 def test_fused_per_example_gradients_match_microbatch_reference(kind, targets, train_embedding, k):
     torch.manual_seed(1)
-    model = build(kind, targets, train_embedding)
+    model = lora_denoiser(kind, targets, train_embedding)
     reference = copy.deepcopy(model)
     latents = torch.randn(B, 3, 8, 8)
     labels = torch.randint(0, 10, (B,)) if kind == "cond" else None
     timesteps = torch.randint(0, 1000, (B * k,))
     noise = torch.randn(B * k, 3, 8, 8)
-    dp, sched = run_fused(model, latents, labels, timesteps, noise, k)
+    dp, sched = per_sample_gradients(model, latents, labels, timesteps, noise, k)
     got = {n: p.grad_sample for n, p in model.named_parameters() if p.requires_grad}
     # folded in the backward: one row per example, and autograd computed no summed gradient
     assert all(g.shape[0] == B for g in got.values())
@@ -106,8 +79,8 @@ def test_fused_full_finetuning_matches_microbatch_reference(k):
     labels = torch.randint(0, 10, (n,))
     timesteps = torch.randint(0, 1000, (n * k,))
     noise = torch.randn(n * k, 3, 8, 8)
-    dp, sched = run_fused(model, latents, labels, timesteps, noise, k)
-    kinds = {type(m) for m in dp.model._patched}
+    dp, sched = per_sample_gradients(model, latents, labels, timesteps, noise, k)
+    kinds = {type(m) for m in dp.model.patched_modules}
     assert {torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Linear, torch.nn.Embedding} <= kinds
     got = {name: p.grad_sample for name, p in model.named_parameters()}
     ref = reference_grads(reference, sched, latents, labels, timesteps, noise, k)
@@ -120,29 +93,15 @@ def test_fused_full_finetuning_matches_microbatch_reference(k):
 def test_fused_and_hooks_make_the_same_clipped_step(k):
     """Whole DP step, noise off, tight clipping: same update from both modes."""
     torch.manual_seed(3)
-    base = build("cond", "attention+proj", train_class_embedding=True)
+    base = lora_denoiser("cond", "attention+proj", train_class_embedding=True)
     latents = torch.randn(5, 3, 8, 8)
     labels = torch.randint(0, 10, (5,))
     timesteps = torch.randint(0, 1000, (5 * k,))
     noise = torch.randn(5 * k, 3, 8, 8)
     grads = {}
     for mode in ("fused", "hooks"):
-        model = copy.deepcopy(base)
-        dp = dp_setup(model, max_grad_norm=0.05, k=k)
-        if mode == "hooks":  # dp_setup uses the default mode; rebuild with hooks
-            model = copy.deepcopy(base)
-            params = [p for p in model.parameters() if p.requires_grad]
-            budget = PrivacyBudget("prv", 1.0, 8 / 64, 1e-5, planned_steps=10)
-            budget.noise_multiplier = 0.0
-            dp = make_private(
-                model,
-                torch.optim.SGD(params, lr=1.0),
-                TensorDataset(torch.randn(64, 3, 8, 8), torch.zeros(64)),
-                budget=budget,
-                max_grad_norm=0.05,
-                noise_multiplicity=k,
-                grad_sample_mode="hooks",
-            )
+        dataset = TensorDataset(torch.randn(64, 3, 8, 8), torch.zeros(64))
+        dp, _ = private(copy.deepcopy(base), dataset, sigma=0.0, clip=0.05, batch=8, k=k, mode=mode)
         _, loss_fn = fixed_loss(timesteps, noise)
         private_backward(dp.model, dp.optimizer, loss_fn, latents, labels)
         dp.optimizer.step()
@@ -171,7 +130,7 @@ def test_fused_refuses_grad_accumulation_and_counts_a_shared_layer_twice():
 
 def test_fused_leaves_inference_and_unhooked_use_alone():
     torch.manual_seed(5)
-    model = build("cond", "attention")
+    model = lora_denoiser("cond", "attention")
     reference = copy.deepcopy(model)
     fused = FusedGradSampleModule(model)
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
@@ -200,7 +159,7 @@ def test_fused_rows_must_be_whole_examples():
 
 def test_fused_empty_batch_is_a_noise_only_step():
     torch.manual_seed(6)
-    model = build("cond", "attention")
+    model = lora_denoiser("cond", "attention")
     dp = dp_setup(model, noise_multiplier=1.0, max_grad_norm=0.1, k=2)
     assert isinstance(dp.model, FusedGradSampleModule)
     before = [p.detach().clone() for p in dp.optimizer.params]
@@ -212,10 +171,10 @@ def test_fused_empty_batch_is_a_noise_only_step():
 def test_hooks_mode_still_hands_per_row_gradients_to_the_optimizer():
     """Only the fused mode folds in the backward; the others keep (B*k, ...) rows for the mixin."""
     torch.manual_seed(7)
-    model = build("cond", "attention")
+    model = lora_denoiser("cond", "attention")
     latents, labels = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
-    dp, _ = run_fused(model, latents, labels, torch.randint(0, 1000, (6,)), torch.randn(6, 3, 8, 8), 3, "hooks")
+    timesteps, noise = torch.randint(0, 1000, (6,)), torch.randn(6, 3, 8, 8)
+    dp, _ = per_sample_gradients(model, latents, labels, timesteps, noise, 3, "hooks")
     assert not dp.optimizer.copies_folded_in_backward
     g = next(p.grad_sample for p in dp.optimizer.params)
     assert g.shape[0] == 6 and average_over_copies(g, 3).shape[0] == 2
-    _ = scheduler  # conftest import kept for the shared helpers

@@ -1,7 +1,6 @@
 """DPLDMPipeline: sampling, DP-LoRA adapter folders (load, scale, fuse/unfuse, unload, mismatches, Hub), the
 unconditional CompVis layout, and the ``dp-diffusers`` command. Offline, tiny models."""
 
-import importlib.util
 import json
 import re
 import shutil
@@ -10,50 +9,22 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import scheduler, tiny_cond_unet, tiny_uncond_unet, tiny_vae
-from diffusers import UNet2DConditionModel, VQModel
+from diffusers import UNet2DConditionModel
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from helpers import scheduler, script, tiny_cond_unet, tiny_uncond_unet, tiny_vae, tiny_vq, write_adapter
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline, UNet2DModelWithLoRA, cli
-from dp_diffusers.lora import LORA_TARGET_PRESETS, LORA_WEIGHT_NAME, add_lora, make_lora_config, save_lora_weights
-from dp_diffusers.pipelines.pipeline_dp_ldm import ADAPTER_CONFIG_NAME
-
-ROOT = Path(__file__).resolve().parents[1]
+from dp_diffusers.constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
+from dp_diffusers.lora import LORA_TARGET_PRESETS
 
 
 def sample(pipe, **kw):
     kw.setdefault("class_labels", [3, 7])
     return pipe(num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0), **kw).images
-
-
-def write_adapter(folder: Path, unet, base_model, class_embedder=None, id2label=None, targets="attention") -> Path:
-    """An adapter folder as train_dp_lora.py writes it; LoRA (rank 2, alpha 8) is injected into ``unet`` in place,
-    with non-zero B weights so that it changes the samples."""
-    add_lora(unet, make_lora_config(2, 8.0, targets=targets))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    save_lora_weights(unet, folder)
-    if class_embedder is not None:
-        class_embedder.save_pretrained(folder / "class_embedder")
-    embedder_folder = "class_embedder" if class_embedder is not None else None
-    config = {"base_model": str(base_model), "revision": None, "lora_weights": LORA_WEIGHT_NAME,
-              "class_embedder": embedder_folder, "id2label": id2label}  # fmt: skip
-    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
-    return folder
-
-
-def tiny_vq() -> VQModel:
-    torch.manual_seed(0)
-    return VQModel(in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8, latent_channels=3,
-                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                   sample_size=16)  # fmt: skip
 
 
 def lora_weights(pipe) -> dict[str, torch.Tensor]:
@@ -74,13 +45,7 @@ def image_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose ~10x when other processes share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +142,8 @@ def test_adapter_folder_loads_as_trained_and_scales(tiny_base, adapter, base_ima
 
 def test_train_dp_lora_output_folder_loads(tiny_base, base_images, tmp_path):
     """The contract with train_dp_lora.py: its output folder loads, with LoRA on the modules it reports."""
-    spec = importlib.util.spec_from_file_location("train_dp_lora", ROOT / "training_scripts" / "train_dp_lora.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "dp-lora"
-    script.main([str(a) for a in [
+    script("train_dp_lora").main([str(a) for a in [
         "--pretrained_model_name_or_path", tiny_base, "--output_dir", out, "--max_train_samples", 40,
         "--batch_size", 8, "--max_train_steps", 2, "--samples_per_class", 0, "--target_delta", 1e-3,
     ]])  # fmt: skip

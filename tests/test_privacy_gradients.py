@@ -8,97 +8,35 @@ import copy
 
 import pytest
 import torch
-from conftest import scheduler, tiny_cond_unet, tiny_uncond_unet
-from torch.utils.data import TensorDataset
+from helpers import GRADIENT_CASES, dp_setup, fixed_loss, lora_denoiser, per_sample_gradients, reference_grads
 
-from dp_diffusers import ClassEmbedder, LatentDenoiser, denoising_loss
-from dp_diffusers.lora import add_lora, make_lora_config
-from dp_diffusers.privacy import PrivacyBudget, average_over_copies, make_private, private_backward
+from dp_diffusers.privacy import average_over_copies, private_backward
 
 B = 3
 
 
-def build(kind: str, targets: str, train_class_embedding: bool = False):
-    if kind == "cond":
-        unet = tiny_cond_unet(conv_projection=targets != "attention")
-        embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
-    else:
-        unet, embedder = tiny_uncond_unet(), None
-    add_lora(unet, make_lora_config(rank=2, targets=targets, init_lora_weights=True))
-    # LoRA B starts at zero: perturb it so every LoRA parameter has a non-trivial gradient.
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    if embedder is not None:
-        embedder.requires_grad_(train_class_embedding)
-    return LatentDenoiser(unet, embedder)
-
-
-def fixed_loss(timesteps, noise):
-    sched = scheduler()
-
-    def loss_fn(model, latents, labels):
-        return denoising_loss(model, sched, latents, labels, timesteps, noise)
-
-    return sched, loss_fn
-
-
-def dp_setup(model, noise_multiplier=0.0, max_grad_norm=1e9, k=1, lr=1.0, n=64, batch_size=8):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr)
-    dataset = TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 10, (n,)))
-    budget = PrivacyBudget("prv", noise_multiplier or 1.0, batch_size / n, 1e-5, planned_steps=10)
-    budget.noise_multiplier = noise_multiplier
-    return make_private(model, optimizer, dataset, budget=budget, max_grad_norm=max_grad_norm, noise_multiplicity=k)
-
-
-CASES = [
-    ("cond", "attention", False),
-    ("cond", "attention+proj", True),
-    ("cond", "attention+proj+conv_out", False),
-    ("uncond", "attention+proj+conv_out", False),
-    ("cond", "attention+resnets", False),  # LoRA on the ResNet blocks' 3x3 convolutions
-]
-
-
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
-@pytest.mark.parametrize("kind,targets,train_embedding", CASES)
+@pytest.mark.parametrize("kind,targets,train_embedding", GRADIENT_CASES)
 @pytest.mark.parametrize("k", [1, 3])
 def test_per_sample_gradients_match_microbatch_reference(kind, targets, train_embedding, k, mode):
     torch.manual_seed(1)
-    model = build(kind, targets, train_embedding)
+    model = lora_denoiser(kind, targets, train_embedding)
     reference = copy.deepcopy(model)
     latents = torch.randn(B, 3, 8, 8)
     labels = torch.randint(0, 10, (B,)) if kind == "cond" else None
     timesteps = torch.randint(0, 1000, (B * k,))
     noise = torch.randn(B * k, 3, 8, 8)
-    sched, loss_fn = fixed_loss(timesteps, noise)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.1)
-    dataset = TensorDataset(latents, torch.zeros(B))
-    budget = PrivacyBudget("prv", 1.0, 0.5, 1e-5, planned_steps=1)
-    dp = make_private(
-        model, optimizer, dataset, budget=budget, max_grad_norm=1.0, noise_multiplicity=k, grad_sample_mode=mode
-    )
-    private_backward(dp.model, dp.optimizer, loss_fn, latents, labels)
+    _, sched = per_sample_gradients(model, latents, labels, timesteps, noise, k, mode)
     got = {n: average_over_copies(p.grad_sample, k) for n, p in model.named_parameters() if p.requires_grad}
 
-    ref_params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
-    assert set(ref_params) == set(got) and len(got) > 0
+    ref = reference_grads(reference, sched, latents, labels, timesteps, noise, k)
+    assert set(ref[0]) == set(got) and len(got) > 0
     for i in range(B):
-        rows = slice(i * k, (i + 1) * k)
-        lab = labels[i : i + 1].repeat(k) if labels is not None else None
-        loss = denoising_loss(
-            reference, sched, latents[i : i + 1].repeat(k, 1, 1, 1), lab, timesteps[rows], noise[rows]
-        ).mean()
-        grads = torch.autograd.grad(loss, list(ref_params.values()))
         # Cross-attention over a single class token makes attn2's q/k irrelevant (softmax over one
         # key is 1): those gradients are truly zero. Every other one must not be.
-        nonzero = [n for (n, _), g in zip(ref_params.items(), grads) if g.abs().sum() > 0]
-        assert set(ref_params) - set(nonzero) <= {n for n in ref_params if ".attn2.to_q." in n or ".attn2.to_k." in n}
-        for (name, _), g in zip(ref_params.items(), grads):
+        nonzero = [n for n, g in ref[i].items() if g.abs().sum() > 0]
+        assert set(ref[i]) - set(nonzero) <= {n for n in ref[i] if ".attn2.to_q." in n or ".attn2.to_k." in n}
+        for name, g in ref[i].items():
             torch.testing.assert_close(got[name][i], g, rtol=1e-4, atol=1e-6, msg=f"{name} example {i}")
 
 
@@ -106,7 +44,7 @@ def test_per_sample_gradients_match_microbatch_reference(kind, targets, train_em
 def test_one_enormous_example_moves_parameters_by_at_most_lr_c_over_b(k):
     """Sensitivity: noise off, plain SGD; the update from one example is exactly lr*C/B at most."""
     torch.manual_seed(0)
-    model = build("cond", "attention+proj", train_class_embedding=True)
+    model = lora_denoiser("cond", "attention+proj", train_class_embedding=True)
     lr, clip = 0.5, 1e-7  # far below the example's gradient norm: it must be clipped
     dp = dp_setup(model, max_grad_norm=clip, k=k, lr=lr)
     expected_batch = dp.optimizer.expected_batch_size
@@ -130,7 +68,7 @@ def test_per_copy_clipping_would_break_the_bound():
     update by up to k*C. Check that our fold is what prevents it."""
     torch.manual_seed(0)
     k, lr, clip = 4, 1.0, 1e-7
-    model = build("cond", "attention", train_class_embedding=True)
+    model = lora_denoiser("cond", "attention", train_class_embedding=True)
     dp = dp_setup(model, max_grad_norm=clip, k=1, lr=lr)  # k=1 optimizer on a k-times repeated batch
     latents = (torch.randn(1, 3, 8, 8) * 1e4).repeat(k, 1, 1, 1)
     _, loss_fn = fixed_loss(torch.arange(k) * 200, torch.randn(k, 3, 8, 8))
@@ -142,7 +80,7 @@ def test_per_copy_clipping_would_break_the_bound():
 
 def test_noise_std_is_sigma_c_over_b():
     torch.manual_seed(0)
-    model = build("cond", "attention")
+    model = lora_denoiser("cond", "attention")
     sigma, clip, lr = 2.0, 0.1, 1.0
     dp = dp_setup(model, noise_multiplier=sigma, max_grad_norm=clip, lr=lr)
     before = [p.detach().clone() for p in dp.optimizer.params]

@@ -1,60 +1,20 @@
 """The Spaces demo's functions (examples/space/app.py) without a browser, on a tiny adapter that train_dp_lora.py
 trains on the tiny base."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from test_dp_lora import base_args, train
-from test_pipeline import write_adapter
+from helpers import write_adapter
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline
-from dp_diffusers.hub import write_model_card
 
-APP_PATH = Path(__file__).resolve().parents[1] / "examples" / "space" / "app.py"
-METRICS = {"downstream_accuracy": {"value": 0.75, "classifier": "logistic-regression"}, "membership_auc": 0.5125}
-
-
-def load_app() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("space_app", APP_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def arrays(images) -> np.ndarray:
     return np.stack([np.asarray(image) for image in images])
-
-
-@pytest.fixture(scope="session")
-def app() -> ModuleType:
-    return load_app()
-
-
-@pytest.fixture(scope="session")
-def space_adapter(tiny_base, tmp_path_factory) -> Path:
-    """An adapter folder of train_dp_lora.py (2 DP steps, a large learning rate so that the LoRA shows in 8-bit
-    images), with a metrics.json that has no FID and a model card."""
-    out = tmp_path_factory.mktemp("space") / "dp-lora"
-    overrides = {"--max_train_samples": 40, "--batch_size": 8, "--max_train_steps": 2, "--learning_rate": 0.1}
-    train(base_args(tiny_base, out, **overrides))
-    (out / "metrics.json").write_text(json.dumps(METRICS))
-    write_model_card(out)
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

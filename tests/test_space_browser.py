@@ -13,10 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import test_space
-from test_space import APP_PATH
-
-space_adapter = test_space.space_adapter  # the session fixture, shared with the unit tests
+from helpers import APP_PATH
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -1,23 +1,13 @@
 """End-to-end runs of the stage-1 scripts on tiny data (seconds each)."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from helpers import ROOT, load_module, script
 
 from dp_diffusers import DPLDMPipeline
 from dp_diffusers.data import dataset_to_tensors, load_public_digits
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "training_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +82,7 @@ def test_make_demo_runs_end_to_end_and_reuses_the_base(tmp_path, capsys):
     run that reuses the cached base."""
     import json
 
-    spec = importlib.util.spec_from_file_location("run_demo", ROOT / "examples" / "run_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_module(ROOT / "examples" / "run_demo.py")
     argv = ["--output_dir", str(tmp_path), "--vae_steps", "2", "--ldm_steps", "2", "--dp_epochs", "0.1",
             "--dp_batch_size", "64", "--eval_samples_per_class", "1", "--eval_inference_steps", "2"]  # fmt: skip
     demo.main(argv)

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline, LatentDenoiser, denoising_loss
+from dp_diffusers.constants import ADAPTER_CONFIG_NAME, CLASS_EMBEDDER_FOLDER, DP_REPORT_NAME, SAMPLES_NAME
 from dp_diffusers.data import (
     DataError,
     cached_latents,
@@ -44,8 +45,8 @@ from dp_diffusers.data import (
     make_canaries,
     resolve_columns,
 )
-from dp_diffusers.hub import DP_REPORT_NAME, push_to_hub, write_model_card
-from dp_diffusers.lora import ADAPTER_CONFIG_NAME, LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.hub import push_to_hub, write_model_card
+from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
 from dp_diffusers.pipelines.pipeline_dp_ldm import scheduler_class
 from dp_diffusers.privacy import (
     ACCOUNTANTS,
@@ -459,7 +460,7 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
         "base_model": args.pretrained_model_name_or_path,
         "revision": args.revision,
         "lora_weights": weights.name,
-        "class_embedder": "class_embedder" if args.train_class_embedding else None,
+        "class_embedder": CLASS_EMBEDDER_FOLDER if args.train_class_embedding else None,
         "id2label": dict(enumerate(class_names)) if class_names else None,
         # The examples trained on (the audit's members): the whole train split, or --max_train_samples' subset.
         "train_subset": None
@@ -475,9 +476,9 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
         else None,
     }
     if args.train_class_embedding:
-        class_embedder.save_pretrained(out / "class_embedder")
-    elif (out / "class_embedder").exists():
-        shutil.rmtree(out / "class_embedder")
+        class_embedder.save_pretrained(out / CLASS_EMBEDDER_FOLDER)
+    elif (out / CLASS_EMBEDDER_FOLDER).exists():
+        shutil.rmtree(out / CLASS_EMBEDDER_FOLDER)
     (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
     if report is not None:
         write_dp_report(report, out)
@@ -491,7 +492,7 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
             pipe.set_scheduler(args.scheduler)
         shown = names[:10]
         grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, seed=args.seed)
-        grid.save(out / "samples.png")
+        grid.save(out / SAMPLES_NAME)
     if args.evaluate:
         from dp_diffusers.evaluation.evaluate import evaluate_adapter
 

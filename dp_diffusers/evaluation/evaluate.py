@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..constants import ADAPTER_CONFIG_NAME, METRICS_NAME
 from ..data import (
     dataset_to_tensors,
     encode_latents,
@@ -22,8 +23,6 @@ from ..data import (
     resolve_columns,
     seeded_subset,
 )
-from ..hub import METRICS_NAME
-from ..lora import ADAPTER_CONFIG_NAME
 from ..models import LatentDenoiser, denoising_loss
 from .downstream import downstream_accuracy
 from .fid import InceptionWeightsNotFoundError, _resolve_inception_path, compute_fid

@@ -20,7 +20,7 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..lora import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
+from ..constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
 from ..models.class_embedder import ClassEmbedder
 from ..models.denoiser import LatentDenoiser
 from ..models.unet_2d import UNet2DModelWithLoRA

@@ -1,4 +1,14 @@
-"""Differential privacy for LoRA fine-tuning: accounting, the opacus wiring, noise multiplicity."""
+"""Differential privacy for LoRA fine-tuning (the part a DP reviewer audits; it imports nothing else
+of dp_diffusers).
+
+accounting.py           noise calibration, the budget guard, (epsilon, delta) checks
+data_loader.py          Poisson sampling over one or several processes, secret generators
+grad_sample/            per-example gradients: the fused engine (one file per layer) and the mode choice
+noise_multiplicity.py   k diffusion draws per example, averaged before the one clip (the optimizers)
+engine.py               make_private / private_backward / PrivateTrainingState: wiring only
+clipping.py             choosing the clipping norm on public data
+report.py               dp_report.json, the DP report type
+"""
 
 from .accounting import (
     ACCOUNTANTS,
@@ -10,16 +20,13 @@ from .accounting import (
     max_steps_within_budget,
 )
 from .clipping import per_example_gradient_norms, suggest_max_grad_norm
-from .engine import (
+from .data_loader import DistributedPoissonSampler, poisson_data_loader, secret_generator
+from .engine import DPTraining, PrivateTrainingState, make_private, private_backward
+from .grad_sample import (
     GRAD_SAMPLE_MODES,
-    DistributedPoissonSampler,
-    DPTraining,
-    PrivateTrainingState,
+    FusedGradSampleModule,
     make_conv_inputs_contiguous,
-    make_private,
-    poisson_data_loader,
-    private_backward,
-    secret_generator,
+    prepare_module,
     train_trainable_layers,
 )
 from .noise_multiplicity import (
@@ -37,6 +44,7 @@ __all__ = [
     "DPTraining",
     "DistributedDPOptimizerWithNoiseMultiplicity",
     "DistributedPoissonSampler",
+    "FusedGradSampleModule",
     "GRAD_SAMPLE_MODES",
     "PrivacyBudget",
     "PrivacyBudgetError",
@@ -52,6 +60,7 @@ __all__ = [
     "max_steps_within_budget",
     "per_example_gradient_norms",
     "poisson_data_loader",
+    "prepare_module",
     "private_backward",
     "secret_generator",
     "suggest_max_grad_norm",

@@ -7,8 +7,9 @@ k, so the accountant's numbers hold unchanged. (Clipping each copy separately, a
 on a repeated batch, lets one example move the update by up to ``k * max_grad_norm`` while the
 noise is sized for ``max_grad_norm``: the stated epsilon is then wrong.)
 
-opacus has no notion of copies, so this is the one piece written here: an optimizer mixin that
-folds the k rows of each example into their mean before opacus' own clipping runs.
+opacus has no notion of copies: the optimizers here fold the k rows of each example into their mean
+before opacus' own clipping runs (for opacus' per-row modes; ``grad_sample_mode="fused"`` folds them
+in the backward, ``grad_sample/``, and says so with ``copies_folded_in_backward``).
 """
 
 from __future__ import annotations
@@ -42,10 +43,25 @@ class NoiseMultiplicityMixin:
     number of *examples* per logical batch.
     """
 
-    noise_multiplicity: int = 1
+    #: k, the copies per example.
+    noise_multiplicity: int
     #: True when the per-sample gradients arrive already averaged over the k copies, (B, ...) per
     #: example (``grad_sample_mode="fused"`` does it inside the backward); then nothing is folded here.
-    copies_folded_in_backward: bool = False
+    copies_folded_in_backward: bool
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplicity: int = 1,
+        copies_folded_in_backward: bool = False,
+        **kwargs,
+    ):
+        super().__init__(optimizer, **kwargs)
+        if noise_multiplicity < 1:
+            raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
+        self.noise_multiplicity = int(noise_multiplicity)
+        self.copies_folded_in_backward = bool(copies_folded_in_backward)
 
     def clip_and_accumulate(self) -> None:
         k = self.noise_multiplicity
@@ -61,15 +77,7 @@ class NoiseMultiplicityMixin:
 class DPOptimizerWithNoiseMultiplicity(NoiseMultiplicityMixin, DPOptimizer):
     """``opacus.optimizers.DPOptimizer`` that clips the average of each example's k copies."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplicity: int = 1, **kwargs):
-        super().__init__(optimizer, **kwargs)
-        self.noise_multiplicity = int(noise_multiplicity)
-
 
 class DistributedDPOptimizerWithNoiseMultiplicity(NoiseMultiplicityMixin, DistributedDPOptimizer):
     """``opacus.optimizers.DistributedDPOptimizer`` (noise once, on rank 0, then all-reduce) that
     clips the average of each example's k copies."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplicity: int = 1, **kwargs):
-        super().__init__(optimizer, **kwargs)
-        self.noise_multiplicity = int(noise_multiplicity)

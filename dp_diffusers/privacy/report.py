@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import __version__  # importlib.metadata; the package root loads nothing else eagerly
+from ..constants import DP_REPORT_NAME
 from .accounting import PrivacyBudget
 
-DP_REPORT_NAME = "dp_report.json"
+__all__ = ["DP_REPORT_NAME", "build_dp_report", "write_dp_report"]
 
 
 def build_dp_report(
@@ -30,8 +32,6 @@ def build_dp_report(
 ) -> dict[str, Any]:
     """The report of the design contract. ``epsilon`` is the accountant's value for the steps
     actually taken; ``epochs`` is steps * sample_rate (expected passes over the data)."""
-    from .. import __version__
-
     epsilon = budget.record()
     report = {
         "accountant": budget.accountant_name,

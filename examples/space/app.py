@@ -22,7 +22,8 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline
-from dp_diffusers.hub import CARD_NAME, DP_REPORT_NAME, METRICS_NAME, load_dp_report, load_metrics
+from dp_diffusers.constants import CARD_NAME, DP_REPORT_NAME, METRICS_NAME
+from dp_diffusers.hub import load_dp_report, load_metrics
 
 DEFAULT_ADAPTER = Path(__file__).resolve().parents[2] / "outputs" / "dp-lora-eps10"
 ADAPTER_NAME = "dp"

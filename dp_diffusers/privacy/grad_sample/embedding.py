@@ -1,0 +1,37 @@
+"""Fused per-example gradients of ``nn.Embedding`` (a trained class embedding, DiT's label table).
+
+Per example b: the rows of ``grad_out`` are scattered into that example's own ``(V, D)`` table
+(one ``index_add_`` over ``B * V`` rows); the padding row's gradient is zero, as in autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .common import rows_to_examples, store_grad_sample
+
+
+class FusedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices, weight, padding_idx, state, generation):
+        ctx.save_for_backward(indices)
+        ctx.num_embeddings, ctx.padding_idx = weight.shape[0], padding_idx
+        ctx.state, ctx.generation, ctx.weight_ref = state, generation, weight
+        return F.embedding(indices, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (indices,) = ctx.saved_tensors
+        state, v = ctx.state, ctx.num_embeddings
+        examples = rows_to_examples(indices.shape[0], state.k)
+        dim = grad_out.shape[-1]
+        idx = indices.reshape(examples, -1)
+        flat = (idx + v * torch.arange(examples, device=idx.device).unsqueeze(1)).reshape(-1)
+        gs = torch.zeros(examples * v, dim, device=grad_out.device, dtype=grad_out.dtype)
+        gs.index_add_(0, flat, grad_out.reshape(-1, dim))
+        gs = gs.view(examples, v, dim)
+        if ctx.padding_idx is not None:
+            gs[:, ctx.padding_idx] = 0
+        store_grad_sample(state, ctx.generation, ctx.weight_ref, gs.mul_(examples))
+        return None, None, None, None, None

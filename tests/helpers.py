@@ -1,0 +1,307 @@
+"""Shared test helpers (as opacus' ``tests/utils.py``): tiny random models, the training scripts as a user runs
+them, adapter folders, the one-example-at-a-time gradient reference and the DP wiring with test settings.
+
+Test files import from here, never from each other or from ``conftest`` (which holds only fixtures).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from dp_diffusers import ClassEmbedder, LatentDenoiser, denoising_loss
+from dp_diffusers.constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
+from dp_diffusers.lora import add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.privacy import DPTraining, PrivacyBudget, make_private, private_backward
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_PATH = ROOT / "examples" / "space" / "app.py"
+
+# ---- tiny random models (seconds on 2 CPU cores) ---------------------------------------------------------------
+
+
+def tiny_vae(channels: int = 1) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=3,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+
+
+def tiny_vq() -> VQModel:
+    torch.manual_seed(0)
+    return VQModel(in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8, latent_channels=3,
+                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                   sample_size=16)  # fmt: skip
+
+
+def tiny_cond_unet(conv_projection: bool = False) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        use_linear_projection=not conv_projection,
+    )
+
+
+def tiny_uncond_unet() -> UNet2DModel:
+    """The CompVis unconditional LDM layout: UNet2DModel with attention blocks."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False
+    )
+
+
+def perturb_lora_b(model: nn.Module, std: float = 0.1, seed: int | None = None) -> None:
+    """LoRA B starts at zero: give it random weights so that every LoRA parameter has a gradient and the
+    adapter changes the model's output."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+
+
+def lora_denoiser(kind: str, targets: str, train_class_embedding: bool = False, rank: int = 2) -> LatentDenoiser:
+    """A tiny denoiser with LoRA on ``targets``: ``kind`` "cond" (cross-attention on a class embedding) or
+    "uncond" (the CompVis UNet2DModel layout)."""
+    if kind == "cond":
+        unet = tiny_cond_unet(conv_projection=targets != "attention")
+        embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
+    else:
+        unet, embedder = tiny_uncond_unet(), None
+    add_lora(unet, make_lora_config(rank=rank, targets=targets, init_lora_weights=True))
+    perturb_lora_b(unet)
+    if embedder is not None:
+        embedder.requires_grad_(train_class_embedding)
+    return LatentDenoiser(unet, embedder)
+
+
+# ---- per-sample gradients: the reference and the DP wiring -----------------------------------------------------
+
+#: (kind, LoRA targets, train the class embedding): every LoRA target family of the exactness tests.
+GRADIENT_CASES = [
+    ("cond", "attention", False),
+    ("cond", "attention+proj", True),
+    ("cond", "attention+proj+conv_out", False),
+    ("uncond", "attention+proj+conv_out", False),
+    ("cond", "attention+resnets", False),  # LoRA on the ResNet blocks' 3x3 convolutions
+]
+
+
+def fixed_loss(timesteps: torch.Tensor, noise: torch.Tensor) -> tuple[DDIMScheduler, Callable]:
+    """A ``loss_fn`` for ``private_backward`` whose rows use the given timesteps and noise (row r: ``timesteps[r]``)."""
+    sched = scheduler()
+
+    def loss_fn(model, latents, labels):
+        return denoising_loss(model, sched, latents, labels, timesteps, noise)
+
+    return sched, loss_fn
+
+
+def reference_grads(reference: nn.Module, sched, latents, labels, timesteps, noise, k: int) -> list[dict]:
+    """Per-example gradients, one example at a time through plain autograd: example i's k copies use rows
+    ``i*k .. i*k+k-1`` of ``timesteps`` and ``noise``, and its gradient is that of their mean loss."""
+    params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    out = []
+    for i in range(len(latents)):
+        rows = slice(i * k, (i + 1) * k)
+        lab = labels[i : i + 1].repeat(k) if labels is not None else None
+        loss = denoising_loss(
+            reference, sched, latents[i : i + 1].repeat(k, 1, 1, 1), lab, timesteps[rows], noise[rows]
+        ).mean()
+        out.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+    return out
+
+
+def private(
+    model: nn.Module,
+    dataset: TensorDataset,
+    *,
+    sigma: float,
+    clip: float,
+    batch: float,
+    k: int = 1,
+    mode: str = "fused",
+    lr: float = 1.0,
+    planned_steps: int = 10_000,
+    **kw,
+) -> tuple[DPTraining, PrivacyBudget]:
+    """``make_private`` with plain SGD (lr 1: the update is ``p.grad``) and expected batch ``batch``; sigma 0 is
+    allowed here (no target epsilon), to compare updates without noise."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    budget = PrivacyBudget("prv", sigma, batch / len(dataset), 1e-5, planned_steps=planned_steps)
+    optimizer = torch.optim.SGD(params, lr=lr)
+    dp = make_private(
+        model, optimizer, dataset, budget=budget, max_grad_norm=clip, noise_multiplicity=k, grad_sample_mode=mode, **kw
+    )
+    return dp, budget
+
+
+def dp_setup(model, noise_multiplier=0.0, max_grad_norm=1e9, k=1, lr=1.0, n=64, batch_size=8) -> DPTraining:
+    """The DP step (fused mode) on ``n`` random 3x8x8 latents with labels in 0..9, expected batch ``batch_size``."""
+    dataset = TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 10, (n,)))
+    dp, _ = private(model, dataset, sigma=noise_multiplier, clip=max_grad_norm, batch=batch_size, k=k, lr=lr,
+                    planned_steps=10)  # fmt: skip
+    return dp
+
+
+def per_sample_gradients(model, latents, labels, timesteps, noise, k: int, mode: str = "fused"):
+    """One ``private_backward`` of ``latents`` (k copies each, rows using ``timesteps`` / ``noise``) through
+    ``make_private`` in ``mode``: the per-sample gradients are then in ``p.grad_sample``. Returns (dp, scheduler)."""
+    sched, loss_fn = fixed_loss(timesteps, noise)
+    dataset = TensorDataset(latents, torch.zeros(len(latents)))
+    dp, _ = private(model, dataset, sigma=1.0, clip=1.0, batch=len(latents) / 2, k=k, mode=mode, lr=0.1,
+                    planned_steps=1)  # fmt: skip
+    private_backward(dp.model, dp.optimizer, loss_fn, latents, labels)
+    return dp, sched
+
+
+def flat(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+# ---- the scripts and folders a user works with ------------------------------------------------------------------
+
+
+def load_module(path: Path, name: str | None = None) -> ModuleType:
+    """A script (training script, example, Space app) imported from its file, as a fresh module."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def script(name: str) -> ModuleType:
+    """``training_scripts/<name>.py`` as a module (its ``main(argv)`` is the command line)."""
+    return load_module(ROOT / "training_scripts" / f"{name}.py")
+
+
+def train(argv: list) -> None:
+    """``train_dp_lora.py ARGV``, in this process."""
+    script("train_dp_lora").main([str(a) for a in argv])
+
+
+def base_args(tiny_base: Path, out: Path, **overrides) -> list:
+    """A 4-step DP run of train_dp_lora.py on 200 examples of the embedded digits. ``None`` drops a flag,
+    ``True`` passes a switch."""
+    args = {"--pretrained_model_name_or_path": tiny_base, "--output_dir": out, "--max_train_samples": 200,
+            "--batch_size": 20, "--max_train_steps": 4, "--samples_per_class": 0, "--epsilon_log_steps": 1,
+            "--target_delta": 1e-4}  # fmt: skip
+    args.update(overrides)
+    return [x for k, v in args.items() if v is not None for x in ([k] if v is True else [k, v])]
+
+
+def write_adapter(folder: Path, unet, base_model, class_embedder=None, id2label=None, targets="attention") -> Path:
+    """An adapter folder as train_dp_lora.py writes it; LoRA (rank 2, alpha 8) is injected into ``unet`` in place,
+    with non-zero B weights so that it changes the samples."""
+    add_lora(unet, make_lora_config(2, 8.0, targets=targets))
+    perturb_lora_b(unet, std=0.05, seed=1)
+    save_lora_weights(unet, folder)
+    if class_embedder is not None:
+        class_embedder.save_pretrained(folder / "class_embedder")
+    embedder_folder = "class_embedder" if class_embedder is not None else None
+    config = {"base_model": str(base_model), "revision": None, "lora_weights": LORA_WEIGHT_NAME,
+              "class_embedder": embedder_folder, "id2label": id2label}  # fmt: skip
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    return folder
+
+
+def load_app() -> ModuleType:
+    """The Space's ``examples/space/app.py``."""
+    return load_module(APP_PATH, "space_app")
+
+
+# ---- the 2-process checks (distributed_worker.py runs them, test_distributed.py replays them) ------------------
+
+DIST_N = 24  # private examples of the equality and noise checks
+DIST_BATCH = 6  # expected global logical batch q * N
+DIST_MAX_K = 4
+DIST_PHYSICAL = 2  # examples per forward: several physical batches per logical one, their number differing by rank
+EQUALITY_CASES = [("fused", 1), ("fused", 4), ("hooks", 1), ("hooks", 4)]
+EQUALITY_STEPS = 2
+CLIPS = {1: 0.15, 4: 0.09}  # by k: clips some examples, not all (the test checks both kinds occur)
+SIGMA, NOISE_CLIP, NOISE_STEPS = 2.0, 0.5, 6
+POISSON_N, POISSON_BATCH, POISSON_EPOCHS = 40, 2, 50  # about one example per rank and step: many empty ones
+
+
+def distributed_model(lora_rank: int = 4) -> LatentDenoiser:
+    """The same tiny class-conditional denoiser on every call: LoRA on attention+proj (B perturbed
+    so every LoRA weight has a gradient) and a trainable class embedding left in eval mode, as
+    ``from_pretrained`` leaves it."""
+    unet = tiny_cond_unet()
+    add_lora(unet, make_lora_config(rank=lora_rank, targets="attention+proj", init_lora_weights=True))
+    perturb_lora_b(unet, seed=1)
+    embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
+    embedder.requires_grad_(True).eval()
+    return LatentDenoiser(unet, embedder)
+
+
+def indexed_examples() -> dict[str, torch.Tensor]:
+    """Latents, labels, and per (example, copy) timesteps and diffusion noise, fixed by index."""
+    g = torch.Generator().manual_seed(2)
+    return {
+        "latents": torch.randn(DIST_N, 3, 8, 8, generator=g),
+        "labels": torch.randint(0, 10, (DIST_N,), generator=g),
+        "timesteps": torch.randint(0, 1000, (DIST_N, DIST_MAX_K), generator=g),
+        "noise": torch.randn(DIST_N, DIST_MAX_K, 3, 8, 8, generator=g),
+    }
+
+
+def indexed_loss(data: dict[str, torch.Tensor], k: int) -> Callable:
+    """``loss_fn`` for ``private_backward`` whose "labels" are example indices: every row's class,
+    timestep and noise depend on its example and copy only, not on the batch it lands in."""
+    sched = scheduler()
+
+    def loss_fn(model: nn.Module, latents: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        copy = torch.arange(len(idx)) % k
+        return denoising_loss(
+            model, sched, latents, data["labels"][idx], data["timesteps"][idx, copy], data["noise"][idx, copy]
+        )
+
+    return loss_fn
+
+
+def indexed(latents: torch.Tensor) -> TensorDataset:
+    """A data set whose second column is each example's index."""
+    return TensorDataset(latents, torch.arange(len(latents)))
