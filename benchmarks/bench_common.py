@@ -341,9 +341,9 @@ def measure_step_memory(step: Callable[[], object], device: str = "cpu", warmup:
 
 
 def run_memory_child(script: str, config: dict, timeout: float = 900) -> dict:
-    """Run ``script --memory-child JSON`` in a fresh process; it prints one JSON line last."""
+    """Run ``script --memory_child JSON`` in a fresh process; it prints one JSON line last."""
     env = dict(os.environ, **MEMORY_CHILD_ENV)
-    cmd = [sys.executable, script, "--memory-child", json.dumps(config)]
+    cmd = [sys.executable, script, "--memory_child", json.dumps(config)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()

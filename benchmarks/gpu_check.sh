@@ -12,7 +12,7 @@ OUT=benchmarks/results/gpu
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-timeout 300 "$PY" benchmarks/bench_dp_step.py --device cuda --preset celeba64 --batch-size 256 \
+timeout 300 "$PY" benchmarks/bench_dp_step.py --device cuda --preset celeba64 --batch_size 256 \
     --targets attention --modes fused,hooks --ks 1,4 --reps 5 --warmup 2 --out "$OUT/dp_step.json"
-timeout 150 "$PY" benchmarks/bench_sampling.py --device cuda --preset celeba64 --batch-size 64 --steps 50 \
+timeout 150 "$PY" benchmarks/bench_sampling.py --device cuda --preset celeba64 --batch_size 64 --steps 50 \
     --reps 5 --warmup 2 --out "$OUT/sampling.json"

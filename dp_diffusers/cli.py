@@ -1,8 +1,8 @@
 """The ``dp-diffusers`` command.
 
 dp-diffusers evaluate outputs/dp-lora
-dp-diffusers card outputs/dp-lora --repo-id you/dp-lora-digits
-dp-diffusers push outputs/dp-lora --repo-id you/dp-lora-digits
+dp-diffusers card outputs/dp-lora --repo_id you/dp-lora-digits
+dp-diffusers push outputs/dp-lora --repo_id you/dp-lora-digits
 dp-diffusers sample outputs/dp-lora --labels 3 7 --out grid.png
 """
 
@@ -19,10 +19,10 @@ from .visualization import labelled_grid, sample_grid
 
 
 def card_command(subparsers: argparse._SubParsersAction) -> None:
-    """``card FOLDER [--repo-id ID]``: write the folder's model card (README.md)."""
+    """``card FOLDER [--repo_id ID]``: write the folder's model card (README.md)."""
     parser = subparsers.add_parser("card", help="Write the model card (README.md) of an adapter folder.")
     parser.add_argument("folder", help="An adapter folder (the --output_dir of train_dp_lora.py).")
-    parser.add_argument("--repo-id", default=None, help="The Hub repo the card's usage example loads from.")
+    parser.add_argument("--repo_id", default=None, help="The Hub repo the card's usage example loads from.")
 
     def run(args: argparse.Namespace) -> None:
         print(write_model_card(args.folder, repo_id=args.repo_id))
@@ -31,15 +31,15 @@ def card_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def push_command(subparsers: argparse._SubParsersAction) -> None:
-    """``push FOLDER --repo-id ID [--token T] [--private] [--create-pr]``: upload an adapter folder."""
+    """``push FOLDER --repo_id ID [--token T] [--private] [--create_pr]``: upload an adapter folder."""
     parser = subparsers.add_parser(
         "push", help="Upload an adapter folder to the Hub (model card written if missing; no checkpoints)."
     )
     parser.add_argument("folder", help="An adapter folder (the --output_dir of train_dp_lora.py).")
-    parser.add_argument("--repo-id", required=True, help="The Hub model repo, created if needed.")
+    parser.add_argument("--repo_id", required=True, help="The Hub model repo, created if needed.")
     parser.add_argument("--token", default=None, help="Hub token; default: HF_TOKEN or the saved login.")
     parser.add_argument("--private", action="store_true", help="Create the repo private.")
-    parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
+    parser.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing.")
 
     def run(args: argparse.Namespace) -> None:
         print(push_to_hub(args.folder, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr))
@@ -56,7 +56,7 @@ def evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the pipeline's).")
     parser.add_argument("--fid_inception_path", default=None)
-    parser.add_argument("--reference_adapter", default=None, help="A non-private fine-tune, for the audit.")
+    parser.add_argument("--audit_reference", default=None, help="A --disable_dp fine-tune, for the audit.")
 
     def run(args: argparse.Namespace) -> None:
         from .evaluation.evaluate import evaluate_adapter  # data sets, classifier and FID: only when evaluating
@@ -68,7 +68,7 @@ def evaluate_command(subparsers: argparse._SubParsersAction) -> None:
             num_inference_steps=args.num_inference_steps,
             scheduler=args.scheduler,
             inception_path=args.fid_inception_path,
-            reference_adapter_dir=args.reference_adapter,
+            audit_reference=args.audit_reference,
         )
         print(json.dumps(metrics, indent=2))
 
@@ -76,12 +76,12 @@ def evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def sample_command(subparsers: argparse._SubParsersAction) -> None:
-    """``sample PATH [--labels L ...] [--num-images N] [--steps S] [--seed X] [--out grid.png]``: a sample grid."""
+    """``sample PATH [--labels L ...] [--num_images N] [--num_inference_steps S] [--seed X] [--out grid.png]``."""
     parser = subparsers.add_parser("sample", help="Write a labelled grid of samples of a base or an adapter.")
     parser.add_argument("path", help="A base or adapter folder, or a Hub repo id.")
     parser.add_argument("--labels", nargs="+", default=None, help="Class names, one row each (default: all).")
-    parser.add_argument("--num-images", type=int, default=8, help="Images per label (in all if unconditional).")
-    parser.add_argument("--steps", type=int, default=50, help="Denoising steps.")
+    parser.add_argument("--num_images", type=int, default=8, help="Images per label (in all if unconditional).")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="samples.png", help="The image file to write.")
@@ -90,12 +90,15 @@ def sample_command(subparsers: argparse._SubParsersAction) -> None:
         pipe = DPLDMPipeline.from_pretrained(args.path).to(args.device)
         pipe.set_progress_bar_config(disable=True)
         if pipe.num_classes is not None:
-            grid = sample_grid(pipe, args.labels or list(pipe.labels), args.num_images, args.steps, args.seed)
+            labels = args.labels or list(pipe.labels)
+            grid = sample_grid(pipe, labels, args.num_images, args.num_inference_steps, args.seed)
         elif args.labels:
             raise ValueError(f"{args.path} is an unconditional model: it takes no --labels.")
         else:
             generator = torch.Generator().manual_seed(args.seed)
-            images = pipe(batch_size=args.num_images, num_inference_steps=args.steps, generator=generator).images
+            images = pipe(
+                batch_size=args.num_images, num_inference_steps=args.num_inference_steps, generator=generator
+            ).images
             grid = labelled_grid([images], [""])
         grid.save(args.out)
         print(args.out)

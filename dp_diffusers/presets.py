@@ -10,30 +10,31 @@ through cross-attention on a learned class embedding.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelPreset:
-    """Architecture and schedule of a base LDM. ``latent_size = resolution / 2**(len(vae blocks)-1)``."""
+    """Architecture and schedule of a base LDM. ``latent_size = resolution / 2**(len(vae blocks)-1)``.
+    The defaults are the paper presets' shared values."""
 
     name: str
     resolution: int
     num_channels: int
     vae_block_out_channels: tuple[int, ...]
-    latent_channels: int
     unet_block_out_channels: tuple[int, ...]
-    unet_layers_per_block: int
-    attention_head_dim: int
     cross_attention_dim: int
+    latent_channels: int = 3
+    unet_layers_per_block: int = 2
+    vae_layers_per_block: int = 2
+    attention_head_dim: int = 32
+    #: per UNet level, whether it has (cross-)attention; empty: every level
     attention_levels: tuple[bool, ...] = ()
     beta_start: float = 0.0015
-    beta_end: float = 0.0195
+    beta_end: float = 0.0155
     num_train_timesteps: int = 1000
-    vae_layers_per_block: int = 1
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -84,8 +85,16 @@ class ModelPreset:
             clip_sample=False,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+_CIFAR10 = ModelPreset(
+    name="cifar10",
+    resolution=32,
+    num_channels=3,
+    vae_block_out_channels=(128, 256),
+    unet_block_out_channels=(192, 384, 576),
+    cross_attention_dim=512,
+    description="Paper CIFAR-10 / CelebA-32 setting: KL f=2 -> 16x16x3 latents (pre-train on ImageNet-32).",
+)
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -94,11 +103,10 @@ PRESETS: dict[str, ModelPreset] = {
         resolution=16,
         num_channels=1,
         vae_block_out_channels=(32, 64),
-        latent_channels=3,
         unet_block_out_channels=(64, 128),
-        unet_layers_per_block=1,
-        attention_head_dim=32,
         cross_attention_dim=64,
+        unet_layers_per_block=1,
+        vae_layers_per_block=1,
         attention_levels=(False, True),
         beta_end=0.0195,
         description="16x16 grayscale digits, KL f=2 -> 8x8x3 latents; trains on 2 CPU cores in minutes.",
@@ -108,41 +116,17 @@ PRESETS: dict[str, ModelPreset] = {
         resolution=32,
         num_channels=1,
         vae_block_out_channels=(64, 128, 256, 256),
-        latent_channels=3,
         unet_block_out_channels=(128, 256, 256),
-        unet_layers_per_block=2,
-        attention_head_dim=32,
         cross_attention_dim=256,
-        beta_end=0.0155,
-        vae_layers_per_block=2,
         description="Paper MNIST setting: 32x32 input, KL f=8 -> 4x4x3 latents (pre-train on EMNIST letters).",
     ),
-    "cifar10": ModelPreset(
-        name="cifar10",
-        resolution=32,
-        num_channels=3,
-        vae_block_out_channels=(128, 256),
-        latent_channels=3,
-        unet_block_out_channels=(192, 384, 576),
-        unet_layers_per_block=2,
-        attention_head_dim=32,
-        cross_attention_dim=512,
-        beta_end=0.0155,
-        vae_layers_per_block=2,
-        description="Paper CIFAR-10 / CelebA-32 setting: KL f=2 -> 16x16x3 latents (pre-train on ImageNet-32).",
-    ),
-    "celeba64": ModelPreset(
+    "cifar10": _CIFAR10,
+    # the CIFAR-10 architecture at 64x64 (32x32x3 latents)
+    "celeba64": replace(
+        _CIFAR10,
         name="celeba64",
         resolution=64,
-        num_channels=3,
-        vae_block_out_channels=(128, 256),
-        latent_channels=3,
-        unet_block_out_channels=(192, 384, 576),
-        unet_layers_per_block=2,
-        attention_head_dim=32,
-        cross_attention_dim=512,
         beta_end=0.0195,
-        vae_layers_per_block=2,
         description="Paper CelebA-64 setting: KL f=2 -> 32x32x3 latents (pre-train on ImageNet-64).",
     ),
 }

@@ -1,11 +1,15 @@
-"""Pieces the training scripts share: checkpoint folders, resuming, data flags, seeding."""
+"""Pieces the training scripts share: the data and run flags, the accelerator, checkpoint folders, resuming."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -29,6 +33,40 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None) 
     group.add_argument(
         "--max_train_samples", type=int, default=None, help="Use only the first N examples (debugging, tests)."
     )
+
+
+def add_run_args(parser: argparse.ArgumentParser, *, checkpointing_steps: int) -> None:
+    """The run flags of diffusers' training scripts: checkpoints, resuming, seed, trackers."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
+    group.add_argument("--checkpoints_total_limit", type=int, default=2)
+    group.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--report_to", type=str, default=None, help="e.g. tensorboard")
+    group.add_argument("--logging_dir", type=str, default="logs")
+
+
+def make_accelerator(args: argparse.Namespace, mixed_precision: str = "no") -> Accelerator:
+    """The run's ``Accelerator`` (trackers and checkpoints under ``--output_dir``) and log format."""
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return accelerator
+
+
+def resume_step(accelerator: Accelerator, args: argparse.Namespace) -> int:
+    """Load ``--resume_from_checkpoint`` into ``accelerator`` (nothing when absent) and return its step."""
+    checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is None:
+        return 0
+    accelerator.load_state(str(checkpoint))
+    logging.getLogger(__name__).info(f"Resumed from {checkpoint} at step {step_of(checkpoint)}")
+    return step_of(checkpoint)
 
 
 def resolve_dataset_source(args: argparse.Namespace, default_dataset: str | None) -> None:

@@ -52,7 +52,7 @@ def evaluate(out: Path, samples_per_class: int, reference: Path | None, args) ->
         out,
         samples_per_class=samples_per_class,
         num_inference_steps=args.eval_inference_steps,
-        reference_adapter_dir=reference,
+        audit_reference=reference,
     )
     report_path = out / DP_REPORT_NAME
     return metrics, json.loads(report_path.read_text()) if report_path.is_file() else None

@@ -120,7 +120,7 @@ def main(argv=None):
         "  from dp_diffusers import DPLDMPipeline\n"
         f"  pipe = DPLDMPipeline.from_pretrained({str(adapter)!r})\n"
         '  images = pipe(class_labels=pipe.get_label_ids(["3", "7"]), num_images_per_prompt=4).images\n'
-        f"Share it: dp-diffusers push {adapter} --repo-id <you>/dp-lora-digits"
+        f"Share it: dp-diffusers push {adapter} --repo_id <you>/dp-lora-digits"
     )
 
 

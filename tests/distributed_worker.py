@@ -22,26 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from helpers import (
-    CLIPS,
-    DIST_BATCH,
-    DIST_PHYSICAL,
-    EQUALITY_CASES,
-    EQUALITY_STEPS,
-    NOISE_CLIP,
-    NOISE_STEPS,
-    POISSON_BATCH,
-    POISSON_EPOCHS,
-    POISSON_N,
-    SIGMA,
-    distributed_model,
-    flat,
-    indexed,
-    indexed_examples,
-    indexed_loss,
-    private,
-    script,
-)
+from helpers import DIST, distributed_model, flat, indexed, indexed_examples, indexed_loss, private, script
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
@@ -58,8 +39,8 @@ def equality_run(mode: str, k: int) -> dict:
         model,
         indexed(data["latents"]),
         sigma=0.0,
-        clip=CLIPS[k],
-        batch=DIST_BATCH,
+        clip=DIST.clip(k),
+        batch=DIST.batch,
         k=k,
         mode=mode,
         sampling_generator=generator,
@@ -67,7 +48,7 @@ def equality_run(mode: str, k: int) -> dict:
     loss_fn = indexed_loss(data, k)
     steps, local = [], []
     with BatchMemoryManager(
-        data_loader=dp.data_loader, max_physical_batch_size=DIST_PHYSICAL, optimizer=dp.optimizer
+        data_loader=dp.data_loader, max_physical_batch_size=DIST.physical, optimizer=dp.optimizer
     ) as loader:
         for latents, idx in loader:
             steps_before = budget.steps
@@ -79,7 +60,7 @@ def equality_run(mode: str, k: int) -> dict:
                 steps.append({"indices": sorted(union), "update": flat([p.grad for p in dp.optimizer.params])})
                 local = []
             dp.optimizer.zero_grad(set_to_none=True)
-            if len(steps) == EQUALITY_STEPS:
+            if len(steps) == DIST.equality_steps:
                 break
     final = flat(dp.optimizer.params)
     finals = _gather(final)
@@ -89,9 +70,11 @@ def equality_run(mode: str, k: int) -> dict:
 def noise_run() -> dict:
     """Noise-only steps (empty batches on both ranks: zero gradient) of the distributed optimizer."""
     model = DPDDP(distributed_model(lora_rank=8))
-    dp, _ = private(model, indexed(indexed_examples()["latents"]), sigma=SIGMA, clip=NOISE_CLIP, batch=DIST_BATCH)
+    dp, _ = private(
+        model, indexed(indexed_examples()["latents"]), sigma=DIST.sigma, clip=DIST.noise_clip, batch=DIST.batch
+    )
     updates = []
-    for _ in range(NOISE_STEPS):
+    for _ in range(DIST.noise_steps):
         private_backward(dp.model, dp.optimizer, None, torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
         dp.optimizer.step()
         update = flat([p.grad for p in dp.optimizer.params])
@@ -104,9 +87,9 @@ def noise_run() -> dict:
 def poisson_run(generator: torch.Generator | None) -> dict:
     """The indices each rank's loader gives, step by step, over many epochs."""
     model = DPDDP(nn.Linear(1, 1))
-    dataset = indexed(torch.zeros(POISSON_N, 1))
-    dp, _ = private(model, dataset, sigma=1.0, clip=1.0, batch=POISSON_BATCH, sampling_generator=generator)
-    batches = [idx.tolist() for _ in range(POISSON_EPOCHS) for _, idx in dp.data_loader]
+    dataset = indexed(torch.zeros(DIST.poisson_n, 1))
+    dp, _ = private(model, dataset, sigma=1.0, clip=1.0, batch=DIST.poisson_batch, sampling_generator=generator)
+    batches = [idx.tolist() for _ in range(DIST.poisson_epochs) for _, idx in dp.data_loader]
     return {"rank_batches": _gather(batches)}
 
 
@@ -124,7 +107,7 @@ def main() -> None:
     state = PartialState(cpu=True)  # gloo process group, as Accelerator() makes it (ACCELERATE_USE_CPU)
     torch.manual_seed(state.process_index)  # as set_seed(device_specific=True): the ranks' RNGs differ
 
-    equality = {f"{mode}-k{k}": equality_run(mode, k) for mode, k in EQUALITY_CASES}
+    equality = {f"{mode}-k{k}": equality_run(mode, k) for mode, k in DIST.equality_cases}
     noise = noise_run()
     poisson = {
         "same_seeded_generators": poisson_run(torch.Generator().manual_seed(7)),
@@ -135,7 +118,7 @@ def main() -> None:
         torch.save(equality, args.out / "equality.pt")
         torch.save(noise, args.out / "noise.pt")
         checks = {"world_size": state.num_processes, "poisson": poisson,
-                  "poisson_sample_rate": POISSON_BATCH / POISSON_N, "poisson_n": POISSON_N}  # fmt: skip
+                  "poisson_sample_rate": DIST.poisson_batch / DIST.poisson_n, "poisson_n": DIST.poisson_n}  # fmt: skip
         (args.out / "checks.json").write_text(json.dumps(checks))
     state.wait_for_everyone()
 

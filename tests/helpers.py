@@ -6,10 +6,12 @@ Test files import from here, never from each other or from ``conftest`` (which h
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -51,19 +53,19 @@ def tiny_vq() -> VQModel:
                    sample_size=16)  # fmt: skip
 
 
+#: What the tiny UNets share: 8x8x3 latents, two levels, attention at the second.
+_TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                  attention_head_dim=8, norm_num_groups=8)  # fmt: skip
+
+
 def tiny_cond_unet(conv_projection: bool = False) -> UNet2DConditionModel:
+    """The class-conditional layout: cross-attention on a 16-dim context (a class embedding)."""
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
+        **_TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=8,
         use_linear_projection=not conv_projection,
     )
 
@@ -72,15 +74,7 @@ def tiny_uncond_unet() -> UNet2DModel:
     """The CompVis unconditional LDM layout: UNet2DModel with attention blocks."""
     torch.manual_seed(0)
     return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
+        **_TINY_UNET, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")
     )
 
 
@@ -128,6 +122,19 @@ GRADIENT_CASES = [
 ]
 
 
+def gradient_case(build: Callable[[], nn.Module], k: int, n: int, seed: int, labelled: bool = True):
+    """A model from ``build()``, an untouched copy of it (the reference), and ``n`` examples with k copies each:
+    ``(model, reference, latents, labels, timesteps, noise)``; labels are None unless ``labelled``."""
+    torch.manual_seed(seed)
+    model = build()
+    reference = copy.deepcopy(model)
+    latents = torch.randn(n, 3, 8, 8)
+    labels = torch.randint(0, 10, (n,)) if labelled else None
+    timesteps = torch.randint(0, 1000, (n * k,))
+    noise = torch.randn(n * k, 3, 8, 8)
+    return model, reference, latents, labels, timesteps, noise
+
+
 def fixed_loss(timesteps: torch.Tensor, noise: torch.Tensor) -> tuple[DDIMScheduler, Callable]:
     """A ``loss_fn`` for ``private_backward`` whose rows use the given timesteps and noise (row r: ``timesteps[r]``)."""
     sched = scheduler()
@@ -151,6 +158,14 @@ def reference_grads(reference: nn.Module, sched, latents, labels, timesteps, noi
         ).mean()
         out.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
     return out
+
+
+def assert_per_example_close(got: dict[str, torch.Tensor], ref: list[dict], atol: float) -> None:
+    """``got[name][i]`` (a per-sample gradient) equals the reference gradient ``ref[i][name]`` of example i."""
+    assert len(ref) > 0 and set(ref[0]) == set(got) and len(got) > 0
+    for i, grads in enumerate(ref):
+        for name, g in grads.items():
+            torch.testing.assert_close(got[name][i], g, rtol=1e-4, atol=atol, msg=f"{name} example {i}")
 
 
 def private(
@@ -254,15 +269,30 @@ def load_app() -> ModuleType:
 
 # ---- the 2-process checks (distributed_worker.py runs them, test_distributed.py replays them) ------------------
 
-DIST_N = 24  # private examples of the equality and noise checks
-DIST_BATCH = 6  # expected global logical batch q * N
-DIST_MAX_K = 4
-DIST_PHYSICAL = 2  # examples per forward: several physical batches per logical one, their number differing by rank
-EQUALITY_CASES = [("fused", 1), ("fused", 4), ("hooks", 1), ("hooks", 4)]
-EQUALITY_STEPS = 2
-CLIPS = {1: 0.15, 4: 0.09}  # by k: clips some examples, not all (the test checks both kinds occur)
-SIGMA, NOISE_CLIP, NOISE_STEPS = 2.0, 0.5, 6
-POISSON_N, POISSON_BATCH, POISSON_EPOCHS = 40, 2, 50  # about one example per rank and step: many empty ones
+
+@dataclass(frozen=True)
+class DistributedChecks:
+    """The settings of the 2-process checks, shared by the worker and the test that replays them."""
+
+    n: int = 24  # private examples of the equality and noise checks
+    batch: int = 6  # expected global logical batch q * N
+    max_k: int = 4
+    physical: int = 2  # examples per forward: several physical batches per logical one, their number differing by rank
+    equality_cases: tuple = (("fused", 1), ("fused", 4), ("hooks", 1), ("hooks", 4))
+    equality_steps: int = 2
+    clips: tuple = ((1, 0.15), (4, 0.09))  # by k: clips some examples, not all (the test checks both kinds occur)
+    sigma: float = 2.0
+    noise_clip: float = 0.5
+    noise_steps: int = 6
+    poisson_n: int = 40  # with poisson_batch 2: about one example per rank and step, so many empty ones
+    poisson_batch: int = 2
+    poisson_epochs: int = 50
+
+    def clip(self, k: int) -> float:
+        return dict(self.clips)[k]
+
+
+DIST = DistributedChecks()
 
 
 def distributed_model(lora_rank: int = 4) -> LatentDenoiser:
@@ -281,10 +311,10 @@ def indexed_examples() -> dict[str, torch.Tensor]:
     """Latents, labels, and per (example, copy) timesteps and diffusion noise, fixed by index."""
     g = torch.Generator().manual_seed(2)
     return {
-        "latents": torch.randn(DIST_N, 3, 8, 8, generator=g),
-        "labels": torch.randint(0, 10, (DIST_N,), generator=g),
-        "timesteps": torch.randint(0, 1000, (DIST_N, DIST_MAX_K), generator=g),
-        "noise": torch.randn(DIST_N, DIST_MAX_K, 3, 8, 8, generator=g),
+        "latents": torch.randn(DIST.n, 3, 8, 8, generator=g),
+        "labels": torch.randint(0, 10, (DIST.n,), generator=g),
+        "timesteps": torch.randint(0, 1000, (DIST.n, DIST.max_k), generator=g),
+        "noise": torch.randn(DIST.n, DIST.max_k, 3, 8, 8, generator=g),
     }
 
 

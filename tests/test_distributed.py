@@ -18,26 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
-    CLIPS,
-    DIST_BATCH,
-    EQUALITY_CASES,
-    EQUALITY_STEPS,
-    NOISE_CLIP,
-    NOISE_STEPS,
-    POISSON_BATCH,
-    POISSON_EPOCHS,
-    POISSON_N,
-    SIGMA,
-    base_args,
-    distributed_model,
-    flat,
-    indexed,
-    indexed_examples,
-    indexed_loss,
-    private,
-    train,
-)
+from helpers import DIST, base_args, distributed_model, flat, indexed, indexed_examples, indexed_loss, private, train
 
 from dp_diffusers.privacy import average_over_copies, private_backward
 
@@ -58,15 +39,15 @@ def launched(tiny_base, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mode,k", EQUALITY_CASES)
+@pytest.mark.parametrize("mode,k", DIST.equality_cases)
 def test_two_processes_make_the_one_process_update(launched, mode, k):
     """Noise off: replaying each logical step's global batch (the union of the ranks' Poisson
     batches) in one process gives the same update, per-example clipping included."""
     run = torch.load(launched / "equality.pt")[f"{mode}-k{k}"]
-    assert run["ranks_agree"] and len(run["steps"]) == EQUALITY_STEPS
+    assert run["ranks_agree"] and len(run["steps"]) == DIST.equality_steps
     data = indexed_examples()
     dataset = indexed(data["latents"])
-    dp, _ = private(distributed_model(), dataset, sigma=0.0, clip=CLIPS[k], batch=DIST_BATCH, k=k, mode=mode)
+    dp, _ = private(distributed_model(), dataset, sigma=0.0, clip=DIST.clip(k), batch=DIST.batch, k=k, mode=mode)
     loss_fn = indexed_loss(data, k)
     norms = []
     for step in run["steps"]:
@@ -81,7 +62,9 @@ def test_two_processes_make_the_one_process_update(launched, mode, k):
         torch.testing.assert_close(step["update"], expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
         dp.optimizer.zero_grad(set_to_none=True)
     norms = torch.cat(norms)
-    assert (norms > CLIPS[k]).any() and (norms < CLIPS[k]).any()  # both clipped and unclipped examples were in it
+    assert (norms > DIST.clip(k)).any() and (
+        norms < DIST.clip(k)
+    ).any()  # both clipped and unclipped examples were in it
 
 
 def test_noise_is_added_once_with_std_sigma_c_over_the_global_batch(launched):
@@ -91,16 +74,16 @@ def test_noise_is_added_once_with_std_sigma_c_over_the_global_batch(launched):
     noise = torch.load(launched / "noise.pt")
     assert noise["ranks_agree"]  # every rank applies the same (rank 0's) noise
     updates = noise["updates"].double()
-    assert updates.shape[0] == NOISE_STEPS
+    assert updates.shape[0] == DIST.noise_steps
     m = updates.numel()
-    expected = SIGMA * NOISE_CLIP / DIST_BATCH
+    expected = DIST.sigma * DIST.noise_clip / DIST.batch
     ratio = updates.pow(2).mean().sqrt().item() / expected
     # m * s^2 / std^2 ~ chi2(m) for zero-mean noise: s^2 / std^2 has standard deviation sqrt(2/m)
     tolerance = 6 * math.sqrt(2 / m)
     assert tolerance < 0.1  # sqrt(2) (per-rank noise) is far outside
     assert abs(ratio**2 - 1) < tolerance, f"noise std is {ratio:.4f} times sigma*C/B"
     assert abs(updates.mean().item()) < 6 * expected / math.sqrt(m)
-    correlation = torch.corrcoef(updates) - torch.eye(NOISE_STEPS, dtype=updates.dtype)
+    correlation = torch.corrcoef(updates) - torch.eye(DIST.noise_steps, dtype=updates.dtype)
     assert correlation.abs().max() < 6 / math.sqrt(updates.shape[1])  # fresh noise every step
 
 
@@ -110,8 +93,8 @@ def test_poisson_batches_of_both_ranks_add_up_to_the_accountants_sample_rate(lau
     in it at rate q, the ranks' shares are disjoint and uncorrelated, and every rank makes every
     step, empty local batches included."""
     rank_batches = json.loads((launched / "checks.json").read_text())["poisson"][generators]["rank_batches"]
-    q, n = POISSON_BATCH / POISSON_N, POISSON_N
-    steps = POISSON_EPOCHS * int(1 / q)
+    q, n = DIST.poisson_batch / DIST.poisson_n, DIST.poisson_n
+    steps = DIST.poisson_epochs * int(1 / q)
     assert len(rank_batches) == 2 and all(len(batches) == steps for batches in rank_batches)
     sizes = torch.tensor([[len(b) for b in batches] for batches in rank_batches], dtype=torch.double)
     assert (sizes == 0).any()  # empty local batches happened, and were steps all the same

@@ -131,6 +131,30 @@ def test_epsilon_never_passes_the_target(tiny_base, tmp_path):
     assert report["epsilon"] <= target
 
 
+def test_a_given_sigma_without_target_takes_the_planned_steps_and_reports_their_epsilon(tiny_base, tmp_path):
+    sigma, q, delta = 0.9, 0.1, 1e-4
+    out = tmp_path / "sigma"
+    train(base_args(tiny_base, out, **{"--noise_multiplier": sigma, "--samples_per_class": 0}))
+    report = json.loads((out / "dp_report.json").read_text())
+    assert report["target_epsilon"] is None and report["noise_multiplier"] == sigma
+    assert report["steps"] == 4  # --max_train_steps: no target cuts it short
+    assert report["epsilon"] == pytest.approx(epsilon_for(sigma, q, 4, delta), rel=1e-6)
+    card = (out / "README.md").read_text()
+    assert "none (σ was given)" in card
+
+
+def test_sigma_and_target_given_stop_before_the_target_and_sigma_zero_is_refused(tiny_base, tmp_path):
+    sigma, q, delta = 0.9, 0.1, 1e-4
+    target = epsilon_for(sigma, q, 2, delta) * 1.01  # two steps fit, not three
+    out = tmp_path / "both"
+    train(base_args(tiny_base, out, **{"--noise_multiplier": sigma, "--target_epsilon": target}))
+    report = json.loads((out / "dp_report.json").read_text())
+    assert report["target_epsilon"] == target and report["steps"] == 2 and report["epsilon"] <= target
+    with pytest.raises(SystemExit):
+        train(base_args(tiny_base, tmp_path / "zero", **{"--noise_multiplier": 0}))
+    assert not (tmp_path / "zero").exists()
+
+
 def digit_folder(root, names):
     for name in names:
         (root / name).mkdir(parents=True)

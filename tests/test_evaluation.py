@@ -309,7 +309,7 @@ def test_evaluate_adapter_writes_metrics_for_a_fused_adapter(tiny_base, tmp_path
     config = json.loads((folder / "dp_lora_config.json").read_text())
     (folder / "dp_lora_config.json").write_text(json.dumps({**config, "canaries": {"num_canaries": 4, "seed": 1}}))
 
-    metrics = evaluate_adapter(folder, samples_per_class=2, num_inference_steps=2, reference_adapter_dir=folder)
+    metrics = evaluate_adapter(folder, samples_per_class=2, num_inference_steps=2, audit_reference=folder)
 
     assert json.loads((folder / "metrics.json").read_text()) == metrics
     assert "fid" not in metrics  # no Inception weights: skipped, not invented
@@ -370,7 +370,7 @@ def test_audit_members_are_the_examples_the_run_trained_on(tiny_base, tmp_path, 
     assert distances.min(dim=1).values.max() < 1e-4 and distances.min(dim=0).values.max() < 1e-4
     with pytest.raises(ValueError, match="trained on other examples"):
         evaluate_module.evaluate_adapter(
-            subset, samples_per_class=1, num_inference_steps=1, reference_adapter_dir=whole
+            subset, samples_per_class=1, num_inference_steps=1, audit_reference=whole
         )
 
 
@@ -409,7 +409,7 @@ def test_canary_audit_of_an_adapter_with_its_own_class_embedding(tiny_base, tmp_
     folder = write_adapter(tmp_path / "adapter", pipe.unet, tiny_base, class_embedder=pipe.class_embedder)
     config = json.loads((folder / "dp_lora_config.json").read_text())
     (folder / "dp_lora_config.json").write_text(json.dumps({**config, "canaries": {"num_canaries": 6, "seed": 2}}))
-    audit_result = evaluate_adapter(folder, samples_per_class=1, num_inference_steps=1, reference_adapter_dir=folder)[
+    audit_result = evaluate_adapter(folder, samples_per_class=1, num_inference_steps=1, audit_reference=folder)[
         "membership_auc"
     ]
     assert audit_result["num_canaries"] == 6

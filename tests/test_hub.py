@@ -230,7 +230,7 @@ def test_cli_card_and_push_never_touch_the_network(adapter: Path):
     from dp_diffusers import cli
 
     (adapter / "README.md").unlink(missing_ok=True)
-    cli.main(["card", str(adapter), "--repo-id", "me/dp-lora"])
+    cli.main(["card", str(adapter), "--repo_id", "me/dp-lora"])
     assert (
         ModelCard.load(adapter / "README.md").data.dp_epsilon
         == json.loads((adapter / "dp_report.json").read_text())["epsilon"]
@@ -238,7 +238,7 @@ def test_cli_card_and_push_never_touch_the_network(adapter: Path):
     with mock.patch("dp_diffusers.hub.HfApi") as api_class:
         api = api_class.return_value
         api.create_repo.return_value = mock.Mock(repo_id="me/dp-lora")
-        cli.main(["push", str(adapter), "--repo-id", "me/dp-lora"])
+        cli.main(["push", str(adapter), "--repo_id", "me/dp-lora"])
     api.create_repo.assert_called_once()
     uploaded = api.upload_folder.call_args.kwargs
     assert "checkpoints/**" in uploaded["ignore_patterns"] or any(

@@ -285,17 +285,19 @@ def test_unconditional_compvis_layout_with_an_adapter(tmp_path):
     assert isinstance(again.unet, UNet2DModelWithLoRA)
     assert torch.equal(sample(again, class_labels=None, batch_size=2), fused)
 
-    cli.main(["sample", str(tmp_path / "ldm"), "--num-images", "3", "--steps", "2", "--out", str(tmp_path / "u.png")])
+    out = str(tmp_path / "u.png")
+    cli.main(["sample", str(tmp_path / "ldm"), "--num_images", "3", "--num_inference_steps", "2", "--out", out])
     assert image_size(tmp_path / "u.png") == (24 + 3 * 64, 64)
 
 
 def test_cli_card_sample_and_push_offline(adapter, tmp_path, capsys):
     folder = shutil.copytree(adapter[0], tmp_path / "adapter")
-    cli.main(["card", str(folder), "--repo-id", "me/dp-lora"])
+    cli.main(["card", str(folder), "--repo_id", "me/dp-lora"])
     assert 'from_pretrained("me/dp-lora")' in (folder / "README.md").read_text()
 
     grid = tmp_path / "grid.png"
-    cli.main(["sample", str(folder), "--labels", "3", "7", "--num-images", "2", "--steps", "2", "--out", str(grid)])
+    cli.main(["sample", str(folder), "--labels", "3", "7", "--num_images", "2", "--num_inference_steps", "2",
+              "--out", str(grid)])  # fmt: skip
     assert image_size(grid) == (24 + 2 * 64, 2 * 64)  # label margin + 2 images of 16 px x4, 2 rows
     with pytest.raises(SystemExit):
         cli.main(["sample", str(folder), "--labels", "cat", "--out", str(grid)])
@@ -306,7 +308,7 @@ def test_cli_card_sample_and_push_offline(adapter, tmp_path, capsys):
         api = api_class.return_value
         api.create_repo.return_value = mock.Mock(repo_id="me/dp-lora")
         api.upload_folder.return_value = mock.Mock(pr_url="https://huggingface.co/me/dp-lora/discussions/1")
-        cli.main(["push", str(folder), "--repo-id", "me/dp-lora", "--private", "--create-pr"])
+        cli.main(["push", str(folder), "--repo_id", "me/dp-lora", "--private", "--create_pr"])
     assert (folder / "README.md").is_file()  # the card is written before the upload
     assert api.create_repo.call_args.kwargs["private"] is True
     assert api.upload_folder.call_args.kwargs["create_pr"] is True

@@ -1,43 +1,76 @@
 """Per-sample gradients and sensitivity of the DP step (the privacy core).
 
-Reference: one example at a time through plain autograd. Each test would fail if clipping,
-noise multiplicity or the opacus wiring broke.
+Reference: one example at a time through plain autograd, for every grad_sample_mode (``fused``, the default,
+computes them inside the layers' backward and contracts the k copies there), every LoRA target family and full
+fine-tuning (which takes the UNet's Conv2d / GroupNorm / LayerNorm layers through the fused path too). Each test
+would fail if clipping, noise multiplicity or the opacus wiring broke.
 """
 
-import copy
+from functools import partial
 
 import pytest
 import torch
-from helpers import GRADIENT_CASES, dp_setup, fixed_loss, lora_denoiser, per_sample_gradients, reference_grads
+from helpers import (
+    GRADIENT_CASES,
+    assert_per_example_close,
+    dp_setup,
+    fixed_loss,
+    gradient_case,
+    lora_denoiser,
+    per_sample_gradients,
+    reference_grads,
+    tiny_cond_unet,
+)
 
+from dp_diffusers import ClassEmbedder, LatentDenoiser
 from dp_diffusers.privacy import average_over_copies, private_backward
 
 B = 3
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def build_full(kind="cond"):
+    """Every UNet weight trainable (no LoRA): Conv2d, GroupNorm, LayerNorm, Linear."""
+    unet = tiny_cond_unet()
+    unet.requires_grad_(True)
+    embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
+    embedder.requires_grad_(True)
+    return LatentDenoiser(unet, embedder)
+
+
+@pytest.mark.parametrize("mode", ["fused", "hooks", "functorch"])
 @pytest.mark.parametrize("kind,targets,train_embedding", GRADIENT_CASES)
 @pytest.mark.parametrize("k", [1, 3])
 def test_per_sample_gradients_match_microbatch_reference(kind, targets, train_embedding, k, mode):
-    torch.manual_seed(1)
-    model = lora_denoiser(kind, targets, train_embedding)
-    reference = copy.deepcopy(model)
-    latents = torch.randn(B, 3, 8, 8)
-    labels = torch.randint(0, 10, (B,)) if kind == "cond" else None
-    timesteps = torch.randint(0, 1000, (B * k,))
-    noise = torch.randn(B * k, 3, 8, 8)
+    build = partial(lora_denoiser, kind, targets, train_embedding)
+    model, reference, latents, labels, timesteps, noise = gradient_case(build, k, B, seed=1, labelled=kind == "cond")
     _, sched = per_sample_gradients(model, latents, labels, timesteps, noise, k, mode)
-    got = {n: average_over_copies(p.grad_sample, k) for n, p in model.named_parameters() if p.requires_grad}
+    if mode == "fused":
+        got = {n: p.grad_sample for n, p in model.named_parameters() if p.requires_grad}
+        # folded in the backward: one row per example, and autograd computed no summed gradient
+        assert all(g.shape[0] == B for g in got.values())
+        assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+    else:  # opacus' modes: (B*k, ...) rows, folded by the optimizer
+        got = {n: average_over_copies(p.grad_sample, k) for n, p in model.named_parameters() if p.requires_grad}
 
     ref = reference_grads(reference, sched, latents, labels, timesteps, noise, k)
-    assert set(ref[0]) == set(got) and len(got) > 0
     for i in range(B):
         # Cross-attention over a single class token makes attn2's q/k irrelevant (softmax over one
         # key is 1): those gradients are truly zero. Every other one must not be.
         nonzero = [n for n, g in ref[i].items() if g.abs().sum() > 0]
         assert set(ref[i]) - set(nonzero) <= {n for n in ref[i] if ".attn2.to_q." in n or ".attn2.to_k." in n}
-        for name, g in ref[i].items():
-            torch.testing.assert_close(got[name][i], g, rtol=1e-4, atol=1e-6, msg=f"{name} example {i}")
+    assert_per_example_close(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fused_full_finetuning_matches_microbatch_reference(k):
+    n = 2
+    model, reference, latents, labels, timesteps, noise = gradient_case(build_full, k, n, seed=2)
+    dp, sched = per_sample_gradients(model, latents, labels, timesteps, noise, k)
+    kinds = {type(m) for m in dp.model.patched_modules}
+    assert {torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Linear, torch.nn.Embedding} <= kinds
+    got = {name: p.grad_sample for name, p in model.named_parameters()}
+    ref = reference_grads(reference, sched, latents, labels, timesteps, noise, k)
+    assert_per_example_close(got, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [1, 4])

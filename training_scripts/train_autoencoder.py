@@ -8,14 +8,11 @@ adversarial terms of the original LDM are left out, which is enough for small di
 """
 
 import argparse
-import logging
 import math
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -24,11 +21,12 @@ from dp_diffusers.data import dataset_to_tensors, latent_scaling_factor, resolve
 from dp_diffusers.presets import get_preset
 from dp_diffusers.training_utils import (
     add_data_args,
+    add_run_args,
     load_training_dataset,
+    make_accelerator,
     resolve_dataset_source,
-    resolve_resume,
+    resume_step,
     save_checkpoint,
-    step_of,
 )
 
 logger = get_logger(__name__)
@@ -61,13 +59,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--scaling_images", type=int, default=5000, help="Training images whose latent std sets scaling_factor."
     )
-    parser.add_argument("--checkpointing_steps", type=int, default=200)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--report_to", type=str, default=None, help="e.g. tensorboard")
-    parser.add_argument("--logging_dir", type=str, default="logs")
+    add_run_args(parser, checkpointing_steps=200)
     args = parser.parse_args(argv)
     resolve_dataset_source(args, "public-digits")
     return args
@@ -78,14 +71,7 @@ def main(argv=None):
     preset = get_preset(args.preset)
     resolution = args.resolution or preset.resolution
     num_channels = args.num_channels or preset.num_channels
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(args, args.mixed_precision)
     set_seed(args.seed)
 
     # Validate everything before anything is written.
@@ -111,12 +97,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         accelerator.init_trackers("train_autoencoder", config={k: v for k, v in vars(args).items() if v is not None})
 
-    global_step = 0
-    checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        global_step = step_of(checkpoint)
-        logger.info(f"Resumed from {checkpoint} at step {global_step}")
+    global_step = resume_step(accelerator, args)
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     epochs = math.ceil(args.max_train_steps / len(loader))

@@ -18,15 +18,13 @@ non-private reference of the audit; its output has no ``dp_report.json`` and cla
 
 import argparse
 import json
-import logging
 import math
 import shutil
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
@@ -62,7 +60,9 @@ from dp_diffusers.privacy import (
 )
 from dp_diffusers.training_utils import (
     add_data_args,
+    add_run_args,
     load_training_dataset,
+    make_accelerator,
     resolve_dataset_source,
     resolve_resume,
     save_checkpoint,
@@ -70,6 +70,9 @@ from dp_diffusers.training_utils import (
 from dp_diffusers.visualization import sample_grid
 
 logger = get_logger(__name__)
+
+#: --target_epsilon when neither it nor --noise_multiplier is given.
+DEFAULT_TARGET_EPSILON = 10.0
 
 
 def parse_args(argv=None):
@@ -104,10 +107,20 @@ def parse_args(argv=None):
         action="store_true",
         help="Train WITHOUT differential privacy (no clipping, noise or accountant): a non-private reference.",
     )
-    dp.add_argument("--target_epsilon", type=float, default=10.0)
+    dp.add_argument(
+        "--target_epsilon",
+        type=float,
+        default=None,
+        help=f"Calibrate sigma so that the planned steps spend this epsilon (default {DEFAULT_TARGET_EPSILON:g}). "
+        "With --noise_multiplier: stop before epsilon would pass it.",
+    )
     dp.add_argument("--target_delta", type=float, default=1e-5)
     dp.add_argument(
-        "--noise_multiplier", type=float, default=None, help="Give sigma instead of calibrating it to the target."
+        "--noise_multiplier",
+        type=float,
+        default=None,
+        help="Give sigma instead of calibrating it: the run takes the planned steps and reports the epsilon they "
+        "spend (no target), or stops before --target_epsilon if that is given too.",
     )
     dp.add_argument(
         "--max_grad_norm",
@@ -143,13 +156,7 @@ def parse_args(argv=None):
         help="Save an exponential moving average of the trained weights (diffusers' EMAModel, its warm-up "
         "included) instead of the last iterate. Averaging released iterates is post-processing: no privacy cost.",
     )
-    train.add_argument("--checkpointing_steps", type=int, default=100)
-    train.add_argument("--checkpoints_total_limit", type=int, default=2)
-    train.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
     train.add_argument("--epsilon_log_steps", type=int, default=25, help="Record epsilon every N steps.")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--report_to", type=str, default=None, help="e.g. tensorboard")
-    train.add_argument("--logging_dir", type=str, default="logs")
     train.add_argument("--samples_per_class", type=int, default=8, help="samples.png rows; 0 to skip.")
     train.add_argument("--num_inference_steps", type=int, default=50)
     train.add_argument(
@@ -159,6 +166,8 @@ def parse_args(argv=None):
         help="diffusers scheduler class that draws samples.png and --evaluate's samples, e.g. "
         "DPMSolverMultistepScheduler (default: the base's own, DDIM for train_ldm.py's bases).",
     )
+
+    add_run_args(parser, checkpointing_steps=100)
 
     evaluation = parser.add_argument_group("evaluation and sharing")
     evaluation.add_argument("--evaluate", action="store_true", help="Write metrics.json (dp_diffusers.evaluation).")
@@ -184,6 +193,8 @@ def parse_args(argv=None):
     resolve_dataset_source(args, "private-digits")
     if args.noise_multiplicity < 1:
         parser.error("--noise_multiplicity must be >= 1")
+    if args.noise_multiplier is not None and args.noise_multiplier <= 0:
+        parser.error(f"--noise_multiplier must be > 0 (sigma 0 adds no noise: no privacy), got {args.noise_multiplier}")
     if args.num_canaries < 0:
         parser.error("--num_canaries must be >= 0")
     if args.ema_decay is not None and not 0 < args.ema_decay < 1:
@@ -232,13 +243,7 @@ def extend_class_embedder(embedder: ClassEmbedder, extra: int) -> ClassEmbedder:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(args)
     set_seed(args.seed, device_specific=True)
     world_size = accelerator.num_processes
 
@@ -273,12 +278,12 @@ def main(argv=None):
         logger.warning("--disable_dp: training WITHOUT differential privacy; the adapter claims no guarantee.")
     else:
         check_delta(args.target_delta, n)
-        if args.noise_multiplier is None:
+        if args.noise_multiplier is None:  # calibrate sigma to the target over the planned steps
+            target_epsilon = args.target_epsilon if args.target_epsilon is not None else DEFAULT_TARGET_EPSILON
             noise_multiplier = calibrate_noise_multiplier(
-                args.target_epsilon, args.target_delta, sample_rate, planned_steps, args.accountant
+                target_epsilon, args.target_delta, sample_rate, planned_steps, args.accountant
             )
-            target_epsilon = args.target_epsilon
-        else:
+        else:  # sigma given: no target unless one was set explicitly
             noise_multiplier, target_epsilon = args.noise_multiplier, args.target_epsilon
         budget = PrivacyBudget(
             args.accountant, noise_multiplier, sample_rate, args.target_delta, planned_steps, target_epsilon
@@ -503,7 +508,7 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
             num_inference_steps=args.eval_inference_steps,
             scheduler=args.scheduler,
             inception_path=args.fid_inception_path,
-            reference_adapter_dir=args.audit_reference,
+            audit_reference=args.audit_reference,
             seed=args.seed,
         )
         logger.info(f"Evaluation: { {name: metric['value'] for name, metric in metrics.items()} }")

@@ -10,14 +10,11 @@ DP-LDM), with label dropout so that classifier-free guidance works. The output f
 """
 
 import argparse
-import logging
 import math
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
@@ -35,11 +32,12 @@ from dp_diffusers.data import (
 from dp_diffusers.presets import get_preset
 from dp_diffusers.training_utils import (
     add_data_args,
+    add_run_args,
     load_training_dataset,
+    make_accelerator,
     resolve_dataset_source,
-    resolve_resume,
+    resume_step,
     save_checkpoint,
-    step_of,
 )
 
 logger = get_logger(__name__)
@@ -66,13 +64,8 @@ def parse_args(argv=None):
         help="Min-SNR loss weighting (Hang et al. 2023, arXiv 2303.09556), as in diffusers' train_text_to_image.py. "
         "5.0 is the recommended value. Default: plain MSE.",
     )
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--report_to", type=str, default=None)
-    parser.add_argument("--logging_dir", type=str, default="logs")
+    add_run_args(parser, checkpointing_steps=500)
     args = parser.parse_args(argv)
     resolve_dataset_source(args, "public-digits")
     return args
@@ -92,14 +85,7 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
 def main(argv=None):
     args = parse_args(argv)
     preset = get_preset(args.preset)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(args, args.mixed_precision)
     set_seed(args.seed)
 
     # Validate and encode before anything is written.
@@ -146,12 +132,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         accelerator.init_trackers("train_ldm", config={k: v for k, v in vars(args).items() if v is not None})
 
-    global_step = 0
-    checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        global_step = step_of(checkpoint)
-        logger.info(f"Resumed from {checkpoint} at step {global_step}")
+    global_step = resume_step(accelerator, args)
 
     null_class = class_embedder.null_class_id
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)

@@ -10,6 +10,9 @@ synthetic set is not handicapped by fewer updates.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -97,14 +100,12 @@ def downstream_accuracy(
     real_test_images: torch.Tensor,
     real_test_labels: torch.Tensor,
     num_classes: int,
-    steps: int = 600,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
+    **training: Any,
 ) -> dict:
     """Accuracy on real test images of a classifier trained on synthetic images, and of the same
     classifier (same architecture, hyperparameters and seed) trained on the real training images.
+    ``training``: :func:`train_classifier`'s keyword arguments (``steps``, ``lr``, ``batch_size``, ``seed``,
+    ``device``), the same for both.
 
     Returns ``{"downstream_accuracy", "real_data_accuracy", "classifier", "num_synthetic", "num_test"}``
     with accuracies in [0, 1].
@@ -115,9 +116,10 @@ def downstream_accuracy(
     shapes = {tuple(x.shape[1:]) for x in (synthetic_images, real_train_images, real_test_images)}
     if len(shapes) != 1:
         raise ValueError(f"synthetic, real train and real test images differ in (C, H, W): {sorted(shapes)}")
-    hparams = dict(num_classes=num_classes, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device)
-    on_synthetic = train_classifier(synthetic_images, synthetic_labels, **hparams)
-    on_real = train_classifier(real_train_images, real_train_labels, **hparams)
+    on_synthetic = train_classifier(synthetic_images, synthetic_labels, num_classes, **training)
+    on_real = train_classifier(real_train_images, real_train_labels, num_classes, **training)
+    defaults = inspect.signature(train_classifier).parameters
+    steps, lr, batch_size = (training.get(name, defaults[name].default) for name in ("steps", "lr", "batch_size"))
     return {
         "downstream_accuracy": accuracy(on_synthetic, real_test_images, real_test_labels),
         "real_data_accuracy": accuracy(on_real, real_test_images, real_test_labels),

@@ -103,12 +103,12 @@ def evaluate_adapter(
     num_inference_steps: int = 50,
     scheduler: str | None = None,
     inception_path: str | None = None,
-    reference_adapter_dir: str | Path | None = None,
+    audit_reference: str | Path | None = None,
     seed: int = 0,
 ) -> dict:
     """Evaluate the adapter (or base) in ``adapter_dir`` against the private data set's splits.
 
-    ``reference_adapter_dir``: a non-private fine-tune on the same data, whose audit AUC is
+    ``audit_reference``: a non-private fine-tune on the same data, whose audit AUC is
     reported next to the DP one. Returns the metrics dict it writes to ``metrics.json``.
     """
     from ..pipelines import DPLDMPipeline
@@ -135,9 +135,9 @@ def evaluate_adapter(
 
     (train_x, train_y), (test_x, test_y) = split(train_split), split(test_split)
     subset = config.get("train_subset")
-    if reference_adapter_dir is not None and (reference_subset := _train_subset(reference_adapter_dir)) != subset:
+    if audit_reference is not None and (reference_subset := _train_subset(audit_reference)) != subset:
         raise ValueError(
-            f"The audit reference {reference_adapter_dir} trained on other examples ({reference_subset}) than "
+            f"The audit reference {audit_reference} trained on other examples ({reference_subset}) than "
             f"{adapter_dir} ({subset}): its members differ, so its AUC would not be comparable."
         )
     member_x, member_y = split(train_split, subset) if subset else (train_x, train_y)
@@ -180,13 +180,13 @@ def evaluate_adapter(
         )
         canary_sets = (encode_latents(vae, inserted_x), inserted_y, encode_latents(vae, heldout_x), heldout_y)
         metrics["membership_auc"].update(_canary_audit(denoiser_loss_fn(pipe), canary_sets, seed, base_loss_fn))
-    if reference_adapter_dir is not None:
-        reference = DPLDMPipeline.from_pretrained(reference_adapter_dir)
+    if audit_reference is not None:
+        reference = DPLDMPipeline.from_pretrained(audit_reference)
         ref = audit(denoiser_loss_fn(reference), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
         metrics["membership_auc"]["reference_nonprivate_auc"] = ref["membership_auc"]
         if base_loss_fn is not None:
             metrics["membership_auc"]["reference_nonprivate_calibrated_auc"] = ref["calibrated_auc"]
-        if canaries and _adapter_config(reference_adapter_dir).get("canaries") == canaries:
+        if canaries and _adapter_config(audit_reference).get("canaries") == canaries:
             ref_canaries = _canary_audit(denoiser_loss_fn(reference), canary_sets, seed, base_loss_fn)
             for key in ("canary_auc", "canary_calibrated_auc"):  # (the counts and the base's AUC are the adapter's)
                 if key in ref_canaries:

@@ -29,10 +29,6 @@ class LatentDenoiser(nn.Module):
         if isinstance(unet, UNet2DConditionModel) and class_embedder is None:
             raise ValueError("A UNet2DConditionModel needs a ClassEmbedder to provide its cross-attention context.")
 
-    @property
-    def is_conditional(self) -> bool:
-        return self.class_embedder is not None or getattr(self.unet.config, "num_class_embeds", None) is not None
-
     def conditioning(self, class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The UNet keyword arguments that carry ``class_labels`` (computed once per sampling call)."""
         if self.class_embedder is not None:

@@ -1,0 +1,42 @@
+"""The layout's promises: the privacy core stands alone, file names and the version are defined once, and test
+files share code only through helpers.py."""
+
+import ast
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
+import dp_diffusers
+from dp_diffusers import constants
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_the_privacy_core_loads_neither_diffusers_nor_the_pipelines():
+    code = "import sys, dp_diffusers.privacy; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
+           "('diffusers', 'peft', 'dp_diffusers')))"  # fmt: skip
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'diffusers" not in loaded and "'peft" not in loaded
+    assert "dp_diffusers.pipelines" not in loaded and "dp_diffusers.models" not in loaded
+    assert "dp_diffusers.privacy.grad_sample.fused_grad_sample_module" in loaded
+
+
+def test_version_and_file_names_come_from_one_place():
+    assert dp_diffusers.__version__ == version("dp-diffusers")
+    assert constants.LORA_WEIGHT_NAME == LORA_WEIGHT_NAME_SAFE  # diffusers' own name for the LoRA file
+    assert dp_diffusers.DPLDMPipeline.__name__ == "DPLDMPipeline"  # the lazy root still exports it
+
+
+def test_test_files_import_no_other_test_file_nor_conftest():
+    local = {path.stem for path in TESTS.glob("*.py")} - {"helpers"}
+    for path in TESTS.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module.split(".")[0]]
+            assert not set(names) & local, f"{path.name} imports {set(names) & local}: share code through helpers.py"
