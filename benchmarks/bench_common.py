@@ -129,18 +129,6 @@ def scheduler_for(preset) -> object:
     return DDPMScheduler(**preset.scheduler_config())
 
 
-def diffusion_loss_fn(noise_scheduler):
-    """Per-row loss with fresh timesteps and noise per row, as in ``train_dp_lora.py``."""
-    from dp_diffusers import denoising_loss
-
-    def loss_fn(model, latents, labels):
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
-        return denoising_loss(model, noise_scheduler, latents, labels, t, noise)
-
-    return loss_fn
-
-
 def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -164,9 +152,10 @@ def make_steps(
     ``loss.mean().backward()``. Either may be None (DP: when ``grad_sample_mode`` is None)."""
     from torch.utils.data import TensorDataset
 
+    from dp_diffusers import DiffusionLoss
     from dp_diffusers.privacy import PrivacyBudget, make_private, private_backward
 
-    loss_fn = diffusion_loss_fn(scheduler_for(preset))
+    loss_fn = DiffusionLoss(scheduler_for(preset), null_class=model.class_embedder.null_class_id, label_dropout=0.1)
     c, s = preset.latent_channels, preset.latent_size
     gen = torch.Generator().manual_seed(1234)
     latents = torch.randn(batch_size, c, s, s, generator=gen).to(device)

@@ -16,6 +16,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 _LAZY = {
     "ClassEmbedder": ".models",
+    "DiffusionLoss": ".models",
     "LatentDenoiser": ".models",
     "UNet2DModelWithLoRA": ".models",
     "denoising_loss": ".models",

@@ -15,7 +15,7 @@ import torch
 
 from .hub import push_to_hub, write_model_card
 from .pipelines import DPLDMPipeline
-from .visualization import labelled_grid, sample_grid
+from .visualization import sample_grid
 
 
 def card_command(subparsers: argparse._SubParsersAction) -> None:
@@ -89,17 +89,10 @@ def sample_command(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> None:
         pipe = DPLDMPipeline.from_pretrained(args.path).to(args.device)
         pipe.set_progress_bar_config(disable=True)
-        if pipe.num_classes is not None:
-            labels = args.labels or list(pipe.labels)
-            grid = sample_grid(pipe, labels, args.num_images, args.num_inference_steps, args.seed)
-        elif args.labels:
+        if pipe.num_classes is None and args.labels:
             raise ValueError(f"{args.path} is an unconditional model: it takes no --labels.")
-        else:
-            generator = torch.Generator().manual_seed(args.seed)
-            images = pipe(
-                batch_size=args.num_images, num_inference_steps=args.num_inference_steps, generator=generator
-            ).images
-            grid = labelled_grid([images], [""])
+        labels = None if pipe.num_classes is None else args.labels or list(pipe.labels)
+        grid = sample_grid(pipe, labels, args.num_images, args.num_inference_steps, args.seed)
         grid.save(args.out)
         print(args.out)
 

@@ -46,8 +46,17 @@ def add_run_args(parser: argparse.ArgumentParser, *, checkpointing_steps: int) -
     group.add_argument("--logging_dir", type=str, default="logs")
 
 
+class LaunchError(RuntimeError):
+    """The processes were started in a way accelerate cannot join into one distributed run."""
+
+
 def make_accelerator(args: argparse.Namespace, mixed_precision: str = "no") -> Accelerator:
-    """The run's ``Accelerator`` (trackers and checkpoints under ``--output_dir``) and log format."""
+    """The run's ``Accelerator`` (trackers and checkpoints under ``--output_dir``) and log format.
+
+    Raises :class:`LaunchError` when the environment says several processes (``WORLD_SIZE`` > 1) but accelerate
+    sees one: each process would then train alone, on the whole private set, into the same folder (plain
+    ``torchrun`` on CPU does that).
+    """
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with=args.report_to,
@@ -55,6 +64,14 @@ def make_accelerator(args: argparse.Namespace, mixed_precision: str = "no") -> A
             project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
         ),
     )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise LaunchError(
+            f"WORLD_SIZE={world_size} says {world_size} processes, but accelerate sees one (distributed type "
+            f"{accelerator.distributed_type}): each would train alone into {args.output_dir}. Launch with "
+            "`accelerate launch --multi_gpu --num_processes N` on GPUs (add --num_machines / --machine_rank / "
+            "--main_process_ip for several nodes), or on CPU `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N`."
+        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return accelerator
 

@@ -23,11 +23,17 @@ def labelled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[st
     return grid
 
 
-def sample_grid(pipeline, labels: Sequence[str], per_class: int = 8, num_inference_steps: int = 50, seed: int = 0):
-    """Generate ``per_class`` images for each class name with a seeded generator and grid them."""
+def sample_grid(
+    pipeline, labels: Sequence[str] | None, per_class: int = 8, num_inference_steps: int = 50, seed: int = 0
+) -> Image.Image:
+    """Generate ``per_class`` images for each class name with a seeded generator and grid them; ``labels=None``
+    (an unconditional model): one row of ``per_class`` images."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    if labels is None:
+        images = pipeline(batch_size=per_class, num_inference_steps=num_inference_steps, generator=generator).images
+        return labelled_grid([images], [""])
     ids = pipeline.get_label_ids(list(labels))
     images = pipeline(
         class_labels=ids, num_images_per_prompt=per_class, num_inference_steps=num_inference_steps, generator=generator

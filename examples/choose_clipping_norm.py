@@ -17,7 +17,7 @@ import json
 import torch
 from diffusers import DDPMScheduler
 
-from dp_diffusers import DPLDMPipeline, LatentDenoiser, denoising_loss
+from dp_diffusers import DiffusionLoss, DPLDMPipeline, LatentDenoiser
 from dp_diffusers.data import dataset_to_tensors, encode_latents, load_image_dataset, resolve_columns
 from dp_diffusers.lora import add_lora, make_lora_config
 from dp_diffusers.privacy import expand_for_noise_multiplicity, per_example_gradient_norms, suggest_max_grad_norm
@@ -31,6 +31,7 @@ def main(argv=None):
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_target_modules", default="attention")
     parser.add_argument("--noise_multiplicity", type=int, default=1, help="The k of the private run.")
+    parser.add_argument("--label_dropout", type=float, default=0.1, help="The --label_dropout of the private run.")
     parser.add_argument("--quantile", type=float, default=0.1, help="Suggest C at this quantile of the norms.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -47,15 +48,19 @@ def main(argv=None):
     latents = encode_latents(pipe.vae, pixels)
     add_lora(pipe.unet, make_lora_config(args.lora_rank, targets=args.lora_target_modules))
     model = LatentDenoiser(pipe.unet, pipe.class_embedder)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    null_class = pipe.class_embedder.null_class_id if pipe.class_embedder is not None else None
+    diffusion_loss = DiffusionLoss(  # the private run's loss, label dropout included
+        DDPMScheduler.from_config(pipe.scheduler.config),
+        use_labels=labels is not None,
+        null_class=null_class,
+        label_dropout=args.label_dropout if null_class is not None else 0.0,
+    )
 
     def loss_fn(model, latents, labels):
         # k diffusion draws per example, averaged before the norm is taken (as the private run clips)
         k = args.noise_multiplicity
         rows, row_labels = expand_for_noise_multiplicity(latents, k), expand_for_noise_multiplicity(labels, k)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),))
-        loss = denoising_loss(model, scheduler, rows, row_labels, timesteps, torch.randn_like(rows))
-        return loss.view(len(latents), k).mean(dim=1)
+        return diffusion_loss(model, rows, row_labels).view(len(latents), k).mean(dim=1)
 
     norms = per_example_gradient_norms(model, loss_fn, latents, labels)
     quantiles = {f"p{int(q * 100)}": float(torch.quantile(norms, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}

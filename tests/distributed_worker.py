@@ -1,4 +1,4 @@
-"""One rank of the 2-process checks of test_distributed.py (````ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2````).
+"""One rank of the 2-process checks of test_distributed.py (``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2``).
 
 Every rank runs the project's own DP wiring, as train_dp_lora.py does: ``DPDDP(model)``, then
 ``make_private`` (its distributed optimizer and Poisson loader), ``BatchMemoryManager``,
@@ -10,8 +10,6 @@ Every rank runs the project's own DP wiring, as train_dp_lora.py does: ``DPDDP(m
 * ``noise.pt``: noise on, empty batches (zero gradient); the final averaged update of each step;
 * ``checks.json``: the Poisson batch sizes of both ranks over many steps, and whether the ranks
   ended with the same parameters.
-
-With ``--train_args``, the ranks then run train_dp_lora.py's ``main`` with those arguments.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from helpers import DIST, distributed_model, flat, indexed, indexed_examples, indexed_loss, private, script
+from helpers import DIST, distributed_model, flat, indexed, indexed_examples, indexed_loss, private
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
@@ -102,7 +100,6 @@ def _gather(obj):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--train_args", type=str, default=None, help="JSON list: argv of train_dp_lora.main")
     args = parser.parse_args()
     state = PartialState(cpu=True)  # gloo process group, as Accelerator() makes it (ACCELERATE_USE_CPU)
     torch.manual_seed(state.process_index)  # as set_seed(device_specific=True): the ranks' RNGs differ
@@ -121,9 +118,6 @@ def main() -> None:
                   "poisson_sample_rate": DIST.poisson_batch / DIST.poisson_n, "poisson_n": DIST.poisson_n}  # fmt: skip
         (args.out / "checks.json").write_text(json.dumps(checks))
     state.wait_for_everyone()
-
-    if args.train_args:
-        script("train_dp_lora").main(json.loads(args.train_args))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, UNet2DConditionModel, UNet2DModel, VQModel
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -247,11 +247,13 @@ def base_args(tiny_base: Path, out: Path, **overrides) -> list:
     return [x for k, v in args.items() if v is not None for x in ([k] if v is True else [k, v])]
 
 
-def write_adapter(folder: Path, unet, base_model, class_embedder=None, id2label=None, targets="attention") -> Path:
+def write_adapter(
+    folder: Path, unet, base_model, class_embedder=None, id2label=None, targets="attention", lora_std: float = 0.05
+) -> Path:
     """An adapter folder as train_dp_lora.py writes it; LoRA (rank 2, alpha 8) is injected into ``unet`` in place,
-    with non-zero B weights so that it changes the samples."""
+    with B weights of std ``lora_std`` (non-zero by default, so that it changes the samples; 0: a zero adapter)."""
     add_lora(unet, make_lora_config(2, 8.0, targets=targets))
-    perturb_lora_b(unet, std=0.05, seed=1)
+    perturb_lora_b(unet, std=lora_std, seed=1)
     save_lora_weights(unet, folder)
     if class_embedder is not None:
         class_embedder.save_pretrained(folder / "class_embedder")
@@ -259,6 +261,19 @@ def write_adapter(folder: Path, unet, base_model, class_embedder=None, id2label=
     config = {"base_model": str(base_model), "revision": None, "lora_weights": LORA_WEIGHT_NAME,
               "class_embedder": embedder_folder, "id2label": id2label}  # fmt: skip
     (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    return folder
+
+
+def save_ldm_base(folder: Path, attention: bool = True) -> Path:
+    """A CompVis-style base (``CompVis/ldm-celebahq-256``'s layout, random weights) as diffusers' ``LDMPipeline``
+    saves it: ``vqvae`` (VQModel), ``unet`` (UNet2DModel), ``scheduler``. ``attention=False``: a UNet without
+    attention blocks."""
+    unet = tiny_uncond_unet()
+    if not attention:
+        torch.manual_seed(0)
+        blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+        unet = UNet2DModel(**_TINY_UNET, **blocks, add_attention=False)  # none in the mid block either
+    LDMPipeline(vqvae=tiny_vq(), unet=unet, scheduler=scheduler()).save_pretrained(folder)
     return folder
 
 

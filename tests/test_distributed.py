@@ -2,7 +2,8 @@
 
 One launch of ``distributed_worker.py`` runs the project's distributed wiring (``DPDDP`` +
 ``make_private``: the noise-multiplicity ``DistributedDPOptimizer`` and the distributed Poisson
-loader) and then train_dp_lora.py's ``main`` on both ranks; the tests read what it wrote. Each
+loader) on both ranks, another runs train_dp_lora.py itself as a user launches it
+(``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2``); the tests read what they wrote. Each
 test would fail on a broken distributed DP step: another update than one process makes from the
 same global batch, noise added per rank (sqrt(2) times the std), noise scaled by the per-rank
 batch, Poisson batches per rank that do not add up to the accountant's sample rate, or ranks
@@ -18,7 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIST, base_args, distributed_model, flat, indexed, indexed_examples, indexed_loss, private, train
+from helpers import (
+    DIST,
+    ROOT,
+    base_args,
+    distributed_model,
+    flat,
+    indexed,
+    indexed_examples,
+    indexed_loss,
+    private,
+    train,
+)
 
 from dp_diffusers.privacy import average_over_copies, private_backward
 
@@ -26,15 +38,31 @@ TESTS = Path(__file__).resolve().parent
 TRAIN = {"--max_physical_batch_size": 4, "--train_class_embedding": True}  # several physical batches per rank
 
 
+def torchrun(tmp: Path, script: Path, args: list, accelerate_cpu: bool = True) -> subprocess.CompletedProcess:
+    """``[ACCELERATE_USE_CPU=1] torchrun --standalone --nproc_per_node 2 SCRIPT ARGS``, as a user launches it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    env.pop("ACCELERATE_USE_CPU", None)
+    if accelerate_cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    return subprocess.run([*cmd, *map(str, args)], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
-def launched(tiny_base, tmp_path_factory) -> Path:
+def launched(tmp_path_factory) -> Path:
+    """What distributed_worker.py's ranks wrote."""
     out = tmp_path_factory.mktemp("distributed")
-    train_args = [str(a) for a in base_args(tiny_base, out / "train", **TRAIN)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "distributed_worker.py"), "--out", str(out), "--train_args", json.dumps(train_args)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=TESTS, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(out, TESTS / "distributed_worker.py", ["--out", out])
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def launched_script(tiny_base, tmp_path_factory) -> Path:
+    """The output folder of train_dp_lora.py itself launched on 2 CPU processes."""
+    out = tmp_path_factory.mktemp("distributed-script") / "train"
+    proc = torchrun(out.parent, ROOT / "training_scripts" / "train_dp_lora.py", base_args(tiny_base, out, **TRAIN))
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return out
 
@@ -113,13 +141,24 @@ def test_poisson_batches_of_both_ranks_add_up_to_the_accountants_sample_rate(lau
     assert chi2 < n + 6 * math.sqrt(2 * n)
 
 
-def test_train_dp_lora_on_two_processes_spends_the_one_process_epsilon(launched, tiny_base, tmp_path):
-    two = json.loads((launched / "train" / "dp_report.json").read_text())
+def test_train_dp_lora_on_two_processes_spends_the_one_process_epsilon(launched_script, tiny_base, tmp_path):
+    two = json.loads((launched_script / "dp_report.json").read_text())
     train(base_args(tiny_base, tmp_path / "one", **TRAIN))
     one = json.loads((tmp_path / "one" / "dp_report.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
     for key in ("steps", "sample_rate", "noise_multiplier", "batch_size", "dataset_size"):
         assert two[key] == one[key], key
     assert two["epsilon"] == pytest.approx(one["epsilon"], rel=1e-9)
-    assert (launched / "train" / "pytorch_lora_weights.safetensors").is_file()
-    assert (launched / "train" / "class_embedder" / "config.json").is_file()
+    assert (launched_script / "pytorch_lora_weights.safetensors").is_file()
+    assert (launched_script / "class_embedder" / "config.json").is_file()
+
+
+def test_torchrun_without_accelerate_cpu_is_refused_before_anything_is_written(tiny_base, tmp_path):
+    """Plain torchrun on CPU gives accelerate one process per rank: two independent runs into one folder."""
+    out = tmp_path / "train"
+    proc = torchrun(tmp_path, ROOT / "training_scripts" / "train_dp_lora.py", base_args(tiny_base, out),
+                    accelerate_cpu=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "WORLD_SIZE=2 says 2 processes, but accelerate sees one" in proc.stderr
+    assert "ACCELERATE_USE_CPU=1 torchrun" in proc.stderr
+    assert not (out / "dp_report.json").exists() and not (out / "pytorch_lora_weights.safetensors").exists()

@@ -32,7 +32,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from dp_diffusers import ClassEmbedder, DPLDMPipeline, LatentDenoiser, denoising_loss
+from dp_diffusers import ClassEmbedder, DiffusionLoss, DPLDMPipeline, LatentDenoiser
 from dp_diffusers.constants import ADAPTER_CONFIG_NAME, CLASS_EMBEDDER_FOLDER, DP_REPORT_NAME, SAMPLES_NAME
 from dp_diffusers.data import (
     DataError,
@@ -212,11 +212,19 @@ def parse_args(argv=None):
 
 
 def prepare_labels(args, dataset, pipe, label_column):
-    """Map private labels onto the base's classes by name; new classes need --train_class_embedding."""
+    """Map private labels onto the base's classes by name; new classes need --train_class_embedding. An
+    unconditional base uses no labels: an explicit --label_column is an error, found labels are only logged."""
     names = label_names(dataset, label_column)
     base_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else None
     if pipe.class_embedder is None:
-        return None, None  # unconditional base: labels are not used
+        if args.label_column:
+            raise DataError(
+                f"--label_column {args.label_column!r} was given, but the base ({pipe.base_family}) is unconditional: "
+                "it cannot use labels. Leave --label_column out (or pass --label_column '')."
+            )
+        if names:
+            logger.warning(f"The base ({pipe.base_family}) is unconditional: the data's labels {names} are not used.")
+        return None, None
     if names is None:
         raise DataError("The base model is class-conditional; the private data needs a label column.")
     new = [n for n in names if n not in (base_names or [])]
@@ -316,7 +324,12 @@ def main(argv=None):
     frozen_checksum = _frozen_checksum(model)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     null_class = class_embedder.null_class_id if class_embedder is not None else None
-    loss_fn = _diffusion_loss(noise_scheduler, null_class if class_names else None, args.label_dropout)
+    loss_fn = DiffusionLoss(
+        noise_scheduler,
+        use_labels=bool(class_names),
+        null_class=null_class,
+        label_dropout=args.label_dropout if null_class is not None else 0.0,
+    )
     if args.disable_dp:
         snapshot = [p.detach().clone() for p in trainable]
         train_without_privacy(args, accelerator, model, trainable, latents, labels, loss_fn, planned_steps)
@@ -464,6 +477,7 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
     adapter_config = {
         "base_model": args.pretrained_model_name_or_path,
         "revision": args.revision,
+        "base_family": pipe.base_family,
         "lora_weights": weights.name,
         "class_embedder": CLASS_EMBEDDER_FOLDER if args.train_class_embedding else None,
         "id2label": dict(enumerate(class_names)) if class_names else None,
@@ -490,12 +504,12 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
     elif (out / DP_REPORT_NAME).exists():
         (out / DP_REPORT_NAME).unlink()  # a stale report must not lend this run a guarantee
     logger.info(f"Adapter in {out}")
-    if args.samples_per_class > 0 and class_names:
+    if args.samples_per_class > 0:
         pipe.class_embedder = class_embedder
         pipe.set_progress_bar_config(disable=True)
         if args.scheduler is not None:
             pipe.set_scheduler(args.scheduler)
-        shown = names[:10]
+        shown = names[:10] if class_names else None  # None: one row of unconditional samples
         grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, seed=args.seed)
         grid.save(out / SAMPLES_NAME)
     if args.evaluate:
@@ -523,22 +537,6 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
 def _init_flag(value: str):
     lowered = value.lower()
     return {"true": True, "false": False}.get(lowered, value)
-
-
-def _diffusion_loss(noise_scheduler, null_class, label_dropout):
-    """Per-row diffusion loss with fresh timesteps and noise for every row (every copy)."""
-
-    def loss_fn(model, latents, labels):
-        if null_class is not None and label_dropout > 0:
-            drop = torch.rand(len(labels), device=labels.device) < label_dropout
-            labels = torch.where(drop, torch.full_like(labels, null_class), labels)
-        elif null_class is None:
-            labels = None
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
-        return denoising_loss(model, noise_scheduler, latents, labels, timesteps, noise)
-
-    return loss_fn
 
 
 def _frozen_checksum(model) -> float:

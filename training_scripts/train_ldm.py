@@ -17,11 +17,11 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from dp_diffusers import ClassEmbedder, DPLDMPipeline, LatentDenoiser, denoising_loss
+from dp_diffusers import ClassEmbedder, DiffusionLoss, DPLDMPipeline, LatentDenoiser
 from dp_diffusers.data import (
     cached_latents,
     check_resolution,
@@ -69,17 +69,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     resolve_dataset_source(args, "public-digits")
     return args
-
-
-def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-example loss weights min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction)."""
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = snr.clamp(max=gamma)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        return weights / snr
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return weights / (snr + 1)
-    return weights
 
 
 def main(argv=None):
@@ -134,22 +123,18 @@ def main(argv=None):
 
     global_step = resume_step(accelerator, args)
 
-    null_class = class_embedder.null_class_id
+    loss_fn = DiffusionLoss(
+        noise_scheduler,
+        null_class=class_embedder.null_class_id,
+        label_dropout=args.label_dropout,
+        snr_gamma=args.snr_gamma,
+    )
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     for _ in range(math.ceil(args.max_train_steps / len(loader))):
         if global_step >= args.max_train_steps:
             break
         for batch_latents, batch_labels in loader:
-            drop = torch.rand(len(batch_labels), device=batch_labels.device) < args.label_dropout
-            batch_labels = torch.where(drop, torch.full_like(batch_labels, null_class), batch_labels)
-            noise = torch.randn_like(batch_latents)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (len(batch_latents),), device=batch_latents.device
-            )
-            loss = denoising_loss(model, noise_scheduler, batch_latents, batch_labels, timesteps, noise)
-            if args.snr_gamma is not None:
-                loss = loss * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
-            loss = loss.mean()
+            loss = loss_fn(model, batch_latents, batch_labels).mean()
             accelerator.backward(loss)
             optimizer.step()
             lr_scheduler.step()

@@ -1,7 +1,9 @@
-"""One module for "predict the noise of these latents at these timesteps for these classes".
+"""One module for "predict the noise of these latents at these timesteps for these classes", and one
+training loss.
 
 Stage-1 training, DP fine-tuning (opacus wraps this module), the membership audit and the
-pipeline all go through it, so every path conditions the UNet the same way.
+pipeline all go through ``LatentDenoiser``, so every path conditions the UNet the same way; stage 1,
+the DP stage, the benchmarks and the examples all train with ``DiffusionLoss``.
 """
 
 from __future__ import annotations
@@ -65,3 +67,59 @@ def denoising_loss(
     else:
         raise ValueError(f"Unknown prediction_type {kind!r}")
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+class DiffusionLoss:
+    """The per-row training loss of every training path (stage 1, the DP stage, benchmarks, examples), shape (rows,).
+
+    Each row (each noise-multiplicity copy too) gets its own timestep, uniform over the scheduler's training
+    steps, and its own Gaussian noise; with ``null_class``, each row's label is replaced by the null class with
+    probability ``label_dropout`` (the training that makes classifier-free guidance work); ``snr_gamma`` weights
+    rows by Min-SNR (Hang et al. 2023, as diffusers' train_text_to_image.py). All of it is per row: a row's
+    draws change only its own loss, so under DP they stay inside that example's clipped gradient.
+    ``use_labels=False`` (an unconditional base) ignores the labels.
+    """
+
+    def __init__(
+        self,
+        scheduler,
+        *,
+        use_labels: bool = True,
+        null_class: int | None = None,
+        label_dropout: float = 0.0,
+        snr_gamma: float | None = None,
+    ):
+        if label_dropout > 0 and null_class is None:
+            raise ValueError("label_dropout needs a null class to drop the labels to.")
+        self.scheduler = scheduler
+        self.use_labels = use_labels
+        self.null_class = null_class
+        self.label_dropout = label_dropout
+        self.snr_gamma = snr_gamma
+
+    def __call__(self, model: nn.Module, latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if not self.use_labels:
+            labels = None
+        elif self.label_dropout > 0:
+            drop = torch.rand(len(labels), device=labels.device) < self.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        noise = torch.randn_like(latents)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (len(latents),), device=latents.device)
+        loss = denoising_loss(model, self.scheduler, latents, labels, timesteps, noise)
+        if self.snr_gamma is not None:
+            loss = loss * min_snr_weights(self.scheduler, timesteps, self.snr_gamma)
+        return loss
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-row loss weights min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weights = snr.clamp(max=gamma)
+    if scheduler.config.prediction_type == "epsilon":
+        return weights / snr
+    if scheduler.config.prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    return weights

@@ -21,6 +21,7 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError, Reposi
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
+from ..families import UnsupportedBaseError, base_family
 from ..models.class_embedder import ClassEmbedder
 from ..models.denoiser import LatentDenoiser
 from ..models.unet_2d import UNet2DModelWithLoRA
@@ -115,6 +116,8 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         self._unfused_weights: dict[str, dict[str, torch.Tensor]] = {}
         # (class_embedder, id2label) of the base while an adapter's class embedding replaces them
         self._base_class_conditioning: tuple[ClassEmbedder | None, dict | None] | None = None
+        #: the base family it was loaded as (dp_diffusers.families); set by from_pretrained
+        self.base_family = "dp-ldm"
 
     def _set_id2label(self, id2label: dict | None) -> None:
         id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
@@ -130,23 +133,24 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
                 A folder or Hub repo id. If it holds `dp_lora_config.json` (the output folder of
                 `train_dp_lora.py`), only the adapter's files are downloaded, the base model named there is loaded
                 (a local folder, looked up as written, then relative to the adapter folder and the folders above
-                it; a Hub id otherwise) and the adapter is applied with [`load_lora_weights`]. Anything else is
-                loaded as [`~DiffusionPipeline.from_pretrained`] does.
+                it; a Hub id otherwise) and the adapter is applied with [`load_lora_weights`]. Anything else is a
+                base of a supported family (`dp_diffusers.families`: this pipeline's own layout, diffusers'
+                `LDMPipeline`), loaded by that family's diffusers pipeline class.
             kwargs:
                 Passed to [`~DiffusionPipeline.from_pretrained`]. For an adapter, `revision` is the adapter repo's;
                 the base is loaded at the revision the adapter records.
         """
         adapter = _adapter_folder(str(pretrained_model_name_or_path), **kwargs)
         if adapter is None:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            return cls._from_base(pretrained_model_name_or_path, **kwargs)
         config = _read_adapter_config(adapter)
         base = config["base_model"]
         local_base = _local_base(base, adapter)
         base_kwargs = {**kwargs, "revision": config.get("revision")}
         try:
-            pipe = super().from_pretrained(local_base or base, **base_kwargs)
+            pipe = cls._from_base(local_base or base, **base_kwargs)
         except (OSError, ValueError) as err:
-            if local_base is not None:
+            if local_base is not None or isinstance(err, UnsupportedBaseError):
                 raise
             raise OSError(
                 f"The adapter {str(pretrained_model_name_or_path)!r} was trained on the base model {base!r}, found "
@@ -154,6 +158,19 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
                 f"on the Hub: {err}"
             ) from err
         pipe.load_lora_weights(adapter)
+        return pipe
+
+    @classmethod
+    def _from_base(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DPLDMPipeline:
+        """A base of any supported family (``dp_diffusers.families``), loaded by its own diffusers pipeline class."""
+        family = base_family(pretrained_model_name_or_path, **kwargs)
+        components = family.components(pretrained_model_name_or_path, **kwargs)
+        if components is None:  # DPLDMPipeline's own layout
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        else:
+            pipe = cls(**components)
+            pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        pipe.base_family = family.name
         return pipe
 
     @classmethod

@@ -1,0 +1,72 @@
+"""What a public base family is: how a layout of base pipeline folder loads into ``DPLDMPipeline``.
+
+A family is chosen from the base's ``model_index.json`` (``_class_name``), never guessed from its
+weights. Loading goes through the family's own diffusers pipeline class, so a base loads exactly as
+diffusers loads it; the family only names which of its components are the autoencoder, the denoiser
+and the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from diffusers import DiffusionPipeline
+
+
+class UnsupportedBaseError(ValueError):
+    """The base model is not a latent diffusion pipeline of a supported family."""
+
+
+class BaseFamily:
+    """One layout of public base. Subclasses set the class attributes and, unless the layout is
+    ``DPLDMPipeline``'s own, :meth:`components`."""
+
+    #: the family's name, recorded in the adapter config
+    name: ClassVar[str]
+    #: ``_class_name`` of the base's ``model_index.json``
+    pipeline_class_name: ClassVar[str]
+    #: how the denoiser is conditioned: "class" (labels) or "none"
+    conditioning: ClassVar[str]
+    #: a line for error messages and the README's table
+    description: ClassVar[str]
+
+    @classmethod
+    def components(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> dict[str, Any] | None:
+        """``DPLDMPipeline`` keyword arguments (vae, unet, scheduler, class_embedder, id2label) from the base,
+        loaded by the family's diffusers pipeline with ``kwargs``; ``None``: the layout is DPLDMPipeline's own."""
+        return None
+
+
+#: every supported family, by the pipeline class of its model_index.json
+FAMILIES: dict[str, type[BaseFamily]] = {}
+
+
+def register_family(family: type[BaseFamily]) -> type[BaseFamily]:
+    FAMILIES[family.pipeline_class_name] = family
+    return family
+
+
+def _supported() -> str:
+    return "; ".join(f"{name} ({family.description})" for name, family in sorted(FAMILIES.items()))
+
+
+def base_family(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> type[BaseFamily]:
+    """The family of a base folder or Hub repo, read from its ``model_index.json`` (``kwargs``: Hub options such
+    as ``revision``). Raises :class:`UnsupportedBaseError` naming what was found and what is supported."""
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs}
+    try:
+        index = DiffusionPipeline.load_config(str(pretrained_model_name_or_path), **hub_kwargs)
+    except (OSError, ValueError) as err:
+        raise UnsupportedBaseError(
+            f"{str(pretrained_model_name_or_path)!r} is not a diffusers pipeline (no readable model_index.json: "
+            f"{err}). Supported bases: {_supported()}."
+        ) from err
+    found = index.get("_class_name")
+    if found not in FAMILIES:
+        components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list))
+        raise UnsupportedBaseError(
+            f"{str(pretrained_model_name_or_path)!r} is a {found} with components {components}: not a latent "
+            f"diffusion base dp-diffusers supports. Supported bases: {_supported()}."
+        )
+    return FAMILIES[found]

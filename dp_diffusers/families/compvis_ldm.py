@@ -1,0 +1,27 @@
+"""CompVis latent diffusion bases (``CompVis/ldm-celebahq-256``): diffusers' ``LDMPipeline``.
+
+Components ``vqvae`` (``VQModel``), ``unet`` (``UNet2DModel``, unconditional), ``scheduler``. diffusers
+gives ``UNet2DModel`` no LoRA loading; ``DPLDMPipeline.ensure_peft_unet`` adds it (same weights).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .base import BaseFamily, register_family
+
+
+@register_family
+class CompVisLDMFamily(BaseFamily):
+    name = "compvis-ldm"
+    pipeline_class_name = "LDMPipeline"
+    conditioning = "none"
+    description = "CompVis LDMs: VQModel + unconditional UNet2DModel"
+
+    @classmethod
+    def components(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        from diffusers import LDMPipeline
+
+        ldm = LDMPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return {"vae": ldm.vqvae, "unet": ldm.unet, "scheduler": ldm.scheduler}
