@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -183,13 +183,14 @@ def dataset_to_tensors(
     num_channels: int,
     image_column: str = "image",
     label_column: str | None = "label",
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | Mapping[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode and transform every image: (N, C, H, W) in [-1, 1] and labels (N,) or ``None``.
 
     Every file is decoded here, before anything is trained or written, so an unreadable image
     fails the run up front with its index. With ``class_names``, labels are mapped by *name* onto
-    that list (e.g. the base model's classes); a name missing from it raises ``DataError``.
+    that list (e.g. the base model's classes), or through that name -> id mapping (a DiT base's
+    synonyms); a name missing from it raises ``DataError``.
     """
     transform = image_transform(resolution, num_channels)
     images = []
@@ -209,11 +210,14 @@ def dataset_to_tensors(
     feature = dataset.features[label_column]
     raw = dataset[label_column]
     as_names = [names[v] for v in raw] if isinstance(feature, ClassLabel) else [str(v) for v in raw]
-    target = list(class_names) if class_names is not None else names
-    unknown = sorted(set(as_names) - set(target))
+    if isinstance(class_names, Mapping):
+        lookup = dict(class_names)
+    else:
+        lookup = {name: i for i, name in enumerate(class_names if class_names is not None else names)}
+    unknown = sorted(set(as_names) - set(lookup))
     if unknown:
-        raise DataError(f"Labels {unknown} are not among the model's classes {target}.")
-    lookup = {name: i for i, name in enumerate(target)}
+        shown = list(lookup) if len(lookup) <= 20 else [*list(lookup)[:20], "..."]
+        raise DataError(f"Labels {unknown} are not among the model's classes {shown}.")
     return pixels, torch.tensor([lookup[n] for n in as_names], dtype=torch.long)
 
 

@@ -8,7 +8,7 @@ names are peft's suffix matches on module names; ``to_out.0`` is the attention o
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -38,12 +38,15 @@ class NoLoRATargetError(ValueError):
     """No module of the base model matches the LoRA target names."""
 
 
-def resolve_target_modules(targets: str | Sequence[str]) -> list[str]:
-    """A preset name (``attention``, ``attention+proj``, ``attention+proj+conv_out``, ``attention+resnets``) or a list /
-    comma-separated string of module-name suffixes."""
+def resolve_target_modules(
+    targets: str | Sequence[str], presets: Mapping[str, Sequence[str]] = LORA_TARGET_PRESETS
+) -> list[str]:
+    """A preset name of ``presets`` (a base family's; by default the UNet presets ``attention``,
+    ``attention+proj``, ``attention+proj+conv_out``, ``attention+resnets``) or a list / comma-separated string
+    of module-name suffixes."""
     if isinstance(targets, str):
-        if targets in LORA_TARGET_PRESETS:
-            return list(LORA_TARGET_PRESETS[targets])
+        if targets in presets:
+            return list(presets[targets])
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     return list(targets)
 
@@ -54,14 +57,16 @@ def make_lora_config(
     dropout: float = 0.0,
     targets: str | Sequence[str] = "attention",
     init_lora_weights: bool | str = "gaussian",
+    presets: Mapping[str, Sequence[str]] = LORA_TARGET_PRESETS,
 ) -> LoraConfig:
-    """peft ``LoraConfig`` as diffusers' LoRA scripts build it (alpha defaults to rank: scale 1)."""
+    """peft ``LoraConfig`` as diffusers' LoRA scripts build it (alpha defaults to rank: scale 1); ``targets`` may
+    name one of ``presets``."""
     return LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
         lora_dropout=dropout,
         init_lora_weights=init_lora_weights,
-        target_modules=resolve_target_modules(targets),
+        target_modules=resolve_target_modules(targets, presets),
     )
 
 

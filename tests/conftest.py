@@ -9,7 +9,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import base_args, load_app, save_ldm_base, scheduler, tiny_cond_unet, tiny_vae, train  # noqa: E402
+from helpers import (  # noqa: E402
+    base_args,
+    load_app,
+    save_dit_base,
+    save_ldm_base,
+    scheduler,
+    tiny_cond_unet,
+    tiny_vae,
+    train,
+)
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline  # noqa: E402
 from dp_diffusers.constants import METRICS_NAME  # noqa: E402
@@ -41,6 +50,12 @@ def tiny_base(tmp_path_factory):
 def tiny_ldm_base(tmp_path_factory):
     """A CompVis-style unconditional base folder (LDMPipeline layout, random weights)."""
     return save_ldm_base(tmp_path_factory.mktemp("tiny-ldm-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_base(tmp_path_factory):
+    """A DiT base folder (DiTPipeline layout + id2label, random weights)."""
+    return save_dit_base(tmp_path_factory.mktemp("tiny-dit-base"))
 
 
 @pytest.fixture(scope="module")

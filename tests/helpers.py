@@ -15,14 +15,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    LDMPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+    VQModel,
+)
+from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from dp_diffusers import ClassEmbedder, LatentDenoiser, denoising_loss
 from dp_diffusers.constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
-from dp_diffusers.lora import add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.families import DiTFamily
+from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
 from dp_diffusers.privacy import DPTraining, PrivacyBudget, make_private, private_backward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,14 +108,17 @@ def perturb_lora_b(model: nn.Module, std: float = 0.1, seed: int | None = None) 
 
 
 def lora_denoiser(kind: str, targets: str, train_class_embedding: bool = False, rank: int = 2) -> LatentDenoiser:
-    """A tiny denoiser with LoRA on ``targets``: ``kind`` "cond" (cross-attention on a class embedding) or
-    "uncond" (the CompVis UNet2DModel layout)."""
+    """A tiny denoiser with LoRA on ``targets`` (a preset of its family): ``kind`` "cond" (cross-attention on a
+    class embedding), "uncond" (the CompVis UNet2DModel layout) or "dit" (DiT, class labels through adaLN)."""
+    presets = LORA_TARGET_PRESETS
     if kind == "cond":
         unet = tiny_cond_unet(conv_projection=targets != "attention")
         embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
+    elif kind == "dit":
+        unet, embedder, presets = tiny_dit(), None, DiTFamily.lora_target_presets
     else:
         unet, embedder = tiny_uncond_unet(), None
-    add_lora(unet, make_lora_config(rank=rank, targets=targets, init_lora_weights=True))
+    add_lora(unet, make_lora_config(rank=rank, targets=targets, init_lora_weights=True, presets=presets))
     perturb_lora_b(unet)
     if embedder is not None:
         embedder.requires_grad_(train_class_embedding)
@@ -119,6 +134,8 @@ GRADIENT_CASES = [
     ("cond", "attention+proj+conv_out", False),
     ("uncond", "attention+proj+conv_out", False),
     ("cond", "attention+resnets", False),  # LoRA on the ResNet blocks' 3x3 convolutions
+    ("dit", "attention", False),
+    ("dit", "attention+ff+adaln", False),  # the feed-forward and adaLN-Zero projections too
 ]
 
 
@@ -128,10 +145,11 @@ def gradient_case(build: Callable[[], nn.Module], k: int, n: int, seed: int, lab
     torch.manual_seed(seed)
     model = build()
     reference = copy.deepcopy(model)
-    latents = torch.randn(n, 3, 8, 8)
+    shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
+    latents = torch.randn(n, *shape)
     labels = torch.randint(0, 10, (n,)) if labelled else None
     timesteps = torch.randint(0, 1000, (n * k,))
-    noise = torch.randn(n * k, 3, 8, 8)
+    noise = torch.randn(n * k, *shape)
     return model, reference, latents, labels, timesteps, noise
 
 
@@ -264,6 +282,16 @@ def write_adapter(
     return folder
 
 
+def digit_folder(root: Path, names: list[str], per_class: int = 15) -> Path:
+    """An imagefolder of random 16x16 grayscale images, ``per_class`` in each class folder ``names``."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.random.default_rng(i).integers(0, 255, (16, 16), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
 def save_ldm_base(folder: Path, attention: bool = True) -> Path:
     """A CompVis-style base (``CompVis/ldm-celebahq-256``'s layout, random weights) as diffusers' ``LDMPipeline``
     saves it: ``vqvae`` (VQModel), ``unet`` (UNet2DModel), ``scheduler``. ``attention=False``: a UNet without
@@ -274,6 +302,35 @@ def save_ldm_base(folder: Path, attention: bool = True) -> Path:
         blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
         unet = UNet2DModel(**_TINY_UNET, **blocks, add_attention=False)  # none in the mid block either
     LDMPipeline(vqvae=tiny_vq(), unet=unet, scheduler=scheduler()).save_pretrained(folder)
+    return folder
+
+
+#: The tiny DiT's class names, DiT-style: ImageNet-like ids 0..999, some names with comma-separated synonyms.
+DIT_ID2LABEL = {i: f"class {i}" for i in range(1000)} | {0: "zero, 0", 1: "one, 1", 7: "seven, 7"}
+
+
+def tiny_dit() -> DiTTransformer2DModel:
+    """DiT-XL-2's architecture at toy size: patch 2, adaLN-Zero, learned sigma, 1,000 classes + null (diffusers'
+    ``DiTPipeline`` hard-codes the null class 1000)."""
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                                 norm_num_groups=1)  # fmt: skip
+
+
+def save_dit_base(folder: Path) -> Path:
+    """A ``facebook/DiT-XL-2-256``-style base (random weights): what diffusers' ``DiTPipeline.save_pretrained``
+    writes (``transformer``, ``vae``, ``scheduler``), plus ``id2label`` in ``model_index.json`` as the Hub repo has
+    it (``DiTPipeline`` does not save it itself)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16)  # fmt: skip
+    DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=scheduler()).save_pretrained(folder)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["id2label"] = {str(k): v for k, v in DIT_ID2LABEL.items()}
+    index_path.write_text(json.dumps(index, indent=2))
     return folder
 
 

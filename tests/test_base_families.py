@@ -3,16 +3,26 @@ pipeline class saves, trained through train_dp_lora.py, its adapter loaded by DP
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, LDMPipeline
-from helpers import base_args, save_ldm_base, scheduler, tiny_uncond_unet, train, write_adapter
+from diffusers import DDPMPipeline, DiTPipeline, LDMPipeline
+from helpers import (
+    base_args,
+    digit_folder,
+    save_ldm_base,
+    scheduler,
+    tiny_dit,
+    tiny_uncond_unet,
+    train,
+    write_adapter,
+)
 
-from dp_diffusers import DPLDMPipeline
+from dp_diffusers import DPLDMPipeline, LatentDenoiser
 from dp_diffusers.constants import ADAPTER_CONFIG_NAME, DP_REPORT_NAME, SAMPLES_NAME
 from dp_diffusers.data import DataError
 from dp_diffusers.families import FAMILIES, UnsupportedBaseError, base_family
-from dp_diffusers.lora import NoLoRATargetError
+from dp_diffusers.lora import NoLoRATargetError, add_lora, make_lora_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,10 +33,10 @@ def images(pipe, **kwargs):
     return pipe(batch_size=2, num_inference_steps=3, generator=generator, output_type="np", **kwargs).images
 
 
-def test_families_are_read_from_model_index(tiny_base, tiny_ldm_base):
-    assert base_family(tiny_base).name == "dp-ldm"
+def test_families_are_read_from_model_index(tiny_base, tiny_ldm_base, tiny_dit_base):
+    assert base_family(tiny_base).name == "dp-ldm" and base_family(tiny_dit_base).name == "dit"
     assert base_family(tiny_ldm_base).name == "compvis-ldm"
-    assert {"DPLDMPipeline", "LDMPipeline"} <= set(FAMILIES)
+    assert {"DPLDMPipeline", "LDMPipeline", "DiTPipeline"} <= set(FAMILIES)
 
 
 def test_compvis_base_samples_as_diffusers_ldm_pipeline_zero_adapter_and_fused_too(tiny_ldm_base, tmp_path):
@@ -79,3 +89,81 @@ def test_bad_bases_and_labels_fail_before_anything_is_written(tiny_ldm_base, tmp
         with pytest.raises(error, match=message):
             train(base_args(base, out, **flags))
         assert not (out / ADAPTER_CONFIG_NAME).exists() and not (out / DP_REPORT_NAME).exists()
+
+
+def test_dit_base_samples_as_diffusers_dit_pipeline_with_guidance_zero_adapter_and_fused(tiny_dit_base, tmp_path):
+    def dit_images(pipe, guidance_scale):
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        return pipe(class_labels=[0, 7], num_inference_steps=3, guidance_scale=guidance_scale, generator=generator,
+                    output_type="np").images  # fmt: skip
+
+    reference = {g: dit_images(DiTPipeline.from_pretrained(tiny_dit_base), g) for g in (1.0, 4.0)}
+    pipe = DPLDMPipeline.from_pretrained(tiny_dit_base)
+    assert pipe.base_family == "dit" and pipe.num_classes == 1000
+    assert type(pipe.unet).__name__ == "DiTTransformer2DModel"
+    assert pipe.get_label_ids(["zero", "0", "seven", "class 3"]) == [0, 0, 7, 3]  # DiT's synonyms
+    for g, expected in reference.items():  # DiTPipeline decodes latents * (1 / s), this pipeline latents / s
+        np.testing.assert_allclose(dit_images(pipe, g), expected, atol=1e-6)
+    zero = write_adapter(tmp_path / "zero", tiny_dit(), tiny_dit_base, lora_std=0.0)
+    tuned = DPLDMPipeline.from_pretrained(zero)
+    np.testing.assert_allclose(dit_images(tuned, 4.0), reference[4.0], atol=1e-6)
+    tuned.fuse_lora()
+    np.testing.assert_allclose(dit_images(tuned, 4.0), reference[4.0], atol=1e-6)
+
+
+def test_dit_base_trains_on_labels_known_by_name_and_its_adapter_loads(tiny_dit_base, tmp_path):
+    data = digit_folder(tmp_path / "data", ["0", "one", "seven"])  # DiT classes 0, 1 and 7, by synonym
+    out = tmp_path / "adapter"
+    flags = {"--train_data_dir": data, "--max_train_samples": None, "--max_train_steps": 2, "--learning_rate": 0.1,
+             "--samples_per_class": 1}  # fmt: skip
+    train(base_args(tiny_dit_base, out, **flags))
+    report = json.loads((out / DP_REPORT_NAME).read_text())
+    assert report["steps"] == 2 and "transformer_blocks.1.attn1.to_q" in report["adapted_modules"]
+    config = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
+    assert config["base_family"] == "dit" and config["id2label"]["7"] == "seven, 7"
+    assert (out / SAMPLES_NAME).is_file()
+    tuned = DPLDMPipeline.from_pretrained(out)
+    assert tuned.base_family == "dit"
+    labels = tuned.get_label_ids(["seven"])
+    base = DPLDMPipeline.from_pretrained(tiny_dit_base)
+    assert not (images(tuned, class_labels=labels) == images(base, class_labels=labels)).all()
+
+    unknown = digit_folder(tmp_path / "unknown", ["0", "cat"])
+    with pytest.raises(DataError, match=r"\['cat'\] are unknown to the base model.*--train_class_embedding"):
+        flags = {"--train_data_dir": unknown, "--max_train_samples": None}
+        train(base_args(tiny_dit_base, tmp_path / "refused", **flags))
+    assert not (tmp_path / "refused" / ADAPTER_CONFIG_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    "family,preset,expected",
+    [
+        ("dit", "attention", {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"}),
+        ("dit", "attention+ff+adaln", {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj",
+                                       "ff.net.2", "norm1.linear"}),  # fmt: skip
+        ("compvis-ldm", "attention", {"to_q", "to_k", "to_v", "to_out.0"}),
+    ],
+)
+def test_lora_presets_of_each_family_adapt_its_attention_projections(family, preset, expected, tiny_dit_base,
+                                                                     tiny_ldm_base):  # fmt: skip
+    pipe = DPLDMPipeline.from_pretrained(tiny_dit_base if family == "dit" else tiny_ldm_base)
+    pipe.ensure_peft_unet()
+    adapted = add_lora(pipe.unet, make_lora_config(2, targets=preset, presets=pipe.family.lora_target_presets))
+    if family == "dit":  # every transformer block, nothing else
+        assert set(adapted) == {f"transformer_blocks.{i}.{name}" for i in range(2) for name in expected}
+    else:  # the attention blocks of the UNet (down, mid, up)
+        assert {name.split(".attentions.")[1].split(".", 1)[1] for name in adapted} == expected
+        assert {name.split(".attentions.")[0] for name in adapted} == {"down_blocks.1", "mid_block", "up_blocks.0"}
+
+
+def test_dit_label_dropout_is_the_loss_s_not_the_transformer_s():
+    """DiT's LabelEmbedding drops labels at random in training mode; inside LatentDenoiser it never does (label
+    dropout is DiffusionLoss's, per row), so a batch gives each example's own prediction."""
+    model = LatentDenoiser(tiny_dit()).train()
+    latents, timesteps, labels = torch.randn(6, 4, 8, 8), torch.randint(0, 1000, (6,)), torch.randint(0, 1000, (6,))
+    with torch.no_grad():
+        batch = model(latents, timesteps, labels)
+        alone = torch.cat([model(latents[i : i + 1], timesteps[i : i + 1], labels[i : i + 1]) for i in range(6)])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
+    assert batch.shape == latents.shape  # DiT's learned-sigma half cut off

@@ -3,10 +3,8 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import base_args, script, train
-from PIL import Image
+from helpers import base_args, digit_folder, script, train
 
 from dp_diffusers.data import DataError
 from dp_diffusers.lora import NoLoRATargetError
@@ -153,16 +151,6 @@ def test_sigma_and_target_given_stop_before_the_target_and_sigma_zero_is_refused
     with pytest.raises(SystemExit):
         train(base_args(tiny_base, tmp_path / "zero", **{"--noise_multiplier": 0}))
     assert not (tmp_path / "zero").exists()
-
-
-def digit_folder(root, names):
-    for name in names:
-        (root / name).mkdir(parents=True)
-        for i in range(15):
-            Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16), dtype=np.uint8)).save(
-                root / name / f"{i}.png"
-            )
-    return root
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ def build_full(kind="cond"):
 @pytest.mark.parametrize("k", [1, 3])
 def test_per_sample_gradients_match_microbatch_reference(kind, targets, train_embedding, k, mode):
     build = partial(lora_denoiser, kind, targets, train_embedding)
-    model, reference, latents, labels, timesteps, noise = gradient_case(build, k, B, seed=1, labelled=kind == "cond")
+    model, reference, latents, labels, timesteps, noise = gradient_case(build, k, B, seed=1, labelled=kind != "uncond")
     _, sched = per_sample_gradients(model, latents, labels, timesteps, noise, k, mode)
     if mode == "fused":
         got = {n: p.grad_sample for n, p in model.named_parameters() if p.requires_grad}

@@ -43,6 +43,7 @@ from dp_diffusers.data import (
     make_canaries,
     resolve_columns,
 )
+from dp_diffusers.families import DiTFamily
 from dp_diffusers.hub import push_to_hub, write_model_card
 from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
 from dp_diffusers.pipelines.pipeline_dp_ldm import scheduler_class
@@ -91,7 +92,8 @@ def parse_args(argv=None):
         "--lora_target_modules",
         type=str,
         default="attention",
-        help=f"Preset ({', '.join(LORA_TARGET_PRESETS)}) or comma-separated module names.",
+        help="A preset of the base's family (UNet bases: " + ", ".join(LORA_TARGET_PRESETS) + "; DiT: "
+        + ", ".join(DiTFamily.lora_target_presets) + ") or comma-separated module names.",
     )
     lora.add_argument("--init_lora_weights", type=str, default="gaussian", help="peft init: gaussian, true, ...")
     lora.add_argument(
@@ -212,11 +214,11 @@ def parse_args(argv=None):
 
 
 def prepare_labels(args, dataset, pipe, label_column):
-    """Map private labels onto the base's classes by name; new classes need --train_class_embedding. An
-    unconditional base uses no labels: an explicit --label_column is an error, found labels are only logged."""
+    """Map private labels onto the base's classes by name (a DiT base's synonyms too); new classes need
+    --train_class_embedding. An unconditional base uses no labels: an explicit --label_column is an error,
+    found labels are only logged. Returns (the data's label names, the model's class names by id, name -> id)."""
     names = label_names(dataset, label_column)
-    base_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else None
-    if pipe.class_embedder is None:
+    if pipe.num_classes is None:
         if args.label_column:
             raise DataError(
                 f"--label_column {args.label_column!r} was given, but the base ({pipe.base_family}) is unconditional: "
@@ -224,19 +226,27 @@ def prepare_labels(args, dataset, pipe, label_column):
             )
         if names:
             logger.warning(f"The base ({pipe.base_family}) is unconditional: the data's labels {names} are not used.")
-        return None, None
+        return None, None, None
     if names is None:
         raise DataError("The base model is class-conditional; the private data needs a label column.")
-    new = [n for n in names if n not in (base_names or [])]
+    base_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else []
+    new = [n for n in names if n not in pipe.labels]
     if new and not args.train_class_embedding:
+        shown = base_names if len(base_names) <= 20 else [*base_names[:20], "..."]
         raise DataError(
-            f"Private labels {new} are unknown to the base model (its classes: {base_names}). "
+            f"Private labels {new} are unknown to the base model (its classes: {shown}). "
             "Pass --train_class_embedding to learn embeddings for them under DP."
         )
-    class_names = list(base_names or []) + new
+    if new and pipe.class_embedder is None:
+        raise DataError(
+            f"Private labels {new} are unknown to the base model, and learning new classes is not supported for "
+            f"{pipe.base_family} bases yet: keep to the base's classes (by name; its classes: {base_names[:20]})."
+        )
     if new:
         pipe.class_embedder = extend_class_embedder(pipe.class_embedder, len(new))
-    return names, class_names
+    class_names = base_names + new
+    lookup = {**pipe.labels, **{name: len(base_names) + i for i, name in enumerate(new)}}
+    return names, class_names, lookup
 
 
 def extend_class_embedder(embedder: ClassEmbedder, extra: int) -> ClassEmbedder:
@@ -263,9 +273,9 @@ def main(argv=None):
     check_resolution(resolution, vae)
     dataset = load_training_dataset(args)
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
-    names, class_names = prepare_labels(args, dataset, pipe, label_column)
+    names, class_names, class_ids = prepare_labels(args, dataset, pipe, label_column)
     pixels, labels = dataset_to_tensors(
-        dataset, resolution, vae.config.in_channels, image_column, label_column if names else None, class_names
+        dataset, resolution, vae.config.in_channels, image_column, label_column if names else None, class_ids
     )
     if args.num_canaries:
         # Audit canaries are training examples like any other: counted in n, Poisson-sampled, clipped, noised.
@@ -302,7 +312,12 @@ def main(argv=None):
             )
 
     lora_config = make_lora_config(
-        args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules, _init_flag(args.init_lora_weights)
+        args.lora_rank,
+        args.lora_alpha,
+        args.lora_dropout,
+        args.lora_target_modules,
+        _init_flag(args.init_lora_weights),
+        presets=pipe.family.lora_target_presets,
     )
     adapted_modules = add_lora(unet, lora_config)
     class_embedder = pipe.class_embedder
@@ -323,7 +338,7 @@ def main(argv=None):
         labels = torch.zeros(n, dtype=torch.long)
     frozen_checksum = _frozen_checksum(model)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    null_class = class_embedder.null_class_id if class_embedder is not None else None
+    null_class = model.null_class_id  # a ClassEmbedder's last row, DiT's class 1000; None: no label dropout
     loss_fn = DiffusionLoss(
         noise_scheduler,
         use_labels=bool(class_names),

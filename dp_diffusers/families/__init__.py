@@ -1,7 +1,8 @@
 """Public base families: one small class per layout of base pipeline (see base.py)."""
 
-from .base import FAMILIES, BaseFamily, UnsupportedBaseError, base_family, register_family
+from .base import FAMILIES, BaseFamily, UnsupportedBaseError, base_family, family_named, register_family
 from .compvis_ldm import CompVisLDMFamily
+from .dit import DiTFamily
 from .dp_ldm import DPLDMFamily
 
 __all__ = [
@@ -9,7 +10,9 @@ __all__ = [
     "BaseFamily",
     "CompVisLDMFamily",
     "DPLDMFamily",
+    "DiTFamily",
     "UnsupportedBaseError",
     "base_family",
+    "family_named",
     "register_family",
 ]

@@ -30,6 +30,8 @@ class BaseFamily:
     conditioning: ClassVar[str]
     #: a line for error messages and the README's table
     description: ClassVar[str]
+    #: ``--lora_target_modules`` presets: name -> module-name suffixes (peft's ``target_modules``)
+    lora_target_presets: ClassVar[dict[str, list[str]]]
 
     @classmethod
     def components(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> dict[str, Any] | None:
@@ -42,9 +44,23 @@ class BaseFamily:
 FAMILIES: dict[str, type[BaseFamily]] = {}
 
 
+def family_named(name: str) -> type[BaseFamily]:
+    """The family recorded as ``name`` in an adapter config."""
+    for family in FAMILIES.values():
+        if family.name == name:
+            return family
+    raise UnsupportedBaseError(f"Unknown base family {name!r}; known: {sorted(f.name for f in FAMILIES.values())}.")
+
+
 def register_family(family: type[BaseFamily]) -> type[BaseFamily]:
     FAMILIES[family.pipeline_class_name] = family
     return family
+
+
+def hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``from_pretrained`` options that locate a file on the Hub (for ``load_config``)."""
+    names = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+    return {k: kwargs[k] for k in names if k in kwargs}
 
 
 def _supported() -> str:
@@ -54,9 +70,8 @@ def _supported() -> str:
 def base_family(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> type[BaseFamily]:
     """The family of a base folder or Hub repo, read from its ``model_index.json`` (``kwargs``: Hub options such
     as ``revision``). Raises :class:`UnsupportedBaseError` naming what was found and what is supported."""
-    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs}
     try:
-        index = DiffusionPipeline.load_config(str(pretrained_model_name_or_path), **hub_kwargs)
+        index = DiffusionPipeline.load_config(str(pretrained_model_name_or_path), **hub_options(kwargs))
     except (OSError, ValueError) as err:
         raise UnsupportedBaseError(
             f"{str(pretrained_model_name_or_path)!r} is not a diffusers pipeline (no readable model_index.json: "

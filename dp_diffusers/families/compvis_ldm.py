@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..lora import LORA_TARGET_PRESETS
 from .base import BaseFamily, register_family
 
 
@@ -18,6 +19,8 @@ class CompVisLDMFamily(BaseFamily):
     pipeline_class_name = "LDMPipeline"
     conditioning = "none"
     description = "CompVis LDMs: VQModel + unconditional UNet2DModel"
+    # UNet2DModel's attention blocks have no proj_in / proj_out
+    lora_target_presets = {name: LORA_TARGET_PRESETS[name] for name in ("attention", "attention+resnets")}
 
     @classmethod
     def components(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..lora import LORA_TARGET_PRESETS
 from .base import BaseFamily, register_family
 
 
@@ -11,3 +12,4 @@ class DPLDMFamily(BaseFamily):
     pipeline_class_name = "DPLDMPipeline"
     conditioning = "class"
     description = "train_ldm.py's bases: AutoencoderKL / VQModel, UNet2DConditionModel + ClassEmbedder"
+    lora_target_presets = LORA_TARGET_PRESETS

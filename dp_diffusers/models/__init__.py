@@ -1,5 +1,13 @@
 from .class_embedder import ClassEmbedder
 from .denoiser import DiffusionLoss, LatentDenoiser, denoising_loss
+from .dit import DiTTransformer2DModelWithLoRA
 from .unet_2d import UNet2DModelWithLoRA
 
-__all__ = ["ClassEmbedder", "DiffusionLoss", "LatentDenoiser", "UNet2DModelWithLoRA", "denoising_loss"]
+__all__ = [
+    "ClassEmbedder",
+    "DiffusionLoss",
+    "DiTTransformer2DModelWithLoRA",
+    "LatentDenoiser",
+    "UNet2DModelWithLoRA",
+    "denoising_loss",
+]

@@ -9,19 +9,27 @@ the DP stage, the benchmarks and the examples all train with ``DiffusionLoss``.
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel
+from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from .class_embedder import ClassEmbedder
 
 
 class LatentDenoiser(nn.Module):
-    """``unet`` plus its class conditioning.
+    """The base's denoising backbone (``unet``: a UNet or DiT's transformer) plus its class conditioning.
 
     * ``UNet2DConditionModel`` + ``ClassEmbedder``: labels -> cross-attention context (the paper's
-      class-conditional LDM);
-    * ``UNet2DModel`` with ``num_class_embeds``: labels added to the time embedding;
+      class-conditional LDM); null class: the embedder's last row;
+    * ``DiTTransformer2DModel``: labels through its adaLN label embedding; null class: its row
+      ``num_embeds_ada_norm`` (DiT's classifier-free guidance);
+    * ``UNet2DModel`` with ``num_class_embeds``: labels added to the time embedding (no null class);
     * any UNet without either: unconditional (labels are ignored).
+
+    The output is the noise (or v / sample) prediction only: a backbone that also predicts its variance
+    (DiT's learned sigma, ``out_channels = 2 * in_channels``) has that half cut off, as ``DiTPipeline`` does.
+    DiT's own label dropout (its ``LabelEmbedding`` drops labels at random in training mode) stays off, also
+    after ``train()``: label dropout is ``DiffusionLoss``'s, the same for every family.
     """
 
     def __init__(self, unet: nn.Module, class_embedder: ClassEmbedder | None = None):
@@ -30,19 +38,52 @@ class LatentDenoiser(nn.Module):
         self.class_embedder = class_embedder
         if isinstance(unet, UNet2DConditionModel) and class_embedder is None:
             raise ValueError("A UNet2DConditionModel needs a ClassEmbedder to provide its cross-attention context.")
+        self._label_embeddings = [m for m in unet.modules() if isinstance(m, LabelEmbedding)]
+        for module in self._label_embeddings:
+            module.eval()
+
+    def train(self, mode: bool = True) -> LatentDenoiser:
+        super().train(mode)
+        for module in self._label_embeddings:
+            module.eval()
+        return self
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes the model is conditioned on (``None``: unconditional)."""
+        if self.class_embedder is not None:
+            return self.class_embedder.config.num_classes
+        if isinstance(self.unet, DiTTransformer2DModel):
+            return self.unet.config.num_embeds_ada_norm
+        return getattr(self.unet.config, "num_class_embeds", None)
+
+    @property
+    def null_class_id(self) -> int | None:
+        """The class id of "no class" (label dropout, the unconditional half of guidance); ``None`` if none."""
+        if self.class_embedder is not None:
+            return self.class_embedder.null_class_id
+        if isinstance(self.unet, DiTTransformer2DModel):
+            return self.unet.config.num_embeds_ada_norm
+        return None
 
     def conditioning(self, class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The UNet keyword arguments that carry ``class_labels`` (computed once per sampling call)."""
+        """The backbone keyword arguments that carry ``class_labels`` (computed once per sampling call)."""
         if self.class_embedder is not None:
             return {"encoder_hidden_states": self.class_embedder(class_labels)}
-        if getattr(self.unet.config, "num_class_embeds", None) is not None:
+        if self.num_classes is not None:
             return {"class_labels": class_labels}
         return {}
+
+    def denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The backbone's prediction for ``conditioning`` (from :meth:`conditioning`), variance half cut off."""
+        prediction = self.unet(noisy_latents, timesteps, **conditioning).sample
+        channels = noisy_latents.shape[1]
+        return prediction[:, :channels] if prediction.shape[1] == 2 * channels else prediction
 
     def forward(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.unet(noisy_latents, timesteps, **self.conditioning(class_labels)).sample
+        return self.denoise(noisy_latents, timesteps, self.conditioning(class_labels))
 
 
 def denoising_loss(

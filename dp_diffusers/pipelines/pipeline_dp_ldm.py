@@ -8,7 +8,15 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    ImagePipelineOutput,
+    UNet2DConditionModel,
+    UNet2DModel,
+    VQModel,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LoraBaseMixin
@@ -21,9 +29,10 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError, Reposi
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
-from ..families import UnsupportedBaseError, base_family
+from ..families import BaseFamily, DPLDMFamily, UnsupportedBaseError, base_family
 from ..models.class_embedder import ClassEmbedder
 from ..models.denoiser import LatentDenoiser
+from ..models.dit import DiTTransformer2DModelWithLoRA
 from ..models.unet_2d import UNet2DModelWithLoRA
 
 # `from_pretrained` / `load_lora_weights` kwargs that locate files on the Hub (they apply to the adapter repo).
@@ -85,7 +94,8 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
 
     Components:
         vae ([`AutoencoderKL`] or [`VQModel`]): decodes latents to images.
-        unet ([`UNet2DConditionModel`] or [`UNet2DModel`]): the latent denoiser.
+        unet ([`UNet2DConditionModel`], [`UNet2DModel`] or [`DiTTransformer2DModel`]): the latent denoiser (for a
+            DiT base its transformer: one component name, and one LoRA key prefix, for every base family).
         scheduler ([`SchedulerMixin`]): DDIM by default; any diffusers scheduler can be swapped in.
         class_embedder ([`ClassEmbedder`], optional): class id -> cross-attention context.
         id2label (`dict[int, str]`, optional): class names, as in [`DiTPipeline`].
@@ -117,12 +127,17 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         # (class_embedder, id2label) of the base while an adapter's class embedding replaces them
         self._base_class_conditioning: tuple[ClassEmbedder | None, dict | None] | None = None
         #: the base family it was loaded as (dp_diffusers.families); set by from_pretrained
-        self.base_family = "dp-ldm"
+        self.family: type[BaseFamily] = DPLDMFamily
 
     def _set_id2label(self, id2label: dict | None) -> None:
+        """Class names by id; ``labels`` maps each name to its id, and (as ``DiTPipeline`` does for ImageNet's
+        ``"tench, Tinca tinca"``) each of its comma-separated synonyms too."""
         id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
         self.register_to_config(id2label=id2label or None)
         self.labels = {name: idx for idx, name in sorted(id2label.items())}
+        for idx, name in sorted(id2label.items()):
+            for synonym in name.split(","):
+                self.labels.setdefault(synonym.strip(), idx)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DPLDMPipeline:
@@ -170,7 +185,7 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         else:
             pipe = cls(**components)
             pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
-        pipe.base_family = family.name
+        pipe.family = family
         return pipe
 
     @classmethod
@@ -258,18 +273,21 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
             self._set_id2label(id2label or self.config.id2label)
 
     def ensure_peft_unet(self) -> None:
-        r"""Give the UNet diffusers' PEFT adapter API (`add_adapter`, `load_lora_adapter`, ...), as LoRA training
-        and [`load_lora_weights`] need: a base [`UNet2DModel`] becomes a [`UNet2DModelWithLoRA`], same weights.
+        r"""Give the denoiser diffusers' PEFT adapter API (`add_adapter`, `load_lora_adapter`, ...), as LoRA
+        training and [`load_lora_weights`] need: a base [`UNet2DModel`] becomes a [`UNet2DModelWithLoRA`], a
+        [`DiTTransformer2DModel`] a [`DiTTransformer2DModelWithLoRA`], same weights.
 
-        diffusers 0.42's `UNet2DModel` lacks that API. `UNet2DModelWithLoRA` only adds the mixin (no state), so the
+        diffusers 0.42's `UNet2DModel` and `DiTTransformer2DModel` lack that API. The `...WithLoRA` classes only add
+        the mixin (no state), so the
         class is switched in place: weights, device, dtype and hooks stay as they are; registering the UNet again
         records the new class for `save_pretrained`.
 
         Raises:
             `ValueError`: for a UNet of another class without diffusers' `PeftAdapterMixin`.
         """
-        if type(self.unet) is UNet2DModel:
-            self.unet.__class__ = UNet2DModelWithLoRA
+        with_lora = {UNet2DModel: UNet2DModelWithLoRA, DiTTransformer2DModel: DiTTransformer2DModelWithLoRA}
+        if type(self.unet) in with_lora:
+            self.unet.__class__ = with_lora[type(self.unet)]
             self.register_modules(unet=self.unet)
         if not isinstance(self.unet, PeftAdapterMixin):
             raise ValueError(f"LoRA adapters need a UNet with diffusers' PeftAdapterMixin, not {type(self.unet)}.")
@@ -388,17 +406,20 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         super().save_pretrained(save_directory, **kwargs)
 
     @property
+    def base_family(self) -> str:
+        """The name of the base family (``dp_diffusers.families``) this pipeline was loaded as."""
+        return self.family.name
+
+    @property
     def num_classes(self) -> int | None:
-        if self.class_embedder is not None:
-            return self.class_embedder.config.num_classes
-        return getattr(self.unet.config, "num_class_embeds", None)
+        return LatentDenoiser(self.unet, self.class_embedder).num_classes
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (e.g. ``["3", "7"]``) to class ids."""
         names = [label] if isinstance(label, str) else list(label)
         unknown = [name for name in names if name not in self.labels]
         if unknown:
-            raise ValueError(f"Unknown class label(s) {unknown}; this model knows {list(self.labels)}.")
+            raise ValueError(f"Unknown class label(s) {unknown}; this model knows {_shorten(list(self.labels))}.")
         return [self.labels[name] for name in names]
 
     def _check_class_labels(self, class_labels: list[int] | None) -> None:
@@ -466,16 +487,17 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         else:
             labels = None
             n = (batch_size or 1) * num_images_per_prompt
-        # CFG needs the null class of a ClassEmbedder; other bases sample without guidance.
-        use_cfg = guidance_scale > 1.0 and labels is not None and self.class_embedder is not None
-
         denoiser = LatentDenoiser(self.unet, self.class_embedder)
+        # CFG needs a null class (a ClassEmbedder's, DiT's); other bases sample without guidance.
+        null_class = denoiser.null_class_id
+        use_cfg = guidance_scale > 1.0 and labels is not None and null_class is not None
+
         shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma
         if use_cfg:
-            null = torch.full_like(labels, self.class_embedder.null_class_id)
+            null = torch.full_like(labels, null_class)
             labels_in = torch.cat([null, labels])
         else:
             labels_in = labels
@@ -488,7 +510,7 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
             model_input = torch.cat([latents] * 2) if use_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t.expand(model_input.shape[0]) if torch.is_tensor(t) else torch.full((model_input.shape[0],), t)
-            noise_pred = self.unet(model_input, timesteps.to(model_input.device), **conditioning).sample
+            noise_pred = denoiser.denoise(model_input, timesteps.to(model_input.device), conditioning)
             if use_cfg:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
