@@ -135,7 +135,7 @@ def trainable(model) -> list[torch.nn.Parameter]:
 
 def make_steps(
     model,
-    preset,
+    preset=None,
     *,
     batch_size: int,
     grad_sample_mode: str,
@@ -146,19 +146,29 @@ def make_steps(
     device: str = "cpu",
     make_nonprivate: bool = True,
     lr: float = 1e-4,
+    latent_shape: tuple[int, int, int] | None = None,
+    scheduler=None,
 ):
     """(dp_step, nonprivate_step) closures on the same batch. The non-private model is a deep copy
     taken *before* opacus touches the DP one: same weights, same trainable LoRA params, plain AdamW,
-    ``loss.mean().backward()``. Either may be None (DP: when ``grad_sample_mode`` is None)."""
+    ``loss.mean().backward()``. Either may be None (DP: when ``grad_sample_mode`` is None). The latents'
+    shape and the noise schedule are the ``preset``'s, or ``latent_shape`` and ``scheduler`` (other base
+    families); labels 0..9, label dropout to the model's null class when it has one."""
     from torch.utils.data import TensorDataset
 
     from dp_diffusers import DiffusionLoss
     from dp_diffusers.privacy import PrivacyBudget, make_private, private_backward
 
-    loss_fn = DiffusionLoss(scheduler_for(preset), null_class=model.class_embedder.null_class_id, label_dropout=0.1)
-    c, s = preset.latent_channels, preset.latent_size
+    null = model.null_class_id
+    loss_fn = DiffusionLoss(
+        scheduler or scheduler_for(preset),
+        use_labels=model.num_classes is not None,
+        null_class=null,
+        label_dropout=0.1 if null is not None else 0.0,
+    )
+    shape = latent_shape or (preset.latent_channels, preset.latent_size, preset.latent_size)
     gen = torch.Generator().manual_seed(1234)
-    latents = torch.randn(batch_size, c, s, s, generator=gen).to(device)
+    latents = torch.randn(batch_size, *shape, generator=gen).to(device)
     labels = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
 
     np_step = None

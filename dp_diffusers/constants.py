@@ -13,6 +13,8 @@ DP_REPORT_NAME = "dp_report.json"
 METRICS_NAME = "metrics.json"
 #: The trained class embedding's folder (``--train_class_embedding``).
 CLASS_EMBEDDER_FOLDER = "class_embedder"
+#: A DiT adapter's trained label rows for new classes (``DiTClassRows``).
+CLASS_ROWS_FOLDER = "class_rows"
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
 EPSILON_PLOT_NAME = "epsilon.png"

@@ -193,6 +193,19 @@ def plot_epsilon(report: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def module_patterns(names: list[str]) -> list[str]:
+    """Adapted module names as patterns with counts, the block indices folded: ``transformer_blocks.0.attn1.to_q``
+    ... ``transformer_blocks.27.attn1.to_q`` -> ``*.attn1.to_q x 28`` (order of first appearance)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        digits = [i for i, part in enumerate(parts) if part.isdigit() and i < len(parts) - 1]
+        tail = ".".join(parts[digits[-1] + 1 :]) if digits else name
+        key = f"*.{tail}" if digits else tail
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{key} x {count}" if count > 1 else key for key, count in counts.items()]
+
+
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -301,6 +314,8 @@ def build_model_card(
             value = report.get(key)
             if value is None and key == "target_epsilon":
                 value = "none (σ was given)"
+            if key == "adapted_modules" and isinstance(value, list):
+                value = module_patterns(value)
             if value is not None:
                 privacy_rows.append((label, _format(value), meaning))
         size = report["dataset_size"]

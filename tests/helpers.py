@@ -35,6 +35,7 @@ from dp_diffusers import ClassEmbedder, LatentDenoiser, denoising_loss
 from dp_diffusers.constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
 from dp_diffusers.families import DiTFamily
 from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.models import DiTClassRows
 from dp_diffusers.privacy import DPTraining, PrivacyBudget, make_private, private_backward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def perturb_lora_b(model: nn.Module, std: float = 0.1, seed: int | None = None) 
 def lora_denoiser(kind: str, targets: str, train_class_embedding: bool = False, rank: int = 2) -> LatentDenoiser:
     """A tiny denoiser with LoRA on ``targets`` (a preset of its family): ``kind`` "cond" (cross-attention on a
     class embedding), "uncond" (the CompVis UNet2DModel layout) or "dit" (DiT, class labels through adaLN)."""
-    presets = LORA_TARGET_PRESETS
+    presets, rows = LORA_TARGET_PRESETS, None
     if kind == "cond":
         unet = tiny_cond_unet(conv_projection=targets != "attention")
         embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
@@ -122,7 +123,11 @@ def lora_denoiser(kind: str, targets: str, train_class_embedding: bool = False, 
     perturb_lora_b(unet)
     if embedder is not None:
         embedder.requires_grad_(train_class_embedding)
-    return LatentDenoiser(unet, embedder)
+    if kind == "dit" and train_class_embedding:  # two private classes DiT lacks, rows after its null class
+        rows = DiTClassRows.from_null_row(unet, 2)
+        with torch.no_grad():
+            rows.embedding.weight.normal_()  # distinct rows, so that each one's gradient is its own
+    return LatentDenoiser(unet, embedder, rows)
 
 
 # ---- per-sample gradients: the reference and the DP wiring -----------------------------------------------------
@@ -136,6 +141,7 @@ GRADIENT_CASES = [
     ("cond", "attention+resnets", False),  # LoRA on the ResNet blocks' 3x3 convolutions
     ("dit", "attention", False),
     ("dit", "attention+ff+adaln", False),  # the feed-forward and adaLN-Zero projections too
+    ("dit", "attention", True),  # with label rows for new classes, shared by every block
 ]
 
 
@@ -148,6 +154,9 @@ def gradient_case(build: Callable[[], nn.Module], k: int, n: int, seed: int, lab
     shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
     latents = torch.randn(n, *shape)
     labels = torch.randint(0, 10, (n,)) if labelled else None
+    rows = getattr(model, "class_rows", None)
+    if labelled and rows is not None:  # the first examples are of the new classes
+        labels[: rows.config.num_rows] = rows.config.first_id + torch.arange(rows.config.num_rows)
     timesteps = torch.randint(0, 1000, (n * k,))
     noise = torch.randn(n * k, *shape)
     return model, reference, latents, labels, timesteps, noise

@@ -17,12 +17,14 @@ from helpers import (
     train,
     write_adapter,
 )
+from safetensors.torch import load_file
 
 from dp_diffusers import DPLDMPipeline, LatentDenoiser
-from dp_diffusers.constants import ADAPTER_CONFIG_NAME, DP_REPORT_NAME, SAMPLES_NAME
+from dp_diffusers.constants import ADAPTER_CONFIG_NAME, DP_REPORT_NAME, LORA_WEIGHT_NAME, SAMPLES_NAME
 from dp_diffusers.data import DataError
 from dp_diffusers.families import FAMILIES, UnsupportedBaseError, base_family
 from dp_diffusers.lora import NoLoRATargetError, add_lora, make_lora_config
+from dp_diffusers.models import DiTClassRows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,7 +82,7 @@ def test_bad_bases_and_labels_fail_before_anything_is_written(tiny_ldm_base, tmp
     empty.mkdir()
     cases = [
         (ddpm, {}, UnsupportedBaseError, "DDPMPipeline with components \\['scheduler', 'unet'\\].*LDMPipeline"),
-        (empty, {}, UnsupportedBaseError, "not a diffusers pipeline"),
+        (empty, {}, UnsupportedBaseError, "has no model_index.json: not a diffusers pipeline"),
         (tiny_ldm_base, {"--label_column": "label"}, DataError, "unconditional"),
         (no_attention, {}, NoLoRATargetError, "no attention"),
     ]
@@ -167,3 +169,32 @@ def test_dit_label_dropout_is_the_loss_s_not_the_transformer_s():
         alone = torch.cat([model(latents[i : i + 1], timesteps[i : i + 1], labels[i : i + 1]) for i in range(6)])
     torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
     assert batch.shape == latents.shape  # DiT's learned-sigma half cut off
+
+
+def test_dit_new_classes_get_rows_trained_under_dp_saved_and_loaded(tiny_dit_base, tmp_path):
+    data = digit_folder(tmp_path / "data", ["seven", "cat", "dog"])  # 7 is DiT's, cat and dog are new
+    out = tmp_path / "adapter"
+    flags = {"--train_data_dir": data, "--max_train_samples": None, "--max_train_steps": 2, "--learning_rate": 0.1,
+             "--train_class_embedding": True}  # fmt: skip
+    train(base_args(tiny_dit_base, out, **flags))
+    config = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
+    assert config["class_rows"] == "class_rows"
+    assert config["id2label"]["1001"] == "cat" and config["id2label"]["1002"] == "dog"  # after the null class
+    assert config["id2label"]["7"] == "seven, 7" and "1000" not in config["id2label"]
+    rows = DiTClassRows.from_pretrained(out / "class_rows")
+    assert rows.config.first_id == 1001 and rows.config.num_rows == 2
+    null_row = DiTPipeline.from_pretrained(tiny_dit_base).transformer.transformer_blocks[0].norm1.emb
+    null_row = null_row.class_embedder.embedding_table.weight[1000]
+    assert all(not torch.equal(row, null_row) for row in rows.embedding.weight)  # both rows trained (from the null)
+    report = json.loads((out / DP_REPORT_NAME).read_text())
+    lora = sum(t.numel() for t in load_file(out / LORA_WEIGHT_NAME).values())
+    assert report["trainable_parameters"] == lora + rows.embedding.weight.numel()  # clipped and noised together
+
+    tuned = DPLDMPipeline.from_pretrained(out)
+    assert tuned.num_classes == 1003 and tuned.get_label_ids(["cat", "dog", "seven"]) == [1001, 1002, 7]
+    cat = images(tuned, class_labels=[1001])
+    assert not (cat == images(tuned, class_labels=[1002])).all()  # each new class has its own row
+    tuned.unload_lora_weights()  # the base again: no rows, its own classes
+    assert tuned.class_rows is None and tuned.num_classes == 1000
+    with pytest.raises(ValueError, match="Unknown class"):
+        tuned.get_label_ids(["cat"])

@@ -244,3 +244,13 @@ def test_cli_card_and_push_never_touch_the_network(adapter: Path):
     assert "checkpoints/**" in uploaded["ignore_patterns"] or any(
         "checkpoint" in p for p in uploaded["ignore_patterns"]
     )
+
+
+def test_adapted_modules_show_as_patterns_with_counts(tmp_path):
+    names = [f"transformer_blocks.{i}.attn1.{p}" for i in range(28) for p in ("to_q", "to_out.0")]
+    assert hub.module_patterns(names) == ["*.attn1.to_q x 28", "*.attn1.to_out.0 x 28"]
+    assert hub.module_patterns(["conv_out", "mid_block.attentions.0.to_k"]) == ["conv_out", "*.to_k"]
+    (tmp_path / "dp_report.json").write_text(json.dumps({**REPORT, "adapted_modules": names}))
+    _write(tmp_path / "pytorch_lora_weights.safetensors")
+    card = hub.write_model_card(tmp_path).read_text()
+    assert "`*.attn1.to_q x 28`" in card and "transformer_blocks.3" not in card

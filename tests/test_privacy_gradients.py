@@ -53,11 +53,15 @@ def test_per_sample_gradients_match_microbatch_reference(kind, targets, train_em
         got = {n: average_over_copies(p.grad_sample, k) for n, p in model.named_parameters() if p.requires_grad}
 
     ref = reference_grads(reference, sched, latents, labels, timesteps, noise, k)
+    new_class_examples = model.class_rows.config.num_rows if model.class_rows is not None else 0
     for i in range(B):
         # Cross-attention over a single class token makes attn2's q/k irrelevant (softmax over one
-        # key is 1): those gradients are truly zero. Every other one must not be.
+        # key is 1): those gradients are truly zero; so are new-class rows for an example of a base class.
+        # Every other one must not be.
         nonzero = [n for n, g in ref[i].items() if g.abs().sum() > 0]
-        assert set(ref[i]) - set(nonzero) <= {n for n in ref[i] if ".attn2.to_q." in n or ".attn2.to_k." in n}
+        zero = {n for n in ref[i] if ".attn2.to_q." in n or ".attn2.to_k." in n}
+        zero |= {n for n in ref[i] if n.startswith("class_rows.") and i >= new_class_examples}
+        assert set(ref[i]) - set(nonzero) <= zero
     assert_per_example_close(got, ref, atol=1e-6)
 
 

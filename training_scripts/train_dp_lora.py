@@ -33,7 +33,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from dp_diffusers import ClassEmbedder, DiffusionLoss, DPLDMPipeline, LatentDenoiser
-from dp_diffusers.constants import ADAPTER_CONFIG_NAME, CLASS_EMBEDDER_FOLDER, DP_REPORT_NAME, SAMPLES_NAME
+from dp_diffusers.constants import (
+    ADAPTER_CONFIG_NAME,
+    CLASS_EMBEDDER_FOLDER,
+    CLASS_ROWS_FOLDER,
+    DP_REPORT_NAME,
+    SAMPLES_NAME,
+)
 from dp_diffusers.data import (
     DataError,
     cached_latents,
@@ -46,6 +52,7 @@ from dp_diffusers.data import (
 from dp_diffusers.families import DiTFamily
 from dp_diffusers.hub import push_to_hub, write_model_card
 from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.models import DiTClassRows
 from dp_diffusers.pipelines.pipeline_dp_ldm import scheduler_class
 from dp_diffusers.privacy import (
     ACCOUNTANTS,
@@ -216,7 +223,8 @@ def parse_args(argv=None):
 def prepare_labels(args, dataset, pipe, label_column):
     """Map private labels onto the base's classes by name (a DiT base's synonyms too); new classes need
     --train_class_embedding. An unconditional base uses no labels: an explicit --label_column is an error,
-    found labels are only logged. Returns (the data's label names, the model's class names by id, name -> id)."""
+    found labels are only logged. New classes get a class embedding row (own bases) or a DiT label row after its null
+    class. Returns (the data's label names, the model's class names by id, name -> class id)."""
     names = label_names(dataset, label_column)
     if pipe.num_classes is None:
         if args.label_column:
@@ -229,24 +237,25 @@ def prepare_labels(args, dataset, pipe, label_column):
         return None, None, None
     if names is None:
         raise DataError("The base model is class-conditional; the private data needs a label column.")
-    base_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else []
-    new = [n for n in names if n not in pipe.labels]
+    base_id2label = {int(k): v for k, v in (pipe.config.id2label or {}).items()}
+    base_names = [base_id2label[k] for k in sorted(base_id2label)]
+    known = {**pipe.label_synonyms, **pipe.labels}
+    new = [n for n in names if n not in known]
     if new and not args.train_class_embedding:
         shown = base_names if len(base_names) <= 20 else [*base_names[:20], "..."]
         raise DataError(
             f"Private labels {new} are unknown to the base model (its classes: {shown}). "
             "Pass --train_class_embedding to learn embeddings for them under DP."
         )
-    if new and pipe.class_embedder is None:
-        raise DataError(
-            f"Private labels {new} are unknown to the base model, and learning new classes is not supported for "
-            f"{pipe.base_family} bases yet: keep to the base's classes (by name; its classes: {base_names[:20]})."
-        )
-    if new:
+    first = len(base_names)
+    if new and pipe.class_embedder is not None:
         pipe.class_embedder = extend_class_embedder(pipe.class_embedder, len(new))
-    class_names = base_names + new
-    lookup = {**pipe.labels, **{name: len(base_names) + i for i, name in enumerate(new)}}
-    return names, class_names, lookup
+    elif new:  # DiT: rows after the null class, which stays where DiTPipeline expects it
+        pipe.class_rows = DiTClassRows.from_null_row(pipe.unet, len(new))
+        first = pipe.class_rows.config.first_id
+    new_ids = {name: first + i for i, name in enumerate(new)}
+    id2label = {**base_id2label, **{i: name for name, i in new_ids.items()}}
+    return names, id2label, {**known, **new_ids}
 
 
 def extend_class_embedder(embedder: ClassEmbedder, extra: int) -> ClassEmbedder:
@@ -273,13 +282,13 @@ def main(argv=None):
     check_resolution(resolution, vae)
     dataset = load_training_dataset(args)
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
-    names, class_names, class_ids = prepare_labels(args, dataset, pipe, label_column)
+    names, id2label, class_ids = prepare_labels(args, dataset, pipe, label_column)
     pixels, labels = dataset_to_tensors(
         dataset, resolution, vae.config.in_channels, image_column, label_column if names else None, class_ids
     )
     if args.num_canaries:
         # Audit canaries are training examples like any other: counted in n, Poisson-sampled, clipped, noised.
-        num_classes = len(class_names) if class_names else 1
+        num_classes = max(id2label) + 1 if id2label else 1
         canaries, canary_labels, _, _ = make_canaries(
             args.num_canaries, pixels.shape[1], resolution, num_classes, args.seed
         )
@@ -320,10 +329,12 @@ def main(argv=None):
         presets=pipe.family.lora_target_presets,
     )
     adapted_modules = add_lora(unet, lora_config)
-    class_embedder = pipe.class_embedder
+    class_embedder, class_rows = pipe.class_embedder, pipe.class_rows
     if class_embedder is not None:
         class_embedder.requires_grad_(args.train_class_embedding)
-    model = LatentDenoiser(unet, class_embedder).to(accelerator.device)
+    if class_rows is not None:
+        class_rows.requires_grad_(True)  # new DiT classes (only made with --train_class_embedding)
+    model = LatentDenoiser(unet, class_embedder, class_rows).to(accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_parameters = sum(p.numel() for p in trainable)
     logger.info(f"LoRA on {len(adapted_modules)} modules: {adapted_modules}")
@@ -341,7 +352,7 @@ def main(argv=None):
     null_class = model.null_class_id  # a ClassEmbedder's last row, DiT's class 1000; None: no label dropout
     loss_fn = DiffusionLoss(
         noise_scheduler,
-        use_labels=bool(class_names),
+        use_labels=bool(id2label),
         null_class=null_class,
         label_dropout=args.label_dropout if null_class is not None else 0.0,
     )
@@ -350,7 +361,7 @@ def main(argv=None):
         train_without_privacy(args, accelerator, model, trainable, latents, labels, loss_fn, planned_steps)
         _check_training_moved(trainable, snapshot, model, frozen_checksum)
         if accelerator.is_main_process:
-            save_outputs(args, pipe, unet, class_embedder, names, class_names, report=None)
+            save_outputs(args, pipe, unet, class_embedder, names, id2label, report=None)
         accelerator.end_training()
         return
 
@@ -444,7 +455,7 @@ def main(argv=None):
             },
         )
         logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
-        save_outputs(args, pipe, unet, class_embedder, names, class_names, report)
+        save_outputs(args, pipe, unet, class_embedder, names, id2label, report)
     accelerator.end_training()
 
 
@@ -484,8 +495,9 @@ def make_ema(args, accelerator, trainable) -> EMAModel | None:
     return ema
 
 
-def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: dict | None) -> None:
-    """Adapter, its config, the class embedding if trained, ``dp_report.json`` (DP runs only), samples, then
+def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: dict | None) -> None:
+    """Adapter, its config, the class embedding or DiT class rows if trained, ``dp_report.json`` (DP runs only),
+    samples, then
     ``--evaluate``'s metrics.json, the model card and ``--push_to_hub``. Main process only."""
     out = Path(args.output_dir)
     weights = save_lora_weights(unet, out)
@@ -494,8 +506,9 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
         "revision": args.revision,
         "base_family": pipe.base_family,
         "lora_weights": weights.name,
-        "class_embedder": CLASS_EMBEDDER_FOLDER if args.train_class_embedding else None,
-        "id2label": dict(enumerate(class_names)) if class_names else None,
+        "class_embedder": CLASS_EMBEDDER_FOLDER if args.train_class_embedding and class_embedder is not None else None,
+        "class_rows": CLASS_ROWS_FOLDER if pipe.class_rows is not None else None,
+        "id2label": id2label or None,
         # The examples trained on (the audit's members): the whole train split, or --max_train_samples' subset.
         "train_subset": None
         if args.max_train_samples is None
@@ -509,10 +522,12 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
         if args.num_canaries
         else None,
     }
-    if args.train_class_embedding:
-        class_embedder.save_pretrained(out / CLASS_EMBEDDER_FOLDER)
-    elif (out / CLASS_EMBEDDER_FOLDER).exists():
-        shutil.rmtree(out / CLASS_EMBEDDER_FOLDER)
+    trained = {CLASS_EMBEDDER_FOLDER: class_embedder, CLASS_ROWS_FOLDER: pipe.class_rows}
+    for folder, module in trained.items():
+        if folder in (adapter_config["class_embedder"], adapter_config["class_rows"]):
+            module.save_pretrained(out / folder)
+        elif (out / folder).exists():
+            shutil.rmtree(out / folder)  # a stale one would be loaded with this adapter
     (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
     if report is not None:
         write_dp_report(report, out)
@@ -524,7 +539,7 @@ def save_outputs(args, pipe, unet, class_embedder, names, class_names, report: d
         pipe.set_progress_bar_config(disable=True)
         if args.scheduler is not None:
             pipe.set_scheduler(args.scheduler)
-        shown = names[:10] if class_names else None  # None: one row of unconditional samples
+        shown = names[:10] if id2label else None  # None: one row of unconditional samples
         grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, seed=args.seed)
         grid.save(out / SAMPLES_NAME)
     if args.evaluate:

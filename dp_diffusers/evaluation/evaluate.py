@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def generate_labelled(pipe, per_class: int, num_inference_steps: int, seed: int, batch: int = 250):
     """``per_class`` samples of every class of ``pipe``: images (N, C, H, W) in [-1, 1], labels (N,)."""
-    ids = sorted(pipe.labels.values()) if pipe.labels else list(range(pipe.num_classes))
+    ids = sorted(set(pipe.labels.values())) if pipe.labels else list(range(pipe.num_classes))
     generator = torch.Generator().manual_seed(seed)
     labels = torch.tensor(ids).repeat_interleave(per_class)
     images = []
@@ -50,7 +50,7 @@ def denoiser_loss_fn(pipe, scheduler=None):
     """``(latents, labels, timesteps, noise) -> (B,)`` denoising loss of ``pipe``'s model, for the audit."""
     from diffusers import DDPMScheduler
 
-    model = LatentDenoiser(pipe.unet, pipe.class_embedder).eval()
+    model = LatentDenoiser(pipe.unet, pipe.class_embedder, pipe.class_rows).eval()
     scheduler = scheduler or DDPMScheduler.from_config(pipe.scheduler.config)
 
     def loss_fn(latents, labels, timesteps, noise):
@@ -175,8 +175,9 @@ def evaluate_adapter(
         metrics["membership_auc"]["public_base_auc"] = metrics["membership_auc"].pop("calibration_auc")
     canaries = config.get("canaries")
     if canaries:  # the run also trained on canaries: inserted ones are members, never-trained twins non-members
+        label_range = max(int(k) for k in pipe.config.id2label) + 1  # as train_dp_lora.py drew the canaries' labels
         inserted_x, inserted_y, heldout_x, heldout_y = make_canaries(
-            canaries["num_canaries"], channels, canaries.get("resolution", resolution), num_classes, canaries["seed"]
+            canaries["num_canaries"], channels, canaries.get("resolution", resolution), label_range, canaries["seed"]
         )
         canary_sets = (encode_latents(vae, inserted_x), inserted_y, encode_latents(vae, heldout_x), heldout_y)
         metrics["membership_auc"].update(_canary_audit(denoiser_loss_fn(pipe), canary_sets, seed, base_loss_fn))

@@ -9,6 +9,7 @@ and the scheduler.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 from diffusers import DiffusionPipeline
@@ -69,19 +70,20 @@ def _supported() -> str:
 
 def base_family(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> type[BaseFamily]:
     """The family of a base folder or Hub repo, read from its ``model_index.json`` (``kwargs``: Hub options such
-    as ``revision``). Raises :class:`UnsupportedBaseError` naming what was found and what is supported."""
-    try:
-        index = DiffusionPipeline.load_config(str(pretrained_model_name_or_path), **hub_options(kwargs))
-    except (OSError, ValueError) as err:
+    as ``revision``). Raises :class:`UnsupportedBaseError` naming what was found and what is supported, and
+    diffusers' ``OSError`` for a base that cannot be found (no such folder, not on the Hub or offline)."""
+    name = str(pretrained_model_name_or_path)
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
         raise UnsupportedBaseError(
-            f"{str(pretrained_model_name_or_path)!r} is not a diffusers pipeline (no readable model_index.json: "
-            f"{err}). Supported bases: {_supported()}."
-        ) from err
+            f"{name!r} has no model_index.json: not a diffusers pipeline folder. Supported bases: {_supported()}."
+        )
+    index = DiffusionPipeline.load_config(name, **hub_options(kwargs))
     found = index.get("_class_name")
     if found not in FAMILIES:
         components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list))
         raise UnsupportedBaseError(
-            f"{str(pretrained_model_name_or_path)!r} is a {found} with components {components}: not a latent "
-            f"diffusion base dp-diffusers supports. Supported bases: {_supported()}."
+            f"{name!r} is a {found} with components {components}: not a latent diffusion base dp-diffusers "
+            f"supports. Supported bases: {_supported()}."
         )
     return FAMILIES[found]

@@ -14,6 +14,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from .class_embedder import ClassEmbedder
+from .dit import DiTClassRows
 
 
 class LatentDenoiser(nn.Module):
@@ -22,7 +23,8 @@ class LatentDenoiser(nn.Module):
     * ``UNet2DConditionModel`` + ``ClassEmbedder``: labels -> cross-attention context (the paper's
       class-conditional LDM); null class: the embedder's last row;
     * ``DiTTransformer2DModel``: labels through its adaLN label embedding; null class: its row
-      ``num_embeds_ada_norm`` (DiT's classifier-free guidance);
+      ``num_embeds_ada_norm`` (DiT's classifier-free guidance); ``class_rows`` (``DiTClassRows``) adds private
+      classes after it;
     * ``UNet2DModel`` with ``num_class_embeds``: labels added to the time embedding (no null class);
     * any UNet without either: unconditional (labels are ignored).
 
@@ -32,10 +34,15 @@ class LatentDenoiser(nn.Module):
     after ``train()``: label dropout is ``DiffusionLoss``'s, the same for every family.
     """
 
-    def __init__(self, unet: nn.Module, class_embedder: ClassEmbedder | None = None):
+    def __init__(
+        self, unet: nn.Module, class_embedder: ClassEmbedder | None = None, class_rows: DiTClassRows | None = None
+    ):
         super().__init__()
         self.unet = unet
         self.class_embedder = class_embedder
+        self.class_rows = class_rows
+        if class_rows is not None:
+            class_rows.attach(unet)
         if isinstance(unet, UNet2DConditionModel) and class_embedder is None:
             raise ValueError("A UNet2DConditionModel needs a ClassEmbedder to provide its cross-attention context.")
         self._label_embeddings = [m for m in unet.modules() if isinstance(m, LabelEmbedding)]
@@ -54,7 +61,8 @@ class LatentDenoiser(nn.Module):
         if self.class_embedder is not None:
             return self.class_embedder.config.num_classes
         if isinstance(self.unet, DiTTransformer2DModel):
-            return self.unet.config.num_embeds_ada_norm
+            rows = self.class_rows.config.num_rows + 1 if self.class_rows is not None else 0  # after the null class
+            return self.unet.config.num_embeds_ada_norm + rows
         return getattr(self.unet.config, "num_class_embeds", None)
 
     @property

@@ -32,7 +32,7 @@ from ..constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
 from ..families import BaseFamily, DPLDMFamily, UnsupportedBaseError, base_family
 from ..models.class_embedder import ClassEmbedder
 from ..models.denoiser import LatentDenoiser
-from ..models.dit import DiTTransformer2DModelWithLoRA
+from ..models.dit import DiTClassRows, DiTTransformer2DModelWithLoRA
 from ..models.unet_2d import UNet2DModelWithLoRA
 
 # `from_pretrained` / `load_lora_weights` kwargs that locate files on the Hub (they apply to the adapter repo).
@@ -53,8 +53,9 @@ def _adapter_folder(path_or_repo: str, **hub_kwargs) -> Path | None:
         return None
     config = _read_adapter_config(Path(config_file).parent)
     patterns = [ADAPTER_CONFIG_NAME, config.get("lora_weights") or LORA_WEIGHT_NAME]
-    if config.get("class_embedder"):
-        patterns.append(f"{config['class_embedder']}/*")
+    for folder in (config.get("class_embedder"), config.get("class_rows")):
+        if folder:
+            patterns.append(f"{folder}/*")
     return Path(snapshot_download(path_or_repo, allow_patterns=patterns, **hub_kwargs))
 
 
@@ -124,20 +125,22 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # CPU copies of the adapted layers' weights before `fuse_lora`, put back exactly by `unfuse_lora`
         self._unfused_weights: dict[str, dict[str, torch.Tensor]] = {}
+        #: a DiT adapter's rows for classes its base lacks (``DiTClassRows``), attached to the transformer
+        self.class_rows: DiTClassRows | None = None
         # (class_embedder, id2label) of the base while an adapter's class embedding replaces them
         self._base_class_conditioning: tuple[ClassEmbedder | None, dict | None] | None = None
         #: the base family it was loaded as (dp_diffusers.families); set by from_pretrained
         self.family: type[BaseFamily] = DPLDMFamily
 
     def _set_id2label(self, id2label: dict | None) -> None:
-        """Class names by id; ``labels`` maps each name to its id, and (as ``DiTPipeline`` does for ImageNet's
-        ``"tench, Tinca tinca"``) each of its comma-separated synonyms too."""
+        """Class names by id; ``labels`` maps each name to its id, ``label_synonyms`` each comma-separated part of
+        a name (as ``DiTPipeline`` reads ImageNet's ``"tench, Tinca tinca"``); [`get_label_ids`] takes both."""
         id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
         self.register_to_config(id2label=id2label or None)
         self.labels = {name: idx for idx, name in sorted(id2label.items())}
-        for idx, name in sorted(id2label.items()):
-            for synonym in name.split(","):
-                self.labels.setdefault(synonym.strip(), idx)
+        self.label_synonyms = {
+            synonym.strip(): idx for idx, name in sorted(id2label.items()) if "," in name for synonym in name.split(",")
+        }
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DPLDMPipeline:
@@ -226,7 +229,7 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
         metadata = kwargs.pop("metadata", None)
         source = pretrained_model_name_or_path_or_dict
-        config, embedder = {}, None
+        config, embedder, rows = {}, None, None
         if isinstance(source, dict):
             name = "given as a state dict"
         else:
@@ -237,6 +240,8 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
                 weight_name = weight_name or config.get("lora_weights")
                 if config.get("class_embedder"):
                     embedder = ClassEmbedder.from_pretrained(folder / config["class_embedder"])
+                if config.get("class_rows"):
+                    rows = DiTClassRows.from_pretrained(folder / config["class_rows"])
         state_dict, network_alphas, file_metadata = self.lora_state_dict(
             source, weight_name=weight_name, return_lora_metadata=True, **kwargs
         )
@@ -247,7 +252,7 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         state_dict = convert_unet_state_dict_to_peft(state_dict)
         id2label = {int(k): str(v) for k, v in config["id2label"].items()} if config.get("id2label") else None
 
-        problems = self._adapter_mismatches(state_dict, embedder, id2label)
+        problems = self._adapter_mismatches(state_dict, embedder, id2label, rows)
         base = str(self.name_or_path or f"this pipeline's {type(self.unet).__name__}")
         if problems:
             raise ValueError(f"The adapter {name!r} does not fit the base model {base!r}: {'; '.join(problems)}.")
@@ -265,11 +270,14 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         except (RuntimeError, ValueError) as err:
             raise ValueError(f"The adapter {name!r} does not fit the base model {base!r}: {err}") from err
 
-        if embedder is not None or id2label:
+        if embedder is not None or rows is not None or id2label:
             if self._base_class_conditioning is None:
                 self._base_class_conditioning = (self.class_embedder, self.config.id2label)
             if embedder is not None:
                 self.register_modules(class_embedder=embedder.to(device=self.unet.device, dtype=self.unet.dtype))
+            if rows is not None:
+                self.class_rows = rows.to(device=self.unet.device, dtype=self.unet.dtype)
+                self.class_rows.attach(self.unet)
             self._set_id2label(id2label or self.config.id2label)
 
     def ensure_peft_unet(self) -> None:
@@ -293,7 +301,11 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
             raise ValueError(f"LoRA adapters need a UNet with diffusers' PeftAdapterMixin, not {type(self.unet)}.")
 
     def _adapter_mismatches(
-        self, state_dict: dict[str, torch.Tensor], embedder: ClassEmbedder | None, id2label: dict | None
+        self,
+        state_dict: dict[str, torch.Tensor],
+        embedder: ClassEmbedder | None,
+        id2label: dict | None,
+        rows: DiTClassRows | None = None,
     ) -> list[str]:
         """What keeps an adapter from fitting this pipeline (empty if it fits). peft would skip LoRA weights of
         modules the base lacks with a warning; here they are an error, checked before anything is changed."""
@@ -329,7 +341,12 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
                 f"its class embedding has {embedder.config.embedding_dim} dimensions, the base's cross-attention "
                 f"takes {cross_attention_dim}"
             )
-        if id2label and embedder is None and id2label != (self.config.id2label or id2label):
+        if rows is not None:
+            null = getattr(self.unet.config, "num_embeds_ada_norm", None)
+            table = next((m.embedding_table for m in self.unet.modules() if hasattr(m, "embedding_table")), None)
+            if table is None or rows.config.first_id != null + 1 or rows.config.embedding_dim != table.embedding_dim:
+                problems.append("its class rows are for a DiT with another label table")
+        if id2label and embedder is None and rows is None and id2label != (self.config.id2label or id2label):
             problems.append(f"its classes {id2label} are not the base's {dict(self.config.id2label)}")
         return problems
 
@@ -390,6 +407,9 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
             class_embedder, id2label = self._base_class_conditioning
             self.register_modules(class_embedder=class_embedder)
             self._set_id2label(id2label)
+            if self.class_rows is not None:
+                DiTClassRows.detach(self.unet)
+                self.class_rows = None
         self._base_class_conditioning = None
         self._unfused_weights = {}
 
@@ -412,15 +432,18 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
 
     @property
     def num_classes(self) -> int | None:
-        return LatentDenoiser(self.unet, self.class_embedder).num_classes
+        return LatentDenoiser(self.unet, self.class_embedder, self.class_rows).num_classes
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Map class names (e.g. ``["3", "7"]``) to class ids."""
+        """Map class names (e.g. ``["3", "7"]``; for a DiT base also one of a name's synonyms) to class ids."""
         names = [label] if isinstance(label, str) else list(label)
-        unknown = [name for name in names if name not in self.labels]
+        lookup = {**self.label_synonyms, **self.labels}
+        unknown = [name for name in names if name not in lookup]
         if unknown:
-            raise ValueError(f"Unknown class label(s) {unknown}; this model knows {_shorten(list(self.labels))}.")
-        return [self.labels[name] for name in names]
+            known = list(self.labels)
+            known = known if len(known) <= 20 else [*known[:20], f"... ({len(known)} in all)"]
+            raise ValueError(f"Unknown class label(s) {unknown}; this model knows {known}.")
+        return [lookup[name] for name in names]
 
     def _check_class_labels(self, class_labels: list[int] | None) -> None:
         num_classes = self.num_classes
@@ -487,7 +510,7 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         else:
             labels = None
             n = (batch_size or 1) * num_images_per_prompt
-        denoiser = LatentDenoiser(self.unet, self.class_embedder)
+        denoiser = LatentDenoiser(self.unet, self.class_embedder, self.class_rows)
         # CFG needs a null class (a ClassEmbedder's, DiT's); other bases sample without guidance.
         null_class = denoiser.null_class_id
         use_cfg = guidance_scale > 1.0 and labels is not None and null_class is not None

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Cost of one DP step against the same step without privacy, per public base family.
+
+    python benchmarks/bench_families.py --out benchmarks/results/dp_step_families.json
+
+Models (random weights, LoRA rank 8 on the attention projections, 64 examples a step):
+* ``dit``: a small ``DiTTransformer2DModel`` (hidden 128 = 4 heads x 32, 4 blocks, patch 2, 1,000 classes, learned
+  sigma) on 4x16x16 latents (64 tokens);
+* ``compvis``: a CompVis-style unconditional ``UNet2DModel`` (64, 128; attention at the second level and in the
+  middle block) on 3x8x8 latents.
+
+DP step = ``private_backward`` + the DP optimizer's step (clip, noise, accountant) + ``zero_grad``, in fused mode
+and in opacus' hooks mode; non-private step = the same LoRA with plain AdamW. All variants of a family run
+interleaved in one process (median of per-round ratios, warm-up rounds dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import bench_common as bc
+import torch
+
+TARGET = 1.10  # DP / non-private time, fused
+
+
+def build(family: str, rank: int, seed: int):
+    """(LatentDenoiser with LoRA on attention, latent shape, noise scheduler) of a small base of ``family``."""
+    from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+
+    from dp_diffusers import LatentDenoiser
+    from dp_diffusers.families import FAMILIES
+    from dp_diffusers.lora import add_lora, make_lora_config
+
+    torch.manual_seed(seed)
+    if family == "dit":
+        backbone = DiTTransformer2DModel(
+            num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4, sample_size=16,
+            patch_size=2, num_embeds_ada_norm=1000,
+        )  # fmt: skip
+        shape, presets = (4, 16, 16), FAMILIES["DiTPipeline"].lora_target_presets
+    else:
+        backbone = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(64, 128),
+                               down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                               up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32,
+                               layers_per_block=1)  # fmt: skip
+        shape, presets = (3, 8, 8), FAMILIES["LDMPipeline"].lora_target_presets
+    add_lora(backbone, make_lora_config(rank, targets="attention", presets=presets))
+    with torch.no_grad():  # lora_B starts at 0; give it weights so every path carries gradient
+        for name, param in backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195)
+    return LatentDenoiser(backbone), shape, scheduler
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bc.add_common_args(parser)
+    parser.add_argument("--families", default="dit,compvis")
+    parser.add_argument("--modes", default="fused,hooks")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="Write the results as JSON here (and a .md table beside it).")
+    args = parser.parse_args(argv)
+    bc.set_threads(args.threads)
+
+    rows, results = [], {}
+    for family in args.families.split(","):
+        model, shape, scheduler = build(family, args.rank, args.seed)
+        common = dict(batch_size=args.batch_size, device=args.device, latent_shape=shape, scheduler=scheduler)
+        _, np_step = bc.make_steps(model, grad_sample_mode=None, **common)
+        steps = {"non-private": np_step}
+        for mode in args.modes.split(","):
+            dp_model, _, _ = build(family, args.rank, args.seed)
+            steps[mode], _ = bc.make_steps(dp_model, grad_sample_mode=mode, make_nonprivate=False, **common)
+        times = bc.interleaved(steps, args.reps, args.warmup, args.device, args.seed)
+        trainable = sum(p.numel() for p in bc.trainable(model))
+        results[family] = {"trainable": trainable, "ms": {k: 1000 * bc.median(v) for k, v in times.items()}}
+        for mode in args.modes.split(","):
+            ratio = bc.median_ratio(times[mode], times["non-private"])
+            low, high = bc.spread(times[mode], times["non-private"])
+            results[family][mode] = {"ratio": ratio, "range": [low, high]}
+            target = bc.verdict(ratio, TARGET) if mode == "fused" else ""
+            ms = results[family]["ms"]
+            rows.append([family, mode, trainable, f"{ms['non-private']:.0f}", f"{ms[mode]:.0f}",
+                         f"{ratio:.3f} ({low:.2f}-{high:.2f})", target])  # fmt: skip
+
+    table = bc.markdown_table(
+        ["family", "mode", "trainable", "non-private ms", "DP ms", "DP / non-private time", f"<= {TARGET}"], rows
+    )
+    info = bc.machine_info(args.threads)
+    print(table)
+    if args.out:
+        path = bc.write_json(args.out, {"machine": info, "config": vars(args), "results": results})
+        header = (f"Machine: {info['cpu']} ({info['logical_cpus']} logical CPUs, torch threads={args.threads}), "
+                  f"torch {info['torch']}, diffusers {info['diffusers']}, opacus {info['opacus']}, {info['date']}. "
+                  f"Batch {args.batch_size}, LoRA rank {args.rank} on attention, {args.reps} interleaved rounds "
+                  "(median; range of the per-round ratios in brackets).\n\n")  # fmt: skip
+        path.with_suffix(".md").write_text(header + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
