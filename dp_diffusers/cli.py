@@ -15,6 +15,7 @@ import torch
 
 from .hub import push_to_hub, write_model_card
 from .pipelines import DPLDMPipeline
+from .training_utils import add_evaluation_args
 from .visualization import sample_grid
 
 
@@ -52,25 +53,14 @@ def evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="Downstream accuracy, membership audit, FID -> metrics.json.")
     parser.add_argument("folder")
     parser.add_argument("--dataset_name", default="private-digits")
-    parser.add_argument("--samples_per_class", type=int, default=100)
-    parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the pipeline's).")
-    parser.add_argument("--fid_inception_path", default=None)
-    parser.add_argument("--audit_reference", default=None, help="A --disable_dp fine-tune, for the audit.")
+    parser.add_argument("--seed", type=int, default=0)
+    add_evaluation_args(parser)
 
     def run(args: argparse.Namespace) -> None:
-        from .evaluation.evaluate import evaluate_adapter  # data sets, classifier and FID: only when evaluating
+        from .evaluation.evaluate import evaluate_from_args  # data sets, classifier and FID: only when evaluating
 
-        metrics = evaluate_adapter(
-            args.folder,
-            dataset_name=args.dataset_name,
-            samples_per_class=args.samples_per_class,
-            num_inference_steps=args.num_inference_steps,
-            scheduler=args.scheduler,
-            inception_path=args.fid_inception_path,
-            audit_reference=args.audit_reference,
-        )
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(evaluate_from_args(args.folder, args), indent=2))
 
     parser.set_defaults(func=run)
 

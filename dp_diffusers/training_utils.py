@@ -86,6 +86,17 @@ def resume_step(accelerator: Accelerator, args: argparse.Namespace) -> int:
     return step_of(checkpoint)
 
 
+def add_evaluation_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The evaluation flags, one spelling for ``train_dp_lora.py --evaluate`` and ``dp-diffusers evaluate``
+    (``dp_diffusers.evaluation.evaluate.evaluate_from_args`` reads them)."""
+    parser.add_argument("--eval_samples_per_class", type=int, default=100, help="Generated images per class.")
+    parser.add_argument("--eval_inference_steps", type=int, default=50, help="Denoising steps of those images.")
+    parser.add_argument("--fid_inception_path", type=str, default=None, help="inception-2015-12-05.pt for FID.")
+    parser.add_argument(
+        "--audit_reference", type=str, default=None, help="A non-private fine-tune (--disable_dp) for the audit."
+    )
+
+
 def resolve_dataset_source(args: argparse.Namespace, default_dataset: str | None) -> None:
     if args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = default_dataset

@@ -433,3 +433,21 @@ def test_public_base_auc_is_the_base_pipelines_own_audit(tiny_base, tmp_path, mo
     base_audit = evaluate_adapter(base_copy, samples_per_class=1, num_inference_steps=1)["membership_auc"]
     assert adapter_audit["public_base_auc"] == pytest.approx(base_audit["value"], abs=1e-3)
     assert "public_base_auc" not in base_audit  # a base folder is its own chance level
+
+
+def test_cli_evaluate_takes_the_training_script_s_evaluation_flags(tiny_base, tmp_path, monkeypatch, capsys):
+    """`dp-diffusers evaluate` and `train_dp_lora.py --evaluate` share one spelling of the evaluation flags."""
+    import json
+
+    from helpers import write_adapter
+
+    from dp_diffusers import DPLDMPipeline, cli
+
+    monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
+    folder = write_adapter(tmp_path / "adapter", DPLDMPipeline.from_pretrained(tiny_base).unet, tiny_base)
+    cli.main(["evaluate", str(folder), "--eval_samples_per_class", "1", "--eval_inference_steps", "1",
+              "--scheduler", "DPMSolverMultistepScheduler"])  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((folder / "metrics.json").read_text())
+    assert printed["downstream_accuracy"]["num_synthetic"] == 10
+    assert printed["downstream_accuracy"]["sampler"] == "DPMSolverMultistepScheduler, 1 steps"

@@ -68,6 +68,7 @@ from dp_diffusers.privacy import (
 )
 from dp_diffusers.training_utils import (
     add_data_args,
+    add_evaluation_args,
     add_run_args,
     load_training_dataset,
     make_accelerator,
@@ -168,24 +169,13 @@ def parse_args(argv=None):
     train.add_argument("--epsilon_log_steps", type=int, default=25, help="Record epsilon every N steps.")
     train.add_argument("--samples_per_class", type=int, default=8, help="samples.png rows; 0 to skip.")
     train.add_argument("--num_inference_steps", type=int, default=50)
-    train.add_argument(
-        "--scheduler",
-        type=str,
-        default=None,
-        help="diffusers scheduler class that draws samples.png and --evaluate's samples, e.g. "
-        "DPMSolverMultistepScheduler (default: the base's own, DDIM for train_ldm.py's bases).",
-    )
+    train.add_argument("--scheduler", default=None, help="Sampler of samples.png and --evaluate (class name).")
 
     add_run_args(parser, checkpointing_steps=100)
 
     evaluation = parser.add_argument_group("evaluation and sharing")
     evaluation.add_argument("--evaluate", action="store_true", help="Write metrics.json (dp_diffusers.evaluation).")
-    evaluation.add_argument("--eval_samples_per_class", type=int, default=100)
-    evaluation.add_argument("--eval_inference_steps", type=int, default=50)
-    evaluation.add_argument("--fid_inception_path", type=str, default=None, help="inception-2015-12-05.pt for FID.")
-    evaluation.add_argument(
-        "--audit_reference", type=str, default=None, help="A non-private fine-tune (--disable_dp) for the audit."
-    )
+    add_evaluation_args(evaluation)
     evaluation.add_argument(
         "--num_canaries",
         type=int,
@@ -543,18 +533,9 @@ def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: dict
         grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, seed=args.seed)
         grid.save(out / SAMPLES_NAME)
     if args.evaluate:
-        from dp_diffusers.evaluation.evaluate import evaluate_adapter
+        from dp_diffusers.evaluation.evaluate import evaluate_from_args
 
-        metrics = evaluate_adapter(
-            out,
-            dataset_name=args.dataset_name,
-            samples_per_class=args.eval_samples_per_class,
-            num_inference_steps=args.eval_inference_steps,
-            scheduler=args.scheduler,
-            inception_path=args.fid_inception_path,
-            audit_reference=args.audit_reference,
-            seed=args.seed,
-        )
+        metrics = evaluate_from_args(out, args)
         logger.info(f"Evaluation: { {name: metric['value'] for name, metric in metrics.items()} }")
     card = write_model_card(out, repo_id=args.hub_model_id)
     logger.info(f"Model card: {card}")

@@ -7,6 +7,7 @@ only read here, never trained on.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -44,6 +45,21 @@ def generate_labelled(pipe, per_class: int, num_inference_steps: int, seed: int,
         ).images
         images.append(out * 2 - 1)
     return torch.cat(images).clamp(-1, 1), labels
+
+
+def evaluate_from_args(adapter_dir: str | Path, args: argparse.Namespace) -> dict:
+    """:func:`evaluate_adapter` with the flags of :func:`add_evaluation_args` (and ``--dataset_name``,
+    ``--scheduler``, ``--seed``)."""
+    return evaluate_adapter(
+        adapter_dir,
+        dataset_name=args.dataset_name,
+        samples_per_class=args.eval_samples_per_class,
+        num_inference_steps=args.eval_inference_steps,
+        scheduler=args.scheduler,
+        inception_path=args.fid_inception_path,
+        audit_reference=args.audit_reference,
+        seed=args.seed,
+    )
 
 
 def denoiser_loss_fn(pipe, scheduler=None):

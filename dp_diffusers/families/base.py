@@ -74,6 +74,8 @@ def base_family(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
     diffusers' ``OSError`` for a base that cannot be found (no such folder, not on the Hub or offline)."""
     name = str(pretrained_model_name_or_path)
     folder = Path(name).expanduser()
+    if not folder.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # a path, not a Hub id
+        raise FileNotFoundError(f"{name!r}: no such base folder.")
     if folder.is_dir() and not (folder / "model_index.json").is_file():
         raise UnsupportedBaseError(
             f"{name!r} has no model_index.json: not a diffusers pipeline folder. Supported bases: {_supported()}."

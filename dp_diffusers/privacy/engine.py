@@ -9,7 +9,7 @@ the accountant in ``accounting.py``. Nothing here computes a gradient, a clip or
 
 Guarantee (per logical step, over the whole global batch): every example is in the batch
 independently with probability ``q``; each private example's gradient (the mean over its k noise
-draws, over *all* trainable parameters, the class embedding included when it is trained) is
+draws, over *all* trainable parameters: a trained class embedding or DiT class rows included) is
 clipped to ``max_grad_norm``; Gaussian noise of std ``noise_multiplier * max_grad_norm`` is added
 once (on rank 0 with several processes, then summed across ranks) and the sum is divided by the
 expected global batch size ``q * N``; the step is recorded in the accountant with sample rate ``q``.
@@ -35,6 +35,7 @@ from .noise_multiplicity import (
 )
 
 __all__ = ["DPTraining", "GRAD_SAMPLE_MODES", "PrivateTrainingState", "make_private", "private_backward"]
+
 
 @dataclass
 class DPTraining:

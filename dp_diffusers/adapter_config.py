@@ -1,0 +1,78 @@
+"""``dp_lora_config.json``: what a DP-LoRA adapter folder holds and which public base it goes onto.
+
+Defined once here (in the style of peft's ``LoraConfig``: a dataclass with field metadata and save / load);
+the training script writes it, and the pipeline, the evaluation, the model card and the Space read it through
+:meth:`DPLoRAConfig.from_pretrained`. Folders written by earlier versions (no ``base_family``, no
+``class_rows``) load with those fields' defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
+
+
+@dataclass
+class DPLoRAConfig:
+    """The adapter config of a ``train_dp_lora.py`` output folder."""
+
+    base_model: str = field(metadata={"help": "The public base: a local folder (as given) or a Hub id."})
+    revision: str | None = field(default=None, metadata={"help": "The base's Hub revision the adapter was trained on."})
+    base_family: str = field(default="dp-ldm", metadata={"help": "dp_diffusers.families name of the base's layout."})
+    lora_weights: str = field(default=LORA_WEIGHT_NAME, metadata={"help": "The LoRA weights file (diffusers format)."})
+    class_embedder: str | None = field(
+        default=None, metadata={"help": "Folder of the trained ClassEmbedder (own bases, --train_class_embedding)."}
+    )
+    class_rows: str | None = field(
+        default=None, metadata={"help": "Folder of the trained DiTClassRows (new classes of a DiT base)."}
+    )
+    id2label: dict[int, str] | None = field(
+        default=None, metadata={"help": "Class names by id, the adapter's classes (None: unconditional)."}
+    )
+    train_subset: dict[str, int] | None = field(
+        default=None,
+        metadata={"help": "{max_samples, seed} of --max_train_samples: the examples trained on (the audit's members)."},
+    )
+    canaries: dict[str, int] | None = field(
+        default=None, metadata={"help": "{num_canaries, seed, resolution} of the audit canaries trained on."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``dp_lora_config.json`` into ``folder`` (atomically)."""
+        path = Path(folder) / ADAPTER_CONFIG_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> DPLoRAConfig:
+        """Read ``folder/dp_lora_config.json``. Raises ``ValueError`` for a file that is not such a config."""
+        path = Path(folder) / ADAPTER_CONFIG_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict) or "base_model" not in data:
+            raise ValueError(f"{path} is not a DP-LoRA adapter config: it names no base_model.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path} has fields this version does not know: {unknown} (written by a newer version?).")
+        return cls(**data)
+
+    @classmethod
+    def is_adapter_folder(cls, folder: str | os.PathLike) -> bool:
+        return (Path(folder) / ADAPTER_CONFIG_NAME).is_file()
