@@ -17,8 +17,8 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
+from .adapter_config import DPLoRAConfig
 from .constants import (
-    ADAPTER_CONFIG_NAME,
     CARD_NAME,
     DP_REPORT_NAME,
     EPSILON_PLOT_NAME,
@@ -220,13 +220,12 @@ def _base_model(folder: Path, report: dict[str, Any] | None) -> str | None:
     """The base id or path: from the privacy report, else the adapter config of dp-diffusers or peft."""
     if report and report.get("base_model"):
         return str(report["base_model"])
-    for name in (ADAPTER_CONFIG_NAME, "adapter_config.json"):
-        config_path = folder / name
-        if config_path.is_file():
-            config = _read_json_object(config_path)
-            base = config.get("base_model") or config.get("base_model_name_or_path")
-            if base:
-                return str(base)
+    if DPLoRAConfig.is_adapter_folder(folder):
+        return DPLoRAConfig.from_pretrained(folder).base_model
+    peft_config = folder / "adapter_config.json"  # a plain peft adapter
+    if peft_config.is_file():
+        base = _read_json_object(peft_config).get("base_model_name_or_path")
+        return str(base) if base else None
     return None
 
 

@@ -2,11 +2,13 @@
 files share code only through helpers.py."""
 
 import ast
+import json
 import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 
 import dp_diffusers
@@ -40,3 +42,24 @@ def test_test_files_import_no_other_test_file_nor_conftest():
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module.split(".")[0]]
             assert not set(names) & local, f"{path.name} imports {set(names) & local}: share code through helpers.py"
+
+
+def test_the_adapter_config_is_one_type_and_earlier_folders_still_load(tmp_path):
+    from dp_diffusers.adapter_config import DPLoRAConfig
+
+    config = DPLoRAConfig(base_model="me/base", base_family="dit", class_rows="class_rows", id2label={1001: "cat"},
+                          train_subset={"max_samples": 40, "seed": 0})  # fmt: skip
+    config.save_pretrained(tmp_path)
+    assert DPLoRAConfig.from_pretrained(tmp_path) == config  # id2label keys come back as ints
+    # what versions before the base families wrote: no base_family, no class_rows
+    earlier = {"base_model": "outputs/base", "revision": None, "lora_weights": "pytorch_lora_weights.safetensors",
+               "class_embedder": None, "id2label": {"0": "0"}, "train_subset": None, "canaries": None}  # fmt: skip
+    (tmp_path / "dp_lora_config.json").write_text(json.dumps(earlier))
+    loaded = DPLoRAConfig.from_pretrained(tmp_path)
+    assert loaded.base_family == "dp-ldm" and loaded.class_rows is None and loaded.id2label == {0: "0"}
+    (tmp_path / "dp_lora_config.json").write_text(json.dumps({**earlier, "from_the_future": 1}))
+    with pytest.raises(ValueError, match="from_the_future"):
+        DPLoRAConfig.from_pretrained(tmp_path)
+    (tmp_path / "dp_lora_config.json").write_text(json.dumps({"lora_weights": "x"}))
+    with pytest.raises(ValueError, match="names no base_model"):
+        DPLoRAConfig.from_pretrained(tmp_path)

@@ -17,7 +17,6 @@ non-private reference of the audit; its output has no ``dp_report.json`` and cla
 """
 
 import argparse
-import json
 import math
 import shutil
 from pathlib import Path
@@ -33,8 +32,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from dp_diffusers import ClassEmbedder, DiffusionLoss, DPLDMPipeline, LatentDenoiser
+from dp_diffusers.adapter_config import DPLoRAConfig
 from dp_diffusers.constants import (
-    ADAPTER_CONFIG_NAME,
     CLASS_EMBEDDER_FOLDER,
     CLASS_ROWS_FOLDER,
     DP_REPORT_NAME,
@@ -491,34 +490,26 @@ def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: dict
     ``--evaluate``'s metrics.json, the model card and ``--push_to_hub``. Main process only."""
     out = Path(args.output_dir)
     weights = save_lora_weights(unet, out)
-    adapter_config = {
-        "base_model": args.pretrained_model_name_or_path,
-        "revision": args.revision,
-        "base_family": pipe.base_family,
-        "lora_weights": weights.name,
-        "class_embedder": CLASS_EMBEDDER_FOLDER if args.train_class_embedding and class_embedder is not None else None,
-        "class_rows": CLASS_ROWS_FOLDER if pipe.class_rows is not None else None,
-        "id2label": id2label or None,
+    adapter_config = DPLoRAConfig(
+        base_model=args.pretrained_model_name_or_path,
+        revision=args.revision,
+        base_family=pipe.base_family,
+        lora_weights=weights.name,
+        class_embedder=CLASS_EMBEDDER_FOLDER if args.train_class_embedding and class_embedder is not None else None,
+        class_rows=CLASS_ROWS_FOLDER if pipe.class_rows is not None else None,
+        id2label=id2label or None,
         # The examples trained on (the audit's members): the whole train split, or --max_train_samples' subset.
-        "train_subset": None
-        if args.max_train_samples is None
-        else {"max_samples": args.max_train_samples, "seed": args.seed},
-        # (the resolution they were drawn at, which --resolution may set apart from the autoencoder's)
-        "canaries": {
-            "num_canaries": args.num_canaries,
-            "seed": args.seed,
-            "resolution": args.resolution or pipe.vae.config.sample_size,
-        }
-        if args.num_canaries
-        else None,
-    }
+        train_subset=None if args.max_train_samples is None else {"max_samples": args.max_train_samples,
+                                                                   "seed": args.seed},  # fmt: skip
+        canaries=_canaries_record(args, pipe),
+    )
     trained = {CLASS_EMBEDDER_FOLDER: class_embedder, CLASS_ROWS_FOLDER: pipe.class_rows}
     for folder, module in trained.items():
-        if folder in (adapter_config["class_embedder"], adapter_config["class_rows"]):
+        if folder in (adapter_config.class_embedder, adapter_config.class_rows):
             module.save_pretrained(out / folder)
         elif (out / folder).exists():
             shutil.rmtree(out / folder)  # a stale one would be loaded with this adapter
-    (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+    adapter_config.save_pretrained(out)
     if report is not None:
         write_dp_report(report, out)
     elif (out / DP_REPORT_NAME).exists():
@@ -543,6 +534,15 @@ def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: dict
         repo_id = args.hub_model_id or out.resolve().name
         url = push_to_hub(out, repo_id, token=args.hub_token, private=args.hub_private_repo)
         logger.info(f"Pushed to {url}")
+
+
+def _canaries_record(args, pipe) -> dict | None:
+    """What rebuilds the run's canaries: their number, seed and the resolution they were drawn at (which
+    --resolution may set apart from the autoencoder's)."""
+    if not args.num_canaries:
+        return None
+    return {"num_canaries": args.num_canaries, "seed": args.seed,
+            "resolution": args.resolution or pipe.vae.config.sample_size}  # fmt: skip
 
 
 def _init_flag(value: str):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..constants import ADAPTER_CONFIG_NAME, METRICS_NAME
+from ..adapter_config import DPLoRAConfig
+from ..constants import METRICS_NAME
 from ..data import (
     dataset_to_tensors,
     encode_latents,
@@ -99,15 +100,15 @@ def _canary_audit(loss_fn, canary_sets, seed: int, base_loss_fn) -> dict:
     return out
 
 
-def _adapter_config(adapter_dir: str | Path) -> dict:
-    """``dp_lora_config.json`` of an adapter folder (``{}`` for a base pipeline folder)."""
-    config = Path(adapter_dir) / ADAPTER_CONFIG_NAME
-    return json.loads(config.read_text()) if config.is_file() else {}
+def _adapter_config(adapter_dir: str | Path) -> DPLoRAConfig | None:
+    """The adapter config of an adapter folder (``None`` for a base pipeline folder)."""
+    return DPLoRAConfig.from_pretrained(adapter_dir) if DPLoRAConfig.is_adapter_folder(adapter_dir) else None
 
 
 def _train_subset(adapter_dir: str | Path) -> dict | None:
     """``train_dp_lora.py``'s record of ``--max_train_samples`` (``None``: the whole train split)."""
-    return _adapter_config(adapter_dir).get("train_subset")
+    config = _adapter_config(adapter_dir)
+    return config.train_subset if config is not None else None
 
 
 def evaluate_adapter(
@@ -150,7 +151,7 @@ def evaluate_adapter(
         return dataset_to_tensors(data, resolution, channels, image_column, label_column, class_names)
 
     (train_x, train_y), (test_x, test_y) = split(train_split), split(test_split)
-    subset = config.get("train_subset")
+    subset = config.train_subset if config is not None else None
     if audit_reference is not None and (reference_subset := _train_subset(audit_reference)) != subset:
         raise ValueError(
             f"The audit reference {audit_reference} trained on other examples ({reference_subset}) than "
@@ -181,7 +182,7 @@ def evaluate_adapter(
     base_loss_fn = None
     if adapted:
         pipe.unfuse_lora()  # the samples are drawn; the audit switches the adapter off for the base's scores
-        if not config.get("class_embedder"):  # (a trained class embedding may add classes the base lacks)
+        if not (config.class_embedder or config.class_rows):  # (trained class rows may add classes the base lacks)
             base_loss_fn = _without_adapter(pipe.unet, denoiser_loss_fn(pipe))
     result = audit(denoiser_loss_fn(pipe), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
     metrics["membership_auc"] = {"value": result.pop("membership_auc"), **result}
@@ -189,7 +190,7 @@ def evaluate_adapter(
         # The public base never saw either set: its AUC is this split's chance level (a few hundred examples
         # per side put it a few hundredths off 0.5, e.g. when the members happen to be easier to denoise).
         metrics["membership_auc"]["public_base_auc"] = metrics["membership_auc"].pop("calibration_auc")
-    canaries = config.get("canaries")
+    canaries = config.canaries if config is not None else None
     if canaries:  # the run also trained on canaries: inserted ones are members, never-trained twins non-members
         label_range = max(int(k) for k in pipe.config.id2label) + 1  # as train_dp_lora.py drew the canaries' labels
         inserted_x, inserted_y, heldout_x, heldout_y = make_canaries(
@@ -203,7 +204,7 @@ def evaluate_adapter(
         metrics["membership_auc"]["reference_nonprivate_auc"] = ref["membership_auc"]
         if base_loss_fn is not None:
             metrics["membership_auc"]["reference_nonprivate_calibrated_auc"] = ref["calibrated_auc"]
-        if canaries and _adapter_config(audit_reference).get("canaries") == canaries:
+        if canaries and getattr(_adapter_config(audit_reference), "canaries", None) == canaries:
             ref_canaries = _canary_audit(denoiser_loss_fn(reference), canary_sets, seed, base_loss_fn)
             for key in ("canary_auc", "canary_calibrated_auc"):  # (the counts and the base's AUC are the adapter's)
                 if key in ref_canaries:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
+from ..adapter_config import DPLoRAConfig
+from ..constants import ADAPTER_CONFIG_NAME
 from ..families import BaseFamily, DPLDMFamily, UnsupportedBaseError, base_family
 from ..models.class_embedder import ClassEmbedder
 from ..models.denoiser import LatentDenoiser
@@ -45,22 +45,18 @@ def _adapter_folder(path_or_repo: str, **hub_kwargs) -> Path | None:
     `path_or_repo` holds no `dp_lora_config.json` (a base pipeline, or a plain LoRA)."""
     local = Path(path_or_repo).expanduser()
     if local.exists():  # a local folder, or a weights file
-        return local if (local / ADAPTER_CONFIG_NAME).is_file() else None
+        return local if DPLoRAConfig.is_adapter_folder(local) else None
     hub_kwargs = {key: hub_kwargs[key] for key in _HUB_KWARGS if key in hub_kwargs}
     try:
         config_file = hf_hub_download(path_or_repo, ADAPTER_CONFIG_NAME, **hub_kwargs)
     except (EntryNotFoundError, RepositoryNotFoundError, HFValidationError):
         return None
-    config = _read_adapter_config(Path(config_file).parent)
-    patterns = [ADAPTER_CONFIG_NAME, config.get("lora_weights") or LORA_WEIGHT_NAME]
-    for folder in (config.get("class_embedder"), config.get("class_rows")):
+    config = DPLoRAConfig.from_pretrained(Path(config_file).parent)
+    patterns = [ADAPTER_CONFIG_NAME, config.lora_weights]
+    for folder in (config.class_embedder, config.class_rows):
         if folder:
             patterns.append(f"{folder}/*")
     return Path(snapshot_download(path_or_repo, allow_patterns=patterns, **hub_kwargs))
-
-
-def _read_adapter_config(folder: Path) -> dict:
-    return json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
 
 
 def _local_base(base: str, adapter: Path) -> Path | None:
@@ -161,10 +157,10 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         adapter = _adapter_folder(str(pretrained_model_name_or_path), **kwargs)
         if adapter is None:
             return cls._from_base(pretrained_model_name_or_path, **kwargs)
-        config = _read_adapter_config(adapter)
-        base = config["base_model"]
+        config = DPLoRAConfig.from_pretrained(adapter)
+        base = config.base_model
         local_base = _local_base(base, adapter)
-        base_kwargs = {**kwargs, "revision": config.get("revision")}
+        base_kwargs = {**kwargs, "revision": config.revision}
         try:
             pipe = cls._from_base(local_base or base, **base_kwargs)
         except (OSError, ValueError) as err:
@@ -229,19 +225,19 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
         metadata = kwargs.pop("metadata", None)
         source = pretrained_model_name_or_path_or_dict
-        config, embedder, rows = {}, None, None
+        config, embedder, rows = None, None, None
         if isinstance(source, dict):
             name = "given as a state dict"
         else:
             name = str(source)
             folder = _adapter_folder(name, **kwargs)
             if folder is not None:
-                config, source = _read_adapter_config(folder), str(folder)
-                weight_name = weight_name or config.get("lora_weights")
-                if config.get("class_embedder"):
-                    embedder = ClassEmbedder.from_pretrained(folder / config["class_embedder"])
-                if config.get("class_rows"):
-                    rows = DiTClassRows.from_pretrained(folder / config["class_rows"])
+                config, source = DPLoRAConfig.from_pretrained(folder), str(folder)
+                weight_name = weight_name or config.lora_weights
+                if config.class_embedder:
+                    embedder = ClassEmbedder.from_pretrained(folder / config.class_embedder)
+                if config.class_rows:
+                    rows = DiTClassRows.from_pretrained(folder / config.class_rows)
         state_dict, network_alphas, file_metadata = self.lora_state_dict(
             source, weight_name=weight_name, return_lora_metadata=True, **kwargs
         )
@@ -250,7 +246,7 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         # attention names with peft names, and `load_lora_adapter` (one format, guessed from the first key)
         # would silently skip the part in the other format.
         state_dict = convert_unet_state_dict_to_peft(state_dict)
-        id2label = {int(k): str(v) for k, v in config["id2label"].items()} if config.get("id2label") else None
+        id2label = config.id2label if config is not None else None
 
         problems = self._adapter_mismatches(state_dict, embedder, id2label, rows)
         base = str(self.name_or_path or f"this pipeline's {type(self.unet).__name__}")
