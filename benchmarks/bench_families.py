@@ -3,11 +3,14 @@
 
     python benchmarks/bench_families.py --out benchmarks/results/dp_step_families.json
 
-Models (random weights, LoRA rank 8 on the attention projections, 64 examples a step):
+Models (random weights, LoRA rank 8 on the attention projections, 64 examples a step by default):
 * ``dit``: a small ``DiTTransformer2DModel`` (hidden 128 = 4 heads x 32, 4 blocks, patch 2, 1,000 classes, learned
-  sigma) on 4x16x16 latents (64 tokens);
+  sigma) on 4x16x16 latents (64 tokens); with ``--scale real`` the ``facebook/DiT-XL-2-256`` config (hidden 1152 =
+  16 heads x 72, 28 blocks) on 4x32x32 latents;
 * ``compvis``: a CompVis-style unconditional ``UNet2DModel`` (64, 128; attention at the second level and in the
-  middle block) on 3x8x8 latents.
+  middle block) on 3x8x8 latents; with ``--scale real`` the ``CompVis/ldm-celebahq-256`` UNet config (224, 448,
+  672, 896; attention at the three lower levels) on 3x64x64 latents. ``--scale real`` is for a GPU
+  (``benchmarks/gpu_check.sh``); no weights are downloaded.
 
 DP step = ``private_backward`` + the DP optimizer's step (clip, noise, accountant) + ``zero_grad``, in fused mode
 and in opacus' hooks mode; non-private step = the same LoRA with plain AdamW. All variants of a family run
@@ -24,8 +27,9 @@ import torch
 TARGET = 1.10  # DP / non-private time, fused
 
 
-def build(family: str, rank: int, seed: int):
-    """(LatentDenoiser with LoRA on attention, latent shape, noise scheduler) of a small base of ``family``."""
+def build(family: str, rank: int, seed: int, scale: str = "tiny"):
+    """(LatentDenoiser with LoRA on attention, latent shape, noise scheduler) of a base of ``family``: small, or
+    at the public checkpoint's configuration (``scale="real"``)."""
     from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
     from dp_diffusers import LatentDenoiser
@@ -33,18 +37,26 @@ def build(family: str, rank: int, seed: int):
     from dp_diffusers.lora import add_lora, make_lora_config
 
     torch.manual_seed(seed)
+    real = scale == "real"
     if family == "dit":
+        heads, head_dim, layers, size = (16, 72, 28, 32) if real else (4, 32, 4, 16)
         backbone = DiTTransformer2DModel(
-            num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4, sample_size=16,
-            patch_size=2, num_embeds_ada_norm=1000,
+            num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=layers,
+            sample_size=size, patch_size=2, num_embeds_ada_norm=1000,
         )  # fmt: skip
-        shape, presets = (4, 16, 16), FAMILIES["DiTPipeline"].lora_target_presets
+        shape, presets = (4, size, size), FAMILIES["DiTPipeline"].lora_target_presets
     else:
-        backbone = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(64, 128),
-                               down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                               up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32,
-                               layers_per_block=1)  # fmt: skip
-        shape, presets = (3, 8, 8), FAMILIES["LDMPipeline"].lora_target_presets
+        if real:
+            channels, size, per_block = (224, 448, 672, 896), 64, 2
+            down = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+            up = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+        else:
+            channels, size, per_block = (64, 128), 8, 1
+            down, up = ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")
+        backbone = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=channels,
+                               down_block_types=down, up_block_types=up, attention_head_dim=32,
+                               layers_per_block=per_block)  # fmt: skip
+        shape, presets = (3, size, size), FAMILIES["LDMPipeline"].lora_target_presets
     add_lora(backbone, make_lora_config(rank, targets="attention", presets=presets))
     with torch.no_grad():  # lora_B starts at 0; give it weights so every path carries gradient
         for name, param in backbone.named_parameters():
@@ -58,6 +70,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bc.add_common_args(parser)
     parser.add_argument("--families", default="dit,compvis")
+    parser.add_argument("--scale", default="tiny", choices=["tiny", "real"], help="real: the Hub checkpoints' configs.")
     parser.add_argument("--modes", default="fused,hooks")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
@@ -68,16 +81,18 @@ def main(argv=None) -> None:
 
     rows, results = [], {}
     for family in args.families.split(","):
-        model, shape, scheduler = build(family, args.rank, args.seed)
+        model, shape, scheduler = build(family, args.rank, args.seed, args.scale)
         common = dict(batch_size=args.batch_size, device=args.device, latent_shape=shape, scheduler=scheduler)
         _, np_step = bc.make_steps(model, grad_sample_mode=None, **common)
         steps = {"non-private": np_step}
         for mode in args.modes.split(","):
-            dp_model, _, _ = build(family, args.rank, args.seed)
+            dp_model, _, _ = build(family, args.rank, args.seed, args.scale)
             steps[mode], _ = bc.make_steps(dp_model, grad_sample_mode=mode, make_nonprivate=False, **common)
         times = bc.interleaved(steps, args.reps, args.warmup, args.device, args.seed)
         trainable = sum(p.numel() for p in bc.trainable(model))
-        results[family] = {"trainable": trainable, "ms": {k: 1000 * bc.median(v) for k, v in times.items()}}
+        ms = {k: 1000 * bc.median(v) for k, v in times.items()}
+        results[family] = {"trainable": trainable, "ms": ms, "images_per_s": {k: args.batch_size / (v / 1000)
+                                                                              for k, v in ms.items()}}  # fmt: skip
         for mode in args.modes.split(","):
             ratio = bc.median_ratio(times[mode], times["non-private"])
             low, high = bc.spread(times[mode], times["non-private"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -177,24 +177,14 @@ def image_transform(resolution: int, num_channels: int, center_crop: bool = True
     return transforms.Compose(steps)
 
 
-def dataset_to_tensors(
-    dataset: Dataset,
-    resolution: int,
-    num_channels: int,
-    image_column: str = "image",
-    label_column: str | None = "label",
-    class_names: Sequence[str] | Mapping[str, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode and transform every image: (N, C, H, W) in [-1, 1] and labels (N,) or ``None``.
-
-    Every file is decoded here, before anything is trained or written, so an unreadable image
-    fails the run up front with its index. With ``class_names``, labels are mapped by *name* onto
-    that list (e.g. the base model's classes), or through that name -> id mapping (a DiT base's
-    synonyms); a name missing from it raises ``DataError``.
-    """
+def _pixel_batches(
+    dataset: Dataset, resolution: int, num_channels: int, image_column: str, batch_size: int
+) -> Iterator[torch.Tensor]:
+    """Decoded, transformed images in [-1, 1], ``batch_size`` at a time, in data set order. An unreadable image
+    raises ``DataError`` with its index."""
     transform = image_transform(resolution, num_channels)
-    images = []
     column = dataset.with_format(None)
+    batch = []
     for i in range(len(dataset)):
         try:
             img = column[i][image_column]
@@ -202,10 +192,20 @@ def dataset_to_tensors(
             raise DataError(f"Image {i} of the data set cannot be read: {err}") from err
         if not isinstance(img, PILImage.Image):
             raise DataError(f"Column {image_column!r} does not hold images (row {i} is {type(img).__name__}).")
-        images.append(transform(img))
-    pixels = torch.stack(images)
+        batch.append(transform(img))
+        if len(batch) == batch_size or i == len(dataset) - 1:
+            yield torch.stack(batch)
+            batch = []
+
+
+def dataset_labels(
+    dataset: Dataset, label_column: str | None, class_names: Sequence[str] | Mapping[str, int] | None = None
+) -> torch.Tensor | None:
+    """Class ids (N,) of ``label_column`` (``None`` without one). With ``class_names``, labels are mapped by
+    *name* onto that list (e.g. the base model's classes), or through that name -> id mapping (a DiT base's
+    synonyms); a name missing from it raises ``DataError``."""
     if label_column is None:
-        return pixels, None
+        return None
     names = label_names(dataset, label_column)
     feature = dataset.features[label_column]
     raw = dataset[label_column]
@@ -218,7 +218,23 @@ def dataset_to_tensors(
     if unknown:
         shown = list(lookup) if len(lookup) <= 20 else [*list(lookup)[:20], "..."]
         raise DataError(f"Labels {unknown} are not among the model's classes {shown}.")
-    return pixels, torch.tensor([lookup[n] for n in as_names], dtype=torch.long)
+    return torch.tensor([lookup[n] for n in as_names], dtype=torch.long)
+
+
+def dataset_to_tensors(
+    dataset: Dataset,
+    resolution: int,
+    num_channels: int,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    class_names: Sequence[str] | Mapping[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode and transform every image: (N, C, H, W) in [-1, 1] and labels (N,) or ``None``
+    (:func:`dataset_labels`). Holds every image's pixels at once: for the public sets and evaluation splits; the
+    private training set is encoded batch by batch (:func:`dataset_latents`). An unreadable image fails with its
+    index before anything is trained or written."""
+    pixels = torch.cat(list(_pixel_batches(dataset, resolution, num_channels, image_column, batch_size=256)))
+    return pixels, dataset_labels(dataset, label_column, class_names)
 
 
 def make_canaries(
@@ -306,31 +322,57 @@ def latent_scaling_factor(vae, pixels: torch.Tensor, batch_size: int = 256, seed
     return 1.0 / std
 
 
-def _fingerprint(pixels: torch.Tensor, vae) -> str:
+def _dataset_key(dataset: Dataset, resolution: int, image_column: str, vae) -> str:
+    """Cache key of a data set's latents: the data set's content fingerprint (``datasets``' own), its size, the
+    transform and the autoencoder's identity (config and weights)."""
     digest = hashlib.sha256()
-    digest.update(pixels.numpy().tobytes())
+    digest.update(json.dumps([dataset._fingerprint, len(dataset), resolution, image_column]).encode())
     digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     for tensor in vae.state_dict().values():
         digest.update(tensor.detach().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def cached_latents(vae, pixels: torch.Tensor, cache_dir: str | None, batch_size: int = 256) -> torch.Tensor:
-    """``encode_latents`` with an on-disk cache keyed by the pixels and the autoencoder's weights.
+@torch.no_grad()
+def dataset_latents(
+    dataset: Dataset,
+    vae,
+    resolution: int,
+    image_column: str = "image",
+    cache_dir: str | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Scaled latents (N, c, h, w) of every image, encoded by the frozen public autoencoder in streamed batches:
+    only ``batch_size`` images' pixels exist at a time, never the whole set's.
 
-    The cache holds private data in encoded form: keep ``cache_dir`` with the private data, never in
-    an uploaded folder (the Hub upload excludes it).
+    With ``cache_dir`` the latents are a memory-mapped ``latents-<key>.npy`` there (read back lazily, so a large
+    set does not sit in memory either), keyed by the data set's content, the transform and the autoencoder's
+    weights; written under a temporary name and renamed, so a crash never leaves a partial cache. The cache holds
+    private data in encoded form: keep it with the private data (the Hub upload excludes it). Encoding is a
+    deterministic per-example pre-processing by a public model: no privacy cost.
     """
-    if cache_dir is None:
-        return encode_latents(vae, pixels, batch_size)
-    path = Path(cache_dir) / f"latents-{_fingerprint(pixels, vae)}.pt"
-    if path.exists():
-        return torch.load(path)
-    latents = encode_latents(vae, pixels, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one temporary file per process: ranks of a multi-process run write the same cache at once,
-    # each replaces the target atomically with identical content
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(latents, tmp)
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"latents-{_dataset_key(dataset, resolution, image_column, vae)}.npy"
+    if path is not None and path.exists():
+        return torch.from_numpy(np.load(path, mmap_mode="c"))
+    num_channels = vae.config.in_channels
+    out, tmp, start = None, None, 0
+    for pixels in _pixel_batches(dataset, resolution, num_channels, image_column, batch_size):
+        latents = encode_latents(vae, pixels, batch_size).numpy()
+        if out is None:
+            shape = (len(dataset), *latents.shape[1:])
+            if path is None:
+                out = np.empty(shape, dtype=np.float32)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # one per process: ranks may encode at once
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        out[start : start + len(latents)] = latents
+        start += len(latents)
+    if path is None:
+        return torch.from_numpy(out)
+    out.flush()
+    del out
     os.replace(tmp, path)
-    return latents
+    return torch.from_numpy(np.load(path, mmap_mode="c"))

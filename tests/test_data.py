@@ -8,8 +8,8 @@ from PIL import Image
 
 from dp_diffusers.data import (
     DataError,
-    cached_latents,
     check_resolution,
+    dataset_latents,
     dataset_to_tensors,
     encode_latents,
     label_names,
@@ -121,32 +121,67 @@ def test_resolution_must_divide_by_vae_factor():
         check_resolution(15, vae)
 
 
-def test_latents_are_encoded_once_and_cached(tmp_path):
+def test_latents_are_streamed_in_batches_equal_the_whole_set_encoding_and_are_cached(tmp_path, monkeypatch):
+    import numpy as np
+
+    from dp_diffusers import data as data_module
+
     vae = tiny_vae().eval()
-    pixels, _ = dataset_to_tensors(load_private_digits("test").select(range(10)), 16, 1)
+    dataset = load_private_digits("test").select(range(10))
+    pixels, _ = dataset_to_tensors(dataset, 16, 1)
     latents = encode_latents(vae, pixels)
     assert latents.shape == (10, 3, 8, 8)
-    cached = cached_latents(vae, pixels, str(tmp_path))
-    assert torch.allclose(cached, latents)
-    files = list(tmp_path.glob("latents-*.pt"))
-    assert len(files) == 1
-    torch.save(torch.zeros_like(latents), files[0])  # a second call must read the cache, not re-encode
-    assert torch.equal(cached_latents(vae, pixels, str(tmp_path)), torch.zeros_like(latents))
+    seen = []  # the pixels that ever exist at once
+    real = data_module._pixel_batches
+
+    def counted(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            seen.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(data_module, "_pixel_batches", counted)
+    streamed = dataset_latents(dataset, vae, 16, batch_size=4)
+    assert seen == [4, 4, 2]  # never more than one batch of pixels
+    torch.testing.assert_close(streamed, latents)
+    cached = dataset_latents(dataset, vae, 16, cache_dir=str(tmp_path), batch_size=4)
+    torch.testing.assert_close(cached, latents)
+    files = list(tmp_path.glob("latents-*.npy"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp*"))
+    np.save(files[0], np.zeros(latents.shape, dtype=np.float32))  # a second call must read the cache, not re-encode
+    assert torch.equal(dataset_latents(dataset, vae, 16, cache_dir=str(tmp_path)), torch.zeros_like(latents))
+    other = tiny_vae().eval()
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(0.1)  # another autoencoder: another key, encoded anew
+    torch.testing.assert_close(dataset_latents(dataset, other, 16, cache_dir=str(tmp_path)),
+                               encode_latents(other, pixels))  # fmt: skip
+    assert len(list(tmp_path.glob("latents-*.npy"))) == 2
 
 
 def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
     """Two ranks writing the same cache: each uses its own temporary file, the result is complete."""
     import os
 
+    import numpy as np
+
     vae = tiny_vae().eval()
-    pixels, _ = dataset_to_tensors(load_private_digits("test").select(range(4)), 16, 1)
+    dataset = load_private_digits("test").select(range(4))
     written = []
-    real_save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(str(f)), real_save(obj, f)))
+    real_open = np.lib.format.open_memmap
+    monkeypatch.setattr(np.lib.format, "open_memmap", lambda f, **k: (written.append(str(f)), real_open(f, **k))[1])
     for pid in (1001, 1002):  # what two processes would do
         monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
-        cached_latents(vae, pixels, str(tmp_path))
-        for done in tmp_path.glob("latents-*.pt"):  # so that the next "process" writes too
+        dataset_latents(dataset, vae, 16, cache_dir=str(tmp_path))
+        for done in tmp_path.glob("latents-*.npy"):  # so that the next "process" writes too
             done.unlink()
-    assert len(set(written)) == 2 and all(name.endswith(".tmp") for name in written)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert len(set(written)) == 2 and all(".tmp" in name for name in written)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_an_unreadable_image_fails_streamed_encoding_with_its_index(tmp_path):
+    folder = tmp_path / "data" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="Image 3 of the data set cannot be read"):
+        dataset_latents(load_image_dataset(train_data_dir=str(tmp_path / "data")), tiny_vae().eval(), 16)

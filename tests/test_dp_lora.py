@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import base_args, digit_folder, script, train
 
 from dp_diffusers.data import DataError
@@ -71,7 +72,6 @@ def test_resumed_run_reports_the_same_epsilon_and_steps(tiny_base, tmp_path, mon
 
 
 def test_ema_saves_the_average_of_the_iterates_and_resume_continues_it(tiny_base, tmp_path, monkeypatch):
-    import torch
     from diffusers.training_utils import EMAModel
 
     module = script("train_dp_lora")
@@ -246,3 +246,22 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
     assert not (tmp_path / "typo").exists()
     with pytest.raises(SystemExit):  # evaluation needs a data set with a held-out split
         train(base_args(tiny_base, out, **{"--evaluate": True, "--dataset_name": None, "--train_data_dir": tmp_path}))
+
+
+def test_bf16_base_with_gradient_checkpointing_trains_through_the_script(tiny_base, tmp_path):
+    out = tmp_path / "bf16"
+    train(base_args(tiny_base, out, **{"--mixed_precision": "bf16", "--gradient_checkpointing": True,
+                                        "--max_train_steps": 2, "--train_class_embedding": True}))  # fmt: skip
+    report = json.loads((out / "dp_report.json").read_text())
+    assert report["mixed_precision"] == "bf16" and report["gradient_checkpointing"] is True and report["steps"] == 2
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float32 for t in load_file(out / "pytorch_lora_weights.safetensors").values())
+    from dp_diffusers import DPLDMPipeline
+
+    pipe = DPLDMPipeline.from_pretrained(out)
+    assert pipe(class_labels=[3], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 1)
+    with pytest.raises(SystemExit):  # opacus' hooks would record the recomputed forward a second time
+        train(base_args(tiny_base, tmp_path / "hooks", **{"--gradient_checkpointing": True,
+                                                           "--grad_sample_mode": "hooks"}))  # fmt: skip
+    assert not (tmp_path / "hooks").exists()

@@ -25,7 +25,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, cast_training_params
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
@@ -41,9 +41,10 @@ from dp_diffusers.constants import (
 )
 from dp_diffusers.data import (
     DataError,
-    cached_latents,
     check_resolution,
-    dataset_to_tensors,
+    dataset_labels,
+    dataset_latents,
+    encode_latents,
     label_names,
     make_canaries,
     resolve_columns,
@@ -165,6 +166,18 @@ def parse_args(argv=None):
         help="Save an exponential moving average of the trained weights (diffusers' EMAModel, its warm-up "
         "included) instead of the last iterate. Averaging released iterates is post-processing: no privacy cost.",
     )
+    train.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="no",
+        choices=["no", "fp16", "bf16"],
+        help="The frozen base in half precision; LoRA weights, class rows and per-sample gradients stay fp32.",
+    )
+    train.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute the base's activations in the backward (less memory; grad_sample_mode fused only).",
+    )
     train.add_argument("--epsilon_log_steps", type=int, default=25, help="Record epsilon every N steps.")
     train.add_argument("--samples_per_class", type=int, default=8, help="samples.png rows; 0 to skip.")
     train.add_argument("--num_inference_steps", type=int, default=50)
@@ -204,6 +217,11 @@ def parse_args(argv=None):
             parser.error(str(error))
     if args.evaluate and args.dataset_name is None:
         parser.error("--evaluate needs --dataset_name: a data set with a held-out 'test' split to evaluate against.")
+    if args.gradient_checkpointing and args.grad_sample_mode != "fused" and not args.disable_dp:
+        parser.error(
+            "--gradient_checkpointing needs --grad_sample_mode fused: opacus' hooks record each forward's "
+            "activations, and the recomputation in the backward would be recorded again."
+        )
     if args.disable_dp and args.resume_from_checkpoint:
         parser.error("--disable_dp runs are not checkpointed; --resume_from_checkpoint is for DP runs.")
     return args
@@ -259,7 +277,7 @@ def extend_class_embedder(embedder: ClassEmbedder, extra: int) -> ClassEmbedder:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args)  # --mixed_precision casts the frozen base's weights (below): no autocast
     set_seed(args.seed, device_specific=True)
     world_size = accelerator.num_processes
 
@@ -272,18 +290,16 @@ def main(argv=None):
     dataset = load_training_dataset(args)
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
     names, id2label, class_ids = prepare_labels(args, dataset, pipe, label_column)
-    pixels, labels = dataset_to_tensors(
-        dataset, resolution, vae.config.in_channels, image_column, label_column if names else None, class_ids
-    )
+    labels = dataset_labels(dataset, label_column if names else None, class_ids)
+    canaries = None
     if args.num_canaries:
         # Audit canaries are training examples like any other: counted in n, Poisson-sampled, clipped, noised.
         num_classes = max(id2label) + 1 if id2label else 1
         canaries, canary_labels, _, _ = make_canaries(
-            args.num_canaries, pixels.shape[1], resolution, num_classes, args.seed
+            args.num_canaries, vae.config.in_channels, resolution, num_classes, args.seed
         )
-        pixels = torch.cat([pixels, canaries])
         labels = None if labels is None else torch.cat([labels, canary_labels])
-    n = len(pixels)
+    n = len(dataset) + args.num_canaries
     if n < args.batch_size:
         raise DataError(
             f"The private data set has {n} examples, fewer than one batch (--batch_size {args.batch_size})."
@@ -323,7 +339,16 @@ def main(argv=None):
         class_embedder.requires_grad_(args.train_class_embedding)
     if class_rows is not None:
         class_rows.requires_grad_(True)  # new DiT classes (only made with --train_class_embedding)
-    model = LatentDenoiser(unet, class_embedder, class_rows).to(accelerator.device)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    for frozen in (unet, class_embedder):
+        if frozen is not None:
+            frozen.to(dtype=weight_dtype)
+    trained = [m for m in (unet, class_embedder, class_rows) if m is not None]
+    cast_training_params(trained, dtype=torch.float32)  # diffusers' own: trainable parameters back in fp32
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    input_dtype = weight_dtype if weight_dtype != torch.float32 else None
+    model = LatentDenoiser(unet, class_embedder, class_rows, input_dtype=input_dtype).to(accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_parameters = sum(p.numel() for p in trainable)
     logger.info(f"LoRA on {len(adapted_modules)} modules: {adapted_modules}")
@@ -333,7 +358,11 @@ def main(argv=None):
             f"k={args.noise_multiplicity}, {budget.max_steps} steps, {trainable_parameters} trainable parameters"
         )
 
-    latents = cached_latents(vae, pixels, args.cache_dir)  # public frozen encoder: no privacy cost
+    # The public frozen autoencoder encodes the private images in streamed batches (no privacy cost); an unreadable
+    # image fails here, with its index, before anything is trained or written.
+    latents = dataset_latents(dataset, vae, resolution, image_column, args.cache_dir)
+    if canaries is not None:
+        latents = torch.cat([latents, encode_latents(vae, canaries)])
     if labels is None:
         labels = torch.zeros(n, dtype=torch.long)
     frozen_checksum = _frozen_checksum(model)
@@ -441,6 +470,8 @@ def main(argv=None):
                 "grad_sample_mode": args.grad_sample_mode,
                 "ema_decay": args.ema_decay,
                 "num_canaries": args.num_canaries or None,
+                "mixed_precision": args.mixed_precision,
+                "gradient_checkpointing": args.gradient_checkpointing,
             },
         )
         logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")

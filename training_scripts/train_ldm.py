@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from dp_diffusers import ClassEmbedder, DiffusionLoss, DPLDMPipeline, LatentDenoiser
 from dp_diffusers.data import (
-    cached_latents,
     check_resolution,
-    dataset_to_tensors,
+    dataset_labels,
+    dataset_latents,
     label_names,
     resolve_columns,
 )
@@ -84,8 +84,8 @@ def main(argv=None):
     dataset = load_training_dataset(args)
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
     names = label_names(dataset, label_column)
-    pixels, labels = dataset_to_tensors(dataset, resolution, vae.config.in_channels, image_column, label_column)
-    latents = cached_latents(vae, pixels, args.cache_dir)
+    labels = dataset_labels(dataset, label_column)
+    latents = dataset_latents(dataset, vae, resolution, image_column, args.cache_dir)
     logger.info(f"{len(latents)} latents of shape {tuple(latents.shape[1:])}, classes: {names}")
 
     latent_size = latents.shape[-1]

@@ -32,13 +32,22 @@ class LatentDenoiser(nn.Module):
     (DiT's learned sigma, ``out_channels = 2 * in_channels``) has that half cut off, as ``DiTPipeline`` does.
     DiT's own label dropout (its ``LabelEmbedding`` drops labels at random in training mode) stays off, also
     after ``train()``: label dropout is ``DiffusionLoss``'s, the same for every family.
+
+    Mixed precision (``--mixed_precision bf16|fp16``): the frozen backbone's weights in half precision, the
+    trainable ones in fp32; ``input_dtype`` (the backbone's weight dtype) is what the latents and the class
+    context are cast to on the way in. The prediction comes back in that dtype; the loss is taken in fp32.
     """
 
     def __init__(
-        self, unet: nn.Module, class_embedder: ClassEmbedder | None = None, class_rows: DiTClassRows | None = None
+        self,
+        unet: nn.Module,
+        class_embedder: ClassEmbedder | None = None,
+        class_rows: DiTClassRows | None = None,
+        input_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.unet = unet
+        self.input_dtype = input_dtype
         self.class_embedder = class_embedder
         self.class_rows = class_rows
         if class_rows is not None:
@@ -77,14 +86,16 @@ class LatentDenoiser(nn.Module):
     def conditioning(self, class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The backbone keyword arguments that carry ``class_labels`` (computed once per sampling call)."""
         if self.class_embedder is not None:
-            return {"encoder_hidden_states": self.class_embedder(class_labels)}
+            context = self.class_embedder(class_labels)
+            return {"encoder_hidden_states": context if self.input_dtype is None else context.to(self.input_dtype)}
         if self.num_classes is not None:
             return {"class_labels": class_labels}
         return {}
 
     def denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
         """The backbone's prediction for ``conditioning`` (from :meth:`conditioning`), variance half cut off."""
-        prediction = self.unet(noisy_latents, timesteps, **conditioning).sample
+        inputs = noisy_latents if self.input_dtype is None else noisy_latents.to(self.input_dtype)
+        prediction = self.unet(inputs, timesteps, **conditioning).sample
         channels = noisy_latents.shape[1]
         return prediction[:, :channels] if prediction.shape[1] == 2 * channels else prediction
 

@@ -506,7 +506,7 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         else:
             labels = None
             n = (batch_size or 1) * num_images_per_prompt
-        denoiser = LatentDenoiser(self.unet, self.class_embedder, self.class_rows)
+        denoiser = LatentDenoiser(self.unet, self.class_embedder, self.class_rows, input_dtype=self.unet.dtype)
         # CFG needs a null class (a ClassEmbedder's, DiT's); other bases sample without guidance.
         null_class = denoiser.null_class_id
         use_cfg = guidance_scale > 1.0 and labels is not None and null_class is not None
