@@ -167,7 +167,12 @@ def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
     dataset = load_private_digits("test").select(range(4))
     written = []
     real_open = np.lib.format.open_memmap
-    monkeypatch.setattr(np.lib.format, "open_memmap", lambda f, **k: (written.append(str(f)), real_open(f, **k))[1])
+    def recording_open(f, **kwargs):
+        if kwargs.get("mode") == "w+":  # a writer's (reading the finished cache back opens it too)
+            written.append(str(f))
+        return real_open(f, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", recording_open)
     for pid in (1001, 1002):  # what two processes would do
         monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
         dataset_latents(dataset, vae, 16, cache_dir=str(tmp_path))
