@@ -25,7 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dp_diffusers.constants import DP_REPORT_NAME, LORA_WEIGHT_NAME, METRICS_NAME
+from dp_diffusers.constants import LORA_WEIGHT_NAME, METRICS_NAME
+from dp_diffusers.hub import load_dp_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +55,7 @@ def evaluate(out: Path, samples_per_class: int, reference: Path | None, args) ->
         num_inference_steps=args.eval_inference_steps,
         audit_reference=reference,
     )
-    report_path = out / DP_REPORT_NAME
-    return metrics, json.loads(report_path.read_text()) if report_path.is_file() else None
+    return metrics, load_dp_report(out)
 
 
 def main(argv=None):

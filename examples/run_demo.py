@@ -18,7 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from dp_diffusers.constants import CARD_NAME, DP_REPORT_NAME, METRICS_NAME, SAMPLES_NAME
+from dp_diffusers.constants import CARD_NAME, METRICS_NAME, SAMPLES_NAME
+from dp_diffusers.hub import load_dp_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,7 @@ def main(argv=None):
     if (adapter / METRICS_NAME).is_file():
         metrics = json.loads((adapter / METRICS_NAME).read_text())
         print(json.dumps({name: metric["value"] for name, metric in metrics.items()}, indent=2))
-    report = json.loads((adapter / DP_REPORT_NAME).read_text())
+    report = load_dp_report(adapter)
     print(
         f"\nDone in {time.time() - start:.0f} s ({', '.join(f'{k}: {v:.0f} s' for k, v in timings.items())}). "
         f"(epsilon={report['epsilon']:.2f}, delta={report['delta']:g}) "

@@ -63,3 +63,21 @@ def test_the_adapter_config_is_one_type_and_earlier_folders_still_load(tmp_path)
     (tmp_path / "dp_lora_config.json").write_text(json.dumps({"lora_weights": "x"}))
     with pytest.raises(ValueError, match="names no base_model"):
         DPLoRAConfig.from_pretrained(tmp_path)
+
+
+def test_the_dp_report_is_one_type_with_the_contract_s_flat_keys(tmp_path):
+    from dp_diffusers.privacy import DPReport, PrivacyBudget, build_dp_report
+
+    budget = PrivacyBudget("prv", 1.0, 0.1, 1e-5, planned_steps=10)
+    budget.accountant.history = [(1.0, 0.1, 3)]
+    report = build_dp_report(budget, max_grad_norm=1e-3, noise_multiplicity=2, dataset_size=200, batch_size=20,
+                             world_size=1, trainable_parameters=10, lora_rank=2, lora_alpha=2.0,
+                             adapted_modules=["to_q"], base_model="me/base", ema_decay=0.9)  # fmt: skip
+    assert report.steps == 3 and report.epochs == pytest.approx(0.3) and report.ema_decay == 0.9
+    report.save_pretrained(tmp_path)
+    assert DPReport.from_pretrained(tmp_path) == report
+    assert json.loads((tmp_path / "dp_report.json").read_text())["other_releases"] == []  # DP-SGD is the only one
+    with pytest.raises(TypeError):  # an unknown setting is not silently written
+        build_dp_report(budget, max_grad_norm=1.0, noise_multiplicity=1, dataset_size=1, batch_size=1, world_size=1,
+                        trainable_parameters=1, lora_rank=1, lora_alpha=1.0, adapted_modules=[], base_model="b",
+                        sigma_was_tuned=True)  # fmt: skip

@@ -57,6 +57,7 @@ from dp_diffusers.pipelines.pipeline_dp_ldm import scheduler_class
 from dp_diffusers.privacy import (
     ACCOUNTANTS,
     GRAD_SAMPLE_MODES,
+    DPReport,
     PrivacyBudget,
     PrivateTrainingState,
     build_dp_report,
@@ -64,7 +65,6 @@ from dp_diffusers.privacy import (
     check_delta,
     make_private,
     private_backward,
-    write_dp_report,
 )
 from dp_diffusers.training_utils import (
     add_data_args,
@@ -465,14 +465,12 @@ def main(argv=None):
             lora_alpha=lora_config.lora_alpha,
             adapted_modules=adapted_modules,
             base_model=args.pretrained_model_name_or_path,
-            extra={
-                "trained_class_embedding": args.train_class_embedding,
-                "grad_sample_mode": args.grad_sample_mode,
-                "ema_decay": args.ema_decay,
-                "num_canaries": args.num_canaries or None,
-                "mixed_precision": args.mixed_precision,
-                "gradient_checkpointing": args.gradient_checkpointing,
-            },
+            trained_class_embedding=args.train_class_embedding,
+            grad_sample_mode=args.grad_sample_mode,
+            ema_decay=args.ema_decay,
+            num_canaries=args.num_canaries or None,
+            mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
         logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
         save_outputs(args, pipe, unet, class_embedder, names, id2label, report)
@@ -515,7 +513,7 @@ def make_ema(args, accelerator, trainable) -> EMAModel | None:
     return ema
 
 
-def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: dict | None) -> None:
+def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: DPReport | None) -> None:
     """Adapter, its config, the class embedding or DiT class rows if trained, ``dp_report.json`` (DP runs only),
     samples, then
     ``--evaluate``'s metrics.json, the model card and ``--push_to_hub``. Main process only."""
@@ -542,7 +540,7 @@ def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: dict
             shutil.rmtree(out / folder)  # a stale one would be loaded with this adapter
     adapter_config.save_pretrained(out)
     if report is not None:
-        write_dp_report(report, out)
+        report.save_pretrained(out)
     elif (out / DP_REPORT_NAME).exists():
         (out / DP_REPORT_NAME).unlink()  # a stale report must not lend this run a guarantee
     logger.info(f"Adapter in {out}")

@@ -35,11 +35,12 @@ from .noise_multiplicity import (
     average_over_copies,
     expand_for_noise_multiplicity,
 )
-from .report import DP_REPORT_NAME, build_dp_report, write_dp_report
+from .report import DP_REPORT_NAME, DPReport, build_dp_report
 
 __all__ = [
     "ACCOUNTANTS",
     "DP_REPORT_NAME",
+    "DPReport",
     "DPOptimizerWithNoiseMultiplicity",
     "DPTraining",
     "DistributedDPOptimizerWithNoiseMultiplicity",
@@ -65,5 +66,4 @@ __all__ = [
     "secret_generator",
     "suggest_max_grad_norm",
     "train_trainable_layers",
-    "write_dp_report",
 ]

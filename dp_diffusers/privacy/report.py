@@ -1,10 +1,16 @@
-"""``dp_report.json``: the privacy guarantee of an adapter, as flat machine-readable keys."""
+"""``dp_report.json``: the privacy guarantee of an adapter, as flat machine-readable keys.
+
+``DPReport`` is the one definition of the file (a dataclass with field metadata, save / load); the training
+script writes it, the model card and the Space read it (``dp_diffusers.hub.load_dp_report``, which also reads
+reports of earlier versions that lack the newer fields).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +18,69 @@ from .. import __version__  # importlib.metadata; the package root loads nothing
 from ..constants import DP_REPORT_NAME
 from .accounting import PrivacyBudget
 
-__all__ = ["DP_REPORT_NAME", "build_dp_report", "write_dp_report"]
+__all__ = ["DP_REPORT_NAME", "DPReport", "build_dp_report"]
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class DPReport:
+    """The (epsilon, delta) guarantee of one DP-LoRA run and every parameter it rests on."""
+
+    accountant: str = field(metadata=_doc("opacus accountant that computed epsilon (prv or rdp)"))
+    epsilon: float = field(metadata=_doc("privacy loss bound for the steps actually taken"))
+    delta: float = field(metadata=_doc("probability that the epsilon bound may fail"))
+    target_epsilon: float | None = field(metadata=_doc("epsilon sigma was calibrated for; None when sigma was given"))
+    noise_multiplier: float = field(metadata=_doc("Gaussian noise std / max_grad_norm"))
+    max_grad_norm: float = field(metadata=_doc("per-example clipping norm C (sensitivity of one example)"))
+    sample_rate: float = field(metadata=_doc("Poisson sampling probability q of each example per step"))
+    steps: int = field(metadata=_doc("noisy steps taken, all in the accountant"))
+    epochs: float = field(metadata=_doc("steps * sample_rate: expected passes over the data"))
+    noise_multiplicity: int = field(metadata=_doc("diffusion draws per example, averaged before the one clip"))
+    dataset_size: int = field(metadata=_doc("private examples N (audit canaries included)"))
+    batch_size: int = field(metadata=_doc("expected logical batch q * N over all processes"))
+    world_size: int = field(metadata=_doc("training processes"))
+    trainable_parameters: int = field(metadata=_doc("parameters trained under DP (LoRA, class embedding or rows)"))
+    lora_rank: int = field(metadata=_doc("LoRA rank"))
+    lora_alpha: float = field(metadata=_doc("LoRA alpha"))
+    adapted_modules: list[str] = field(metadata=_doc("modules with LoRA adapters"))
+    base_model: str = field(metadata=_doc("the public base (not protected)"))
+    epsilon_history: list[list[float]] = field(metadata=_doc("[step, epsilon] pairs along the run"))
+    dp_diffusers_version: str = field(default=__version__, metadata=_doc("version that wrote the report"))
+    trained_class_embedding: bool = field(default=False, metadata=_doc("--train_class_embedding"))
+    grad_sample_mode: str = field(default="fused", metadata=_doc("how per-example gradients were computed"))
+    ema_decay: float | None = field(default=None, metadata=_doc("average of the DP iterates (post-processing)"))
+    num_canaries: int | None = field(default=None, metadata=_doc("audit canaries trained on, counted in N"))
+    mixed_precision: str = field(default="no", metadata=_doc("precision of the frozen base"))
+    gradient_checkpointing: bool = field(default=False, metadata=_doc("activations recomputed in the backward"))
+    other_releases: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata=_doc("every other DP release of the run (mechanism, noise, its share of the budget); none so far"),
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``dp_report.json`` into ``folder`` (atomically: a crash never leaves half a report)."""
+        path = Path(folder) / DP_REPORT_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> DPReport:
+        """Read ``folder/dp_report.json`` (``ValueError`` naming missing or unknown fields)."""
+        path = Path(folder) / DP_REPORT_NAME
+        data = json.loads(path.read_text())
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is f.default_factory is MISSING]
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if missing or unknown:
+            raise ValueError(f"{path}: missing fields {missing}, unknown fields {unknown}.")
+        return cls(**data)
 
 
 def build_dp_report(
@@ -28,40 +96,30 @@ def build_dp_report(
     lora_alpha: float,
     adapted_modules: Sequence[str],
     base_model: str,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The report of the design contract. ``epsilon`` is the accountant's value for the steps
-    actually taken; ``epochs`` is steps * sample_rate (expected passes over the data)."""
-    epsilon = budget.record()
-    report = {
-        "accountant": budget.accountant_name,
-        "epsilon": epsilon,
-        "delta": budget.delta,
-        "target_epsilon": budget.target_epsilon,
-        "noise_multiplier": budget.noise_multiplier,
-        "max_grad_norm": max_grad_norm,
-        "sample_rate": budget.sample_rate,
-        "steps": budget.steps,
-        "epochs": budget.steps * budget.sample_rate,
-        "noise_multiplicity": noise_multiplicity,
-        "dataset_size": dataset_size,
-        "batch_size": batch_size,
-        "world_size": world_size,
-        "trainable_parameters": trainable_parameters,
-        "lora_rank": lora_rank,
-        "lora_alpha": lora_alpha,
-        "adapted_modules": list(adapted_modules),
-        "base_model": base_model,
-        "epsilon_history": budget.epsilon_history,
-        "dp_diffusers_version": __version__,
-    }
-    report.update(extra or {})
-    return report
-
-
-def write_dp_report(report: dict[str, Any], output_dir: str | Path) -> Path:
-    path = Path(output_dir) / DP_REPORT_NAME
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    **settings: Any,
+) -> DPReport:
+    """The report of the run ``budget`` accounted. ``epsilon`` is the accountant's value for the steps actually
+    taken; ``epochs`` is steps * sample_rate (expected passes over the data); ``settings`` are the optional fields
+    of :class:`DPReport` (an unknown one is a ``TypeError``)."""
+    return DPReport(
+        accountant=budget.accountant_name,
+        epsilon=budget.record(),
+        delta=budget.delta,
+        target_epsilon=budget.target_epsilon,
+        noise_multiplier=budget.noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        sample_rate=budget.sample_rate,
+        steps=budget.steps,
+        epochs=budget.steps * budget.sample_rate,
+        noise_multiplicity=noise_multiplicity,
+        dataset_size=dataset_size,
+        batch_size=batch_size,
+        world_size=world_size,
+        trainable_parameters=trainable_parameters,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        adapted_modules=list(adapted_modules),
+        base_model=base_model,
+        epsilon_history=list(budget.epsilon_history),
+        **settings,
+    )
