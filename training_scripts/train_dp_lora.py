@@ -340,11 +340,11 @@ def main(argv=None):
     if class_rows is not None:
         class_rows.requires_grad_(True)  # new DiT classes (only made with --train_class_embedding)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    for frozen in (unet, class_embedder):
-        if frozen is not None:
-            frozen.to(dtype=weight_dtype)
+    for module in (unet, class_embedder):  # the base (and its class embedding) in weight_dtype ...
+        if module is not None:
+            module.to(dtype=weight_dtype)
     trained = [m for m in (unet, class_embedder, class_rows) if m is not None]
-    cast_training_params(trained, dtype=torch.float32)  # diffusers' own: trainable parameters back in fp32
+    cast_training_params(trained, dtype=torch.float32)  # ... then diffusers' own: every trainable parameter in fp32
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     input_dtype = weight_dtype if weight_dtype != torch.float32 else None

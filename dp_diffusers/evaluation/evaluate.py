@@ -192,7 +192,8 @@ def evaluate_adapter(
         metrics["membership_auc"]["public_base_auc"] = metrics["membership_auc"].pop("calibration_auc")
     canaries = config.canaries if config is not None else None
     if canaries:  # the run also trained on canaries: inserted ones are members, never-trained twins non-members
-        label_range = max(int(k) for k in pipe.config.id2label) + 1  # as train_dp_lora.py drew the canaries' labels
+        # the range train_dp_lora.py drew the canaries' labels from (1 for an unconditional base)
+        label_range = max(int(k) for k in pipe.config.id2label) + 1 if pipe.config.id2label else 1
         inserted_x, inserted_y, heldout_x, heldout_y = make_canaries(
             canaries["num_canaries"], channels, canaries.get("resolution", resolution), label_range, canaries["seed"]
         )

@@ -149,7 +149,7 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
                 (a local folder, looked up as written, then relative to the adapter folder and the folders above
                 it; a Hub id otherwise) and the adapter is applied with [`load_lora_weights`]. Anything else is a
                 base of a supported family (`dp_diffusers.families`: this pipeline's own layout, diffusers'
-                `LDMPipeline`), loaded by that family's diffusers pipeline class.
+                `LDMPipeline` or `DiTPipeline`), loaded by that family's diffusers pipeline class.
             kwargs:
                 Passed to [`~DiffusionPipeline.from_pretrained`]. For an adapter, `revision` is the adapter repo's;
                 the base is loaded at the revision the adapter records.
