@@ -148,28 +148,36 @@ def make_steps(
     lr: float = 1e-4,
     latent_shape: tuple[int, int, int] | None = None,
     scheduler=None,
+    context_length: int = 77,
 ):
     """(dp_step, nonprivate_step) closures on the same batch. The non-private model is a deep copy
     taken *before* opacus touches the DP one: same weights, same trainable LoRA params, plain AdamW,
     ``loss.mean().backward()``. Either may be None (DP: when ``grad_sample_mode`` is None). The latents'
     shape and the noise schedule are the ``preset``'s, or ``latent_shape`` and ``scheduler`` (other base
-    families); labels 0..9, label dropout to the model's null class when it has one."""
+    families); labels 0..9, label dropout to the model's null class when it has one; a text model (Stable
+    Diffusion's UNet) gets random (``context_length``, cross_attention_dim) caption contexts and caption dropout."""
     from torch.utils.data import TensorDataset
 
     from dp_diffusers import DiffusionLoss
     from dp_diffusers.privacy import PrivacyBudget, make_private, private_backward
 
     null = model.null_class_id
+    text = model.conditioning_kind == "text"
+    context = (context_length, model.unet.config.cross_attention_dim) if text else None
     loss_fn = DiffusionLoss(
         scheduler or scheduler_for(preset),
-        use_labels=model.num_classes is not None,
+        use_labels=model.num_classes is not None or text,
         null_class=null,
-        label_dropout=0.1 if null is not None else 0.0,
+        label_dropout=0.1 if null is not None or text else 0.0,
+        null_context=torch.zeros(1, *context, device=device) if text else None,
     )
     shape = latent_shape or (preset.latent_channels, preset.latent_size, preset.latent_size)
     gen = torch.Generator().manual_seed(1234)
     latents = torch.randn(batch_size, *shape, generator=gen).to(device)
-    labels = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
+    if text:
+        labels = torch.randn(batch_size, *context, generator=gen).to(device)
+    else:
+        labels = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
 
     np_step = None
     if make_nonprivate:

@@ -7,10 +7,17 @@ Models (random weights, LoRA rank 8 on the attention projections, 64 examples a 
 * ``dit``: a small ``DiTTransformer2DModel`` (hidden 128 = 4 heads x 32, 4 blocks, patch 2, 1,000 classes, learned
   sigma) on 4x16x16 latents (64 tokens); with ``--scale real`` the ``facebook/DiT-XL-2-256`` config (hidden 1152 =
   16 heads x 72, 28 blocks) on 4x32x32 latents;
+* ``sd``: Stable Diffusion's ``UNet2DConditionModel`` layout (cross-attention at the first three levels) at
+  widths (32, 64, 64, 64), a 64-dim text context of 77 tokens, on 4x16x16 latents; with ``--scale real`` the
+  SD-1.5 UNet config (320, 640, 1280, 1280; 768-dim context) on 4x64x64 latents (512x512 images), LoRA on the
+  self- and cross-attention projections;
 * ``compvis``: a CompVis-style unconditional ``UNet2DModel`` (64, 128; attention at the second level and in the
   middle block) on 3x8x8 latents; with ``--scale real`` the ``CompVis/ldm-celebahq-256`` UNet config (224, 448,
   672, 896; attention at the three lower levels) on 3x64x64 latents. ``--scale real`` is for a GPU
   (``benchmarks/gpu_check.sh``); no weights are downloaded.
+
+``--mixed_precision bf16`` puts the frozen backbone in bf16 (LoRA weights and per-sample gradients in fp32, as
+train_dp_lora.py does); ``--gradient_checkpointing`` recomputes its activations in the backward (fused DP only).
 
 DP step = ``private_backward`` + the DP optimizer's step (clip, noise, accountant) + ``zero_grad``, in fused mode
 and in opacus' hooks mode; non-private step = the same LoRA with plain AdamW. All variants of a family run
@@ -27,10 +34,12 @@ import torch
 TARGET = 1.10  # DP / non-private time, fused
 
 
-def build(family: str, rank: int, seed: int, scale: str = "tiny"):
+def build(family: str, rank: int, seed: int, scale: str = "tiny", mixed_precision: str = "no",
+          gradient_checkpointing: bool = False):  # fmt: skip
     """(LatentDenoiser with LoRA on attention, latent shape, noise scheduler) of a base of ``family``: small, or
     at the public checkpoint's configuration (``scale="real"``)."""
-    from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+    from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+    from diffusers.training_utils import cast_training_params
 
     from dp_diffusers import LatentDenoiser
     from dp_diffusers.families import FAMILIES
@@ -45,6 +54,15 @@ def build(family: str, rank: int, seed: int, scale: str = "tiny"):
             sample_size=size, patch_size=2, num_embeds_ada_norm=1000,
         )  # fmt: skip
         shape, presets = (4, size, size), FAMILIES["DiTPipeline"].lora_target_presets
+    elif family == "sd":
+        channels, size, heads, context = ((320, 640, 1280, 1280), 64, 8, 768) if real else ((32, 64, 64, 64), 16, 2, 64)
+        backbone = UNet2DConditionModel(
+            sample_size=size, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=context,
+            attention_head_dim=heads, norm_num_groups=32 if real else 16,
+        )  # fmt: skip
+        shape, presets = (4, size, size), FAMILIES["StableDiffusionPipeline"].lora_target_presets
     else:
         if real:
             channels, size, per_block = (224, 448, 672, 896), 64, 2
@@ -62,14 +80,21 @@ def build(family: str, rank: int, seed: int, scale: str = "tiny"):
         for name, param in backbone.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    backbone.to(dtype=dtype)
+    cast_training_params(backbone, dtype=torch.float32)
+    if gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195)
-    return LatentDenoiser(backbone), shape, scheduler
+    return LatentDenoiser(backbone, input_dtype=dtype if dtype != torch.float32 else None), shape, scheduler
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bc.add_common_args(parser)
-    parser.add_argument("--families", default="dit,compvis")
+    parser.add_argument("--families", default="dit,compvis,sd")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Fused DP only (and non-private).")
     parser.add_argument("--scale", default="tiny", choices=["tiny", "real"], help="real: the Hub checkpoints' configs.")
     parser.add_argument("--modes", default="fused,hooks")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -81,12 +106,14 @@ def main(argv=None) -> None:
 
     rows, results = [], {}
     for family in args.families.split(","):
-        model, shape, scheduler = build(family, args.rank, args.seed, args.scale)
+        options = dict(scale=args.scale, mixed_precision=args.mixed_precision,
+                       gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+        model, shape, scheduler = build(family, args.rank, args.seed, **options)
         common = dict(batch_size=args.batch_size, device=args.device, latent_shape=shape, scheduler=scheduler)
         _, np_step = bc.make_steps(model, grad_sample_mode=None, **common)
         steps = {"non-private": np_step}
         for mode in args.modes.split(","):
-            dp_model, _, _ = build(family, args.rank, args.seed, args.scale)
+            dp_model, _, _ = build(family, args.rank, args.seed, **options)
             steps[mode], _ = bc.make_steps(dp_model, grad_sample_mode=mode, make_nonprivate=False, **common)
         times = bc.interleaved(steps, args.reps, args.warmup, args.device, args.seed)
         trainable = sum(p.numel() for p in bc.trainable(model))

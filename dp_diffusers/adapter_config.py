@@ -3,7 +3,8 @@
 Defined once here (in the style of peft's ``LoraConfig``: a dataclass with field metadata and save / load);
 the training script writes it, and the pipeline, the evaluation, the model card and the Space read it through
 :meth:`DPLoRAConfig.from_pretrained`. Folders written by earlier versions (no ``base_family``, no
-``class_rows``) load with those fields' defaults.
+``class_rows``) load with those fields' defaults. Nothing here is private data: captions are never recorded, only a
+text base's public caption template and validation prompts.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class DPLoRAConfig:
     )
     canaries: dict[str, int] | None = field(
         default=None, metadata={"help": "{num_canaries, seed, resolution} of the audit canaries trained on."}
+    )
+    caption_template: str | None = field(
+        default=None, metadata={"help": "Text bases: the --caption_template captions were made from labels with."}
+    )
+    validation_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Text bases: the public --validation_prompt prompts (samples.png, the card's widget)."},
     )
 
     def __post_init__(self) -> None:

@@ -66,10 +66,12 @@ def evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def sample_command(subparsers: argparse._SubParsersAction) -> None:
-    """``sample PATH [--labels L ...] [--num_images N] [--num_inference_steps S] [--seed X] [--out grid.png]``."""
+    """``sample PATH [--labels L ... | --prompts P ...] [--num_images N] [--num_inference_steps S] [--seed X]
+    [--out grid.png]``."""
     parser = subparsers.add_parser("sample", help="Write a labelled grid of samples of a base or an adapter.")
     parser.add_argument("path", help="A base or adapter folder, or a Hub repo id.")
     parser.add_argument("--labels", nargs="+", default=None, help="Class names, one row each (default: all).")
+    parser.add_argument("--prompts", nargs="+", default=None, help="Text-to-image models: prompts, one row each.")
     parser.add_argument("--num_images", type=int, default=8, help="Images per label (in all if unconditional).")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
     parser.add_argument("--seed", type=int, default=0)
@@ -80,9 +82,12 @@ def sample_command(subparsers: argparse._SubParsersAction) -> None:
         pipe = DPLDMPipeline.from_pretrained(args.path).to(args.device)
         pipe.set_progress_bar_config(disable=True)
         if pipe.num_classes is None and args.labels:
-            raise ValueError(f"{args.path} is an unconditional model: it takes no --labels.")
+            raise ValueError(f"{args.path} is not class-conditional: it takes no --labels.")
+        if pipe.is_text_to_image != bool(args.prompts):
+            kind = "needs --prompts" if pipe.is_text_to_image else "is not text-to-image: it takes no --prompts"
+            raise ValueError(f"{args.path} {kind}.")
         labels = None if pipe.num_classes is None else args.labels or list(pipe.labels)
-        grid = sample_grid(pipe, labels, args.num_images, args.num_inference_steps, args.seed)
+        grid = sample_grid(pipe, labels, args.num_images, args.num_inference_steps, args.seed, args.prompts)
         grid.save(args.out)
         print(args.out)
 

@@ -333,6 +333,29 @@ def _dataset_key(dataset: Dataset, resolution: int, image_column: str, vae) -> s
     return digest.hexdigest()[:16]
 
 
+def _rows_to_array(batches: Iterator[np.ndarray], n: int, path: Path | None) -> torch.Tensor:
+    """Stack ``n`` rows arriving in batches: in memory, or with ``path`` a memory-mapped ``.npy`` written under a
+    temporary name and renamed (a crash never leaves a partial cache), read back lazily."""
+    out, tmp, start = None, None, 0
+    for rows in batches:
+        if out is None:
+            shape = (n, *rows.shape[1:])
+            if path is None:
+                out = np.empty(shape, dtype=np.float32)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # one per process: ranks may encode at once
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        out[start : start + len(rows)] = rows
+        start += len(rows)
+    if path is None:
+        return torch.from_numpy(out)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
 @torch.no_grad()
 def dataset_latents(
     dataset: Dataset,
@@ -357,22 +380,75 @@ def dataset_latents(
     if path is not None and path.exists():
         return torch.from_numpy(np.load(path, mmap_mode="c"))
     num_channels = vae.config.in_channels
-    out, tmp, start = None, None, 0
-    for pixels in _pixel_batches(dataset, resolution, num_channels, image_column, batch_size):
-        latents = encode_latents(vae, pixels, batch_size).numpy()
-        if out is None:
-            shape = (len(dataset), *latents.shape[1:])
-            if path is None:
-                out = np.empty(shape, dtype=np.float32)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # one per process: ranks may encode at once
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        out[start : start + len(latents)] = latents
-        start += len(latents)
-    if path is None:
-        return torch.from_numpy(out)
-    out.flush()
-    del out
-    os.replace(tmp, path)
-    return torch.from_numpy(np.load(path, mmap_mode="c"))
+    batches = _pixel_batches(dataset, resolution, num_channels, image_column, batch_size)
+    return _rows_to_array((encode_latents(vae, pixels, batch_size).numpy() for pixels in batches), len(dataset), path)
+
+
+def dataset_captions(
+    dataset: Dataset,
+    caption_column: str | None = None,
+    caption_template: str | None = None,
+    label_column: str | None = None,
+) -> list[str]:
+    """Every example's caption: ``caption_column`` (diffusers' default ``text``, e.g. an imagefolder's
+    ``metadata.jsonl``; a list of captions gives its first), else ``caption_template`` filled with the example's
+    label name (``"a photo of a {label}"``). Captions are private data: errors name rows, never their text."""
+    columns = dataset.column_names
+    if caption_column is not None and caption_column not in columns:
+        raise DataError(f"--caption_column {caption_column!r} is not a column of the data set; columns: {columns}.")
+    if caption_column is None and caption_template is None:
+        if "text" not in columns:
+            raise DataError(
+                f"A text-to-image base needs captions, and the data set has no 'text' column (columns: {columns}). "
+                "Pass --caption_column (e.g. the 'text' of an imagefolder's metadata.jsonl) or, for labelled data, "
+                "--caption_template 'a photo of a {label}'."
+            )
+        caption_column = "text"
+    if caption_column is not None:
+        raw = [c[0] if isinstance(c, (list, tuple)) and c else c for c in dataset[caption_column]]
+    else:
+        if "{label}" not in caption_template:
+            raise DataError(f"--caption_template {caption_template!r} has no '{{label}}' to put the class name in.")
+        names = label_names(dataset, label_column)
+        if names is None:
+            raise DataError("--caption_template needs labelled data (a label column) to fill in '{label}'.")
+        labels = dataset_labels(dataset, label_column)
+        raw = [caption_template.format(label=names[i]) for i in labels.tolist()]
+    bad = [i for i, caption in enumerate(raw) if not isinstance(caption, str) or not caption.strip()]
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise DataError(f"Captions of rows {shown} are empty or not text: every private example needs a caption.")
+    return raw
+
+
+def _captions_key(captions: Sequence[str], pipe) -> str:
+    """Cache key of caption contexts: the captions, the tokenizer's vocabulary and length, the text encoder's
+    weights."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(captions)).encode())
+    digest.update(json.dumps([pipe.tokenizer.get_vocab(), pipe.tokenizer.model_max_length], sort_keys=True).encode())
+    for tensor in pipe.text_encoder.state_dict().values():
+        digest.update(tensor.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def caption_contexts(
+    pipe, captions: Sequence[str], cache_dir: str | None = None, batch_size: int = 64
+) -> torch.Tensor:
+    """(N, L, D) fp32 text contexts of ``captions`` by the base's frozen public text encoder, exactly as its
+    ``StableDiffusionPipeline`` encodes a prompt (``DPLDMPipeline.encode_prompt``), ``batch_size`` at a time.
+    Encoding each caption once is per-example pre-processing by a public model: it changes only that example's own
+    gradient, so it costs no privacy. With ``cache_dir``: a memory-mapped ``latents-text-<key>.npy`` cache, keyed
+    by the captions, the tokenizer and the text encoder (private data in encoded form: the Hub upload excludes it).
+    """
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"latents-text-{_captions_key(captions, pipe)}.npy"
+        if path.exists():
+            return torch.from_numpy(np.load(path, mmap_mode="c"))
+    batches = (
+        pipe.encode_prompt(list(captions[i : i + batch_size])).float().cpu().numpy()
+        for i in range(0, len(captions), batch_size)
+    )
+    return _rows_to_array(batches, len(captions), path)

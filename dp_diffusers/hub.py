@@ -51,6 +51,7 @@ IGNORE_PATTERNS = [
     # latent caches
     "latents-*",
     "*/latents-*",
+    "*.npy",
     "*cache*",
     # optimizer states and pickles
     "*.pt",
@@ -240,7 +241,9 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
-def _evaluation(metrics: dict[str, dict[str, Any]]) -> tuple[list[EvalResult], list[tuple[str, str, str]]]:
+def _evaluation(
+    metrics: dict[str, dict[str, Any]], task_name: str
+) -> tuple[list[EvalResult], list[tuple[str, str, str]]]:
     """`EvalResult`s for the card metadata and (metric, value, details) rows for its table."""
     results, rows = [], []
     for key, metric in metrics.items():
@@ -252,7 +255,7 @@ def _evaluation(metrics: dict[str, dict[str, Any]]) -> tuple[list[EvalResult], l
         results.append(
             EvalResult(
                 task_type="image-generation",
-                task_name="Class-conditional image generation",
+                task_name=task_name,
                 dataset_type=str(dataset or "private"),
                 dataset_name=str(dataset or "Private data (held-out split)"),
                 metric_type=metric_type,
@@ -285,6 +288,9 @@ def build_model_card(
     metrics = load_metrics(folder) or {}
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
 
+    config = DPLoRAConfig.from_pretrained(folder) if DPLoRAConfig.is_adapter_folder(folder) else None
+    text_to_image = config is not None and config.base_family == "stable-diffusion"
+    prompts = (config.validation_prompts or []) if text_to_image else []  # public prompts, never training captions
     base_model = _base_model(folder, report)
     hub_base_model = base_model if base_model and _is_hub_id(base_model) else None
     if hub_base_model:
@@ -294,7 +300,8 @@ def build_model_card(
     else:
         base_model_text = "(unknown)"
 
-    eval_results, eval_rows = _evaluation(metrics)
+    task_name = "Text-to-image generation" if text_to_image else "Class-conditional image generation"
+    eval_results, eval_rows = _evaluation(metrics, task_name)
     dp_metadata = {meta: report[key] for key, meta in REPORT_METADATA_KEYS.items()} if report else {}
     card_data = ModelCardData(
         base_model=hub_base_model,
@@ -303,6 +310,8 @@ def build_model_card(
         tags=CARD_TAGS if report else [tag for tag in CARD_TAGS if tag not in PRIVACY_TAGS],
         model_name=model_name,
         eval_results=eval_results or None,
+        pipeline_tag="text-to-image" if text_to_image else None,
+        widget=[{"text": prompt} for prompt in prompts] or None,
         **dp_metadata,
     )
 
@@ -342,6 +351,9 @@ def build_model_card(
         has_samples=(folder / SAMPLES_NAME).is_file(),
         has_epsilon_plot=bool(report) and (folder / EPSILON_PLOT_NAME).is_file(),
         load_target=repo_id or folder.as_posix(),
+        text_to_image=text_to_image,
+        base_load_target=base_model or "<the base model>",
+        example_prompt=prompts[0] if prompts else "a photo",
     )
 
 

@@ -7,15 +7,12 @@ names are peft's suffix matches on module names; ``to_out.0`` is the attention o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
 from torch import nn
 
 from .constants import LORA_WEIGHT_NAME
@@ -109,16 +106,18 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
-def save_lora_weights(model: nn.Module, output_dir: str | Path, prefix: str = "unet") -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` as diffusers' pipeline-level ``save_lora_weights``
-    does: keys ``<prefix>.<module>...`` in diffusers naming, and the ``LoraConfig`` in the file's
-    ``lora_adapter_metadata`` (so rank, alpha and targets load back exactly)."""
-    state = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+def save_lora_weights(model: nn.Module, output_dir: str | Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` through diffusers' own LoRA serialisation
+    (``StableDiffusionLoraLoaderMixin.save_lora_weights``, as diffusers' LoRA training scripts save): keys
+    ``unet.<module>.lora_A.weight`` in peft naming, and the ``LoraConfig`` in the file's ``lora_adapter_metadata``
+    (so rank, alpha and targets load back exactly). Every family's denoiser is the pipeline's ``unet`` component,
+    so one key prefix serves all of them, and a Stable Diffusion adapter is what ``load_lora_weights`` reads."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    state = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
     config = model.peft_config["default"].to_dict()
-    # pipeline-level layout: metadata keys carry the component prefix too (diffusers strips it on load)
-    config = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str)}
-    path = Path(output_dir) / LORA_WEIGHT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
-    return path
+    config["target_modules"] = sorted(config["target_modules"])  # a set: sorted, so the file is reproducible
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        output_dir, unet_lora_layers=state, unet_lora_adapter_metadata=config, weight_name=LORA_WEIGHT_NAME
+    )
+    return Path(output_dir) / LORA_WEIGHT_NAME

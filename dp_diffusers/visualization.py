@@ -24,13 +24,26 @@ def labelled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[st
 
 
 def sample_grid(
-    pipeline, labels: Sequence[str] | None, per_class: int = 8, num_inference_steps: int = 50, seed: int = 0
+    pipeline,
+    labels: Sequence[str] | None,
+    per_class: int = 8,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    prompts: Sequence[str] | None = None,
 ) -> Image.Image:
     """Generate ``per_class`` images for each class name with a seeded generator and grid them; ``labels=None``
-    (an unconditional model): one row of ``per_class`` images."""
+    (an unconditional model): one row of ``per_class`` images; ``prompts`` (a text-to-image model): a row per prompt,
+    labelled by its number."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    if prompts:
+        images = pipeline(
+            prompt=list(prompts), num_images_per_prompt=per_class, num_inference_steps=num_inference_steps,
+            generator=generator,
+        ).images  # fmt: skip
+        rows = [images[i * per_class : (i + 1) * per_class] for i in range(len(prompts))]
+        return labelled_grid(rows, [str(i + 1) for i in range(len(prompts))])
     if labels is None:
         images = pipeline(batch_size=per_class, num_inference_steps=num_inference_steps, generator=generator).images
         return labelled_grid([images], [""])

@@ -14,6 +14,7 @@ from helpers import (  # noqa: E402
     load_app,
     save_dit_base,
     save_ldm_base,
+    save_sd_base,
     scheduler,
     tiny_cond_unet,
     tiny_vae,
@@ -56,6 +57,12 @@ def tiny_ldm_base(tmp_path_factory):
 def tiny_dit_base(tmp_path_factory):
     """A DiT base folder (DiTPipeline layout + id2label, random weights)."""
     return save_dit_base(tmp_path_factory.mktemp("tiny-dit-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_base(tmp_path_factory):
+    """A Stable Diffusion base folder (StableDiffusionPipeline layout, CLIP text encoder, random weights)."""
+    return save_sd_base(tmp_path_factory.mktemp("tiny-sd-base"))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     LDMPipeline,
+    StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
     VQModel,
@@ -30,6 +32,7 @@ from diffusers import (
 from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dp_diffusers import ClassEmbedder, LatentDenoiser, denoising_loss
 from dp_diffusers.constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
@@ -110,13 +113,16 @@ def perturb_lora_b(model: nn.Module, std: float = 0.1, seed: int | None = None) 
 
 def lora_denoiser(kind: str, targets: str, train_class_embedding: bool = False, rank: int = 2) -> LatentDenoiser:
     """A tiny denoiser with LoRA on ``targets`` (a preset of its family): ``kind`` "cond" (cross-attention on a
-    class embedding), "uncond" (the CompVis UNet2DModel layout) or "dit" (DiT, class labels through adaLN)."""
+    class embedding), "uncond" (the CompVis UNet2DModel layout), "dit" (DiT, class labels through adaLN) or "text"
+    (Stable Diffusion's layout, a text context through cross-attention)."""
     presets, rows = LORA_TARGET_PRESETS, None
     if kind == "cond":
         unet = tiny_cond_unet(conv_projection=targets != "attention")
         embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
     elif kind == "dit":
         unet, embedder, presets = tiny_dit(), None, DiTFamily.lora_target_presets
+    elif kind == "text":
+        unet, embedder = tiny_text_unet(), None
     else:
         unet, embedder = tiny_uncond_unet(), None
     add_lora(unet, make_lora_config(rank=rank, targets=targets, init_lora_weights=True, presets=presets))
@@ -142,18 +148,22 @@ GRADIENT_CASES = [
     ("dit", "attention", False),
     ("dit", "attention+ff+adaln", False),  # the feed-forward and adaLN-Zero projections too
     ("dit", "attention", True),  # with label rows for new classes, shared by every block
+    ("text", "attention", False),  # self- and cross-attention, each example's own text context flowing through
 ]
 
 
 def gradient_case(build: Callable[[], nn.Module], k: int, n: int, seed: int, labelled: bool = True):
     """A model from ``build()``, an untouched copy of it (the reference), and ``n`` examples with k copies each:
-    ``(model, reference, latents, labels, timesteps, noise)``; labels are None unless ``labelled``."""
+    ``(model, reference, latents, labels, timesteps, noise)``; labels (text models: (L, D) contexts) are None
+    unless ``labelled``."""
     torch.manual_seed(seed)
     model = build()
     reference = copy.deepcopy(model)
     shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
     latents = torch.randn(n, *shape)
     labels = torch.randint(0, 10, (n,)) if labelled else None
+    if labelled and model.conditioning_kind == "text":  # each example's own (L, D) caption context
+        labels = torch.randn(n, TEXT_LENGTH, TEXT_DIM)
     rows = getattr(model, "class_rows", None)
     if labelled and rows is not None:  # the first examples are of the new classes
         labels[: rows.config.num_rows] = rows.config.first_id + torch.arange(rows.config.num_rows)
@@ -179,7 +189,7 @@ def reference_grads(reference: nn.Module, sched, latents, labels, timesteps, noi
     out = []
     for i in range(len(latents)):
         rows = slice(i * k, (i + 1) * k)
-        lab = labels[i : i + 1].repeat(k) if labels is not None else None
+        lab = labels[i : i + 1].repeat_interleave(k, 0) if labels is not None else None
         loss = denoising_loss(
             reference, sched, latents[i : i + 1].repeat(k, 1, 1, 1), lab, timesteps[rows], noise[rows]
         ).mean()
@@ -341,6 +351,65 @@ def save_dit_base(folder: Path) -> Path:
     index["id2label"] = {str(k): v for k, v in DIT_ID2LABEL.items()}
     index_path.write_text(json.dumps(index, indent=2))
     return folder
+
+
+#: The tiny CLIP text encoder's width (the tiny text UNet's cross_attention_dim) and its tokenizer's length.
+TEXT_DIM, TEXT_LENGTH = 32, 16
+
+
+def tiny_text_unet() -> UNet2DConditionModel:
+    """SD's UNet layout at toy size: cross-attention on the text encoder's (L, 32) context, 4x8x8 latents."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
+                                attention_head_dim=4, norm_num_groups=8)  # fmt: skip
+
+
+def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` of byte-level characters only (CLIP's 512 base tokens, no merges), saved to ``folder``."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=TEXT_LENGTH)
+    tokenizer.save_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def save_sd_base(folder: Path, prediction_type: str = "epsilon") -> Path:
+    """A Stable Diffusion base (SD 1.x's layout; ``v_prediction``: SD 2.x's) with random weights, as diffusers'
+    ``StableDiffusionPipeline.save_pretrained`` writes it: ``vae``, ``text_encoder`` (CLIPTextModel), ``tokenizer``
+    (CLIPTokenizer), ``unet``, ``scheduler``; no safety checker."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(folder / "tokenizer-src")
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=37,
+                                                num_attention_heads=4, num_hidden_layers=2, projection_dim=TEXT_DIM,
+                                                max_position_embeddings=TEXT_LENGTH, bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1))  # fmt: skip
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16)  # fmt: skip
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)  # fmt: skip
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_text_unet(),
+                            scheduler=sched, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)  # fmt: skip
+    shutil.rmtree(folder / "tokenizer-src")
+    return folder
+
+
+def caption_folder(root: Path, captions: list[str]) -> Path:
+    """An imagefolder of random 16x16 RGB images with captions in ``metadata.jsonl`` (its ``text`` column), as
+    diffusers' text-to-image examples lay them out."""
+    root.mkdir(parents=True)
+    rows = []
+    for i, caption in enumerate(captions):
+        pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
 
 
 def load_app() -> ModuleType:

@@ -198,3 +198,26 @@ def test_dit_new_classes_get_rows_trained_under_dp_saved_and_loaded(tiny_dit_bas
     assert tuned.class_rows is None and tuned.num_classes == 1000
     with pytest.raises(ValueError, match="Unknown class"):
         tuned.get_label_ids(["cat"])
+
+
+def test_evaluate_runs_on_compvis_and_dit_adapters_through_the_script(tiny_ldm_base, tiny_dit_base, tmp_path):
+    """--evaluate on each public family: the unconditional CompVis adapter gets the audit (no downstream
+    classifier: its samples have no labels); the DiT adapter samples the data's ten digit classes by name (three
+    known by synonym, seven new rows), not the base's 1,000 ImageNet ones."""
+    flags = {"--dataset_name": "private-digits", "--max_train_samples": 40, "--max_train_steps": 1, "--evaluate": True,
+             "--eval_samples_per_class": 1, "--eval_inference_steps": 1, "--label_column": None,
+             "--noise_multiplier": 1.0}  # fmt: skip (sigma given: no calibration, which costs ~10 s at q = 0.5)
+    compvis = tmp_path / "compvis"
+    train(base_args(tiny_ldm_base, compvis, **flags))
+    metrics = json.loads((compvis / "metrics.json").read_text())
+    assert "downstream_accuracy" not in metrics and 0 <= metrics["membership_auc"]["value"] <= 1
+    assert metrics["membership_auc"]["num_members"] == 40
+
+    dit = tmp_path / "dit"
+    train(base_args(tiny_dit_base, dit, **flags, **{"--train_class_embedding": True}))
+    metrics = json.loads((dit / "metrics.json").read_text())
+    assert metrics["downstream_accuracy"]["num_synthetic"] == 10  # one per digit class
+    assert metrics["downstream_accuracy"]["num_test"] == 360
+    assert 0 <= metrics["membership_auc"]["value"] <= 1
+    card = (dit / "README.md").read_text()
+    assert "Downstream accuracy" in card

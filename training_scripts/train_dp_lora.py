@@ -5,8 +5,9 @@
         --pretrained_model_name_or_path outputs/base --output_dir outputs/dp-lora \\
         --target_epsilon 10 --target_delta 1e-5
 
-The private images are encoded once by the frozen public autoencoder; only LoRA adapters (and,
-with --train_class_embedding, the class embedding) are trained, with per-example clipping,
+The private images are encoded once by the frozen public autoencoder (and, on a Stable Diffusion
+base, their captions by its frozen text encoder: --caption_column or --caption_template); only
+LoRA adapters (and, with --train_class_embedding, the class embedding) are trained, with per-example clipping,
 Gaussian noise, Poisson sampling and a PRV/RDP accountant (opacus). All privacy logic lives in
 ``dp_diffusers.privacy``; this script wires the parts together.
 
@@ -41,7 +42,9 @@ from dp_diffusers.constants import (
 )
 from dp_diffusers.data import (
     DataError,
+    caption_contexts,
     check_resolution,
+    dataset_captions,
     dataset_labels,
     dataset_latents,
     encode_latents,
@@ -110,6 +113,32 @@ def parse_args(argv=None):
         help="Also train the class embedding (DP); needed for private classes the base does not know.",
     )
     lora.add_argument("--label_dropout", type=float, default=0.1, help="Null-class probability (keeps CFG).")
+
+    text = parser.add_argument_group("text-to-image bases (Stable Diffusion)")
+    text.add_argument(
+        "--caption_column", type=str, default=None, help="The captions' column (default: 'text' if there is one)."
+    )
+    text.add_argument(
+        "--caption_template",
+        type=str,
+        default=None,
+        help="Captions from labels instead, e.g. 'a photo of a {label}' ({label}: the example's class name).",
+    )
+    text.add_argument(
+        "--caption_dropout",
+        type=float,
+        default=0.1,
+        help="Probability that a row's caption becomes the empty prompt (each noise-multiplicity copy drawn on its "
+        "own), so that classifier-free guidance keeps working.",
+    )
+    text.add_argument(
+        "--validation_prompt",
+        type=str,
+        action="append",
+        default=None,
+        help="A public prompt for samples.png and the model card's widget (repeat the flag for several). Never a "
+        "training caption: captions are private data.",
+    )
 
     dp = parser.add_argument_group("differential privacy")
     dp.add_argument(
@@ -222,6 +251,8 @@ def parse_args(argv=None):
             "--gradient_checkpointing needs --grad_sample_mode fused: opacus' hooks record each forward's "
             "activations, and the recomputation in the backward would be recorded again."
         )
+    if not 0 <= args.caption_dropout < 1:
+        parser.error(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
     if args.disable_dp and args.resume_from_checkpoint:
         parser.error("--disable_dp runs are not checkpointed; --resume_from_checkpoint is for DP runs.")
     return args
@@ -289,7 +320,18 @@ def main(argv=None):
     check_resolution(resolution, vae)
     dataset = load_training_dataset(args)
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
-    names, id2label, class_ids = prepare_labels(args, dataset, pipe, label_column)
+    captions = None
+    if pipe.is_text_to_image:  # conditioned on captions (private data), encoded below by the public text encoder
+        unsupported = [flag for flag, given in (("--num_canaries", args.num_canaries), ("--evaluate", args.evaluate),
+                                                ("--train_class_embedding", args.train_class_embedding)) if given]
+        if unsupported:
+            raise DataError(f"{', '.join(unsupported)}: not (yet) supported on text-to-image bases.")
+        captions = dataset_captions(dataset, args.caption_column, args.caption_template, label_column)
+        names, id2label, class_ids = None, None, None
+    elif args.caption_column is not None or args.caption_template is not None:
+        raise DataError(f"--caption_column / --caption_template are for text-to-image bases, not {pipe.base_family}.")
+    else:
+        names, id2label, class_ids = prepare_labels(args, dataset, pipe, label_column)
     labels = dataset_labels(dataset, label_column if names else None, class_ids)
     canaries = None
     if args.num_canaries:
@@ -360,19 +402,28 @@ def main(argv=None):
 
     # The public frozen autoencoder encodes the private images in streamed batches (no privacy cost); an unreadable
     # image fails here, with its index, before anything is trained or written.
+    vae.to(accelerator.device)
     latents = dataset_latents(dataset, vae, resolution, image_column, args.cache_dir)
     if canaries is not None:
         latents = torch.cat([latents, encode_latents(vae, canaries)])
+    null_context = None
+    if captions is not None:  # the conditions are the captions' (N, L, D) contexts; the null is the empty prompt's
+        pipe.text_encoder.requires_grad_(False).to(accelerator.device)
+        labels = caption_contexts(pipe, captions, args.cache_dir)
+        null_context = pipe.encode_prompt("").float().cpu()
+        del captions  # (nothing below sees the caption texts)
     if labels is None:
         labels = torch.zeros(n, dtype=torch.long)
     frozen_checksum = _frozen_checksum(model)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     null_class = model.null_class_id  # a ClassEmbedder's last row, DiT's class 1000; None: no label dropout
+    dropout = args.caption_dropout if null_context is not None else args.label_dropout if null_class is not None else 0
     loss_fn = DiffusionLoss(
         noise_scheduler,
-        use_labels=bool(id2label),
+        use_labels=bool(id2label) or null_context is not None,
         null_class=null_class,
-        label_dropout=args.label_dropout if null_class is not None else 0.0,
+        label_dropout=dropout,
+        null_context=null_context,
     )
     if args.disable_dp:
         snapshot = [p.detach().clone() for p in trainable]
@@ -531,6 +582,8 @@ def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: DPRe
         train_subset=None if args.max_train_samples is None else {"max_samples": args.max_train_samples,
                                                                    "seed": args.seed},  # fmt: skip
         canaries=_canaries_record(args, pipe),
+        caption_template=args.caption_template if pipe.is_text_to_image else None,
+        validation_prompts=args.validation_prompt if pipe.is_text_to_image else None,
     )
     trained = {CLASS_EMBEDDER_FOLDER: class_embedder, CLASS_ROWS_FOLDER: pipe.class_rows}
     for folder, module in trained.items():
@@ -544,14 +597,17 @@ def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: DPRe
     elif (out / DP_REPORT_NAME).exists():
         (out / DP_REPORT_NAME).unlink()  # a stale report must not lend this run a guarantee
     logger.info(f"Adapter in {out}")
-    if args.samples_per_class > 0:
+    prompts = args.validation_prompt if pipe.is_text_to_image else None  # public prompts only, never captions
+    if args.samples_per_class > 0 and (prompts or not pipe.is_text_to_image):
         pipe.class_embedder = class_embedder
         pipe.set_progress_bar_config(disable=True)
         if args.scheduler is not None:
             pipe.set_scheduler(args.scheduler)
         shown = names[:10] if id2label else None  # None: one row of unconditional samples
-        grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, seed=args.seed)
+        grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, args.seed, prompts)
         grid.save(out / SAMPLES_NAME)
+    elif (out / SAMPLES_NAME).exists():
+        (out / SAMPLES_NAME).unlink()  # a stale grid would show another run's model
     if args.evaluate:
         from dp_diffusers.evaluation.evaluate import evaluate_from_args
 

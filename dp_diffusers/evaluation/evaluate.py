@@ -1,6 +1,7 @@
 """Evaluate an adapter folder and write ``metrics.json`` next to its ``dp_report.json``.
 
-Downstream accuracy and the membership audit always run; FID runs when the Inception weights
+Downstream accuracy (class-conditional models: the data's classes, by name) and the membership audit
+always run; FID runs when the Inception weights
 file is available (``inception_path`` or ``DP_DIFFUSERS_FID_INCEPTION``). The held-out split is
 only read here, never trained on.
 """
@@ -18,8 +19,10 @@ import torch
 from ..adapter_config import DPLoRAConfig
 from ..constants import METRICS_NAME
 from ..data import (
+    DataError,
     dataset_to_tensors,
     encode_latents,
+    label_names,
     load_image_dataset,
     make_canaries,
     resolve_columns,
@@ -34,18 +37,30 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def generate_labelled(pipe, per_class: int, num_inference_steps: int, seed: int, batch: int = 250):
-    """``per_class`` samples of every class of ``pipe``: images (N, C, H, W) in [-1, 1], labels (N,)."""
-    ids = sorted(set(pipe.labels.values())) if pipe.labels else list(range(pipe.num_classes))
+def generate_labelled(pipe, class_ids: list[int], per_class: int, num_inference_steps: int, seed: int,
+                      batch: int = 250):  # fmt: skip
+    """``per_class`` samples of each class id in ``class_ids`` (the model's ids): images (N, C, H, W) in [-1, 1]
+    and labels (N,) as *positions* in ``class_ids``, the data set's own class order."""
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.tensor(ids).repeat_interleave(per_class)
+    positions = torch.arange(len(class_ids)).repeat_interleave(per_class)
     images = []
-    for chunk in labels.split(batch):
-        out = pipe(
-            class_labels=chunk.tolist(), num_inference_steps=num_inference_steps, generator=generator, output_type="pt"
-        ).images
-        images.append(out * 2 - 1)
-    return torch.cat(images).clamp(-1, 1), labels
+    for chunk in positions.split(batch):
+        ids = [class_ids[i] for i in chunk.tolist()]
+        out = pipe(class_labels=ids, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
+        images.append(out.images * 2 - 1)
+    return torch.cat(images).clamp(-1, 1), positions
+
+
+@torch.no_grad()
+def generate_unconditional(pipe, num_images: int, num_inference_steps: int, seed: int, batch: int = 250):
+    """``num_images`` samples of an unconditional model: images (N, C, H, W) in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for start in range(0, num_images, batch):
+        size = min(batch, num_images - start)
+        out = pipe(batch_size=size, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
+        images.append(out.images * 2 - 1)
+    return torch.cat(images).clamp(-1, 1)
 
 
 def evaluate_from_args(adapter_dir: str | Path, args: argparse.Namespace) -> dict:
@@ -141,16 +156,18 @@ def evaluate_adapter(
         pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling costs what the base costs
     vae = pipe.vae
     resolution, channels = vae.config.sample_size, vae.config.in_channels
-    class_names = [pipe.config.id2label[k] for k in sorted(pipe.config.id2label)] if pipe.config.id2label else None
+    names = None  # the data set's class names (its test split's), in its own order
 
     def split(name, subset=None):
+        nonlocal names
         data = load_image_dataset(dataset_name, split=name)
         if subset:
             data = seeded_subset(data, subset["max_samples"], subset["seed"])
         image_column, label_column = resolve_columns(data)
-        return dataset_to_tensors(data, resolution, channels, image_column, label_column, class_names)
+        names = names or label_names(data, label_column)
+        return dataset_to_tensors(data, resolution, channels, image_column, label_column, names)
 
-    (train_x, train_y), (test_x, test_y) = split(train_split), split(test_split)
+    (test_x, test_y), (train_x, train_y) = split(test_split), split(train_split)
     subset = config.train_subset if config is not None else None
     if audit_reference is not None and (reference_subset := _train_subset(audit_reference)) != subset:
         raise ValueError(
@@ -158,26 +175,42 @@ def evaluate_adapter(
             f"{adapter_dir} ({subset}): its members differ, so its AUC would not be comparable."
         )
     member_x, member_y = split(train_split, subset) if subset else (train_x, train_y)
-    num_classes = len(class_names)
-    synthetic_x, synthetic_y = generate_labelled(pipe, samples_per_class, num_inference_steps, seed)
-    downstream = downstream_accuracy(synthetic_x, synthetic_y, train_x, train_y, test_x, test_y, num_classes, seed=seed)
-    metrics = {
-        "downstream_accuracy": {
+    sampler = f"{type(pipe.scheduler).__name__}, {num_inference_steps} steps"
+    metrics = {}
+    if pipe.num_classes is not None:  # class-conditional: the data's classes, by name, are the model's
+        if names is None:
+            raise DataError(f"{dataset_name!r} has no labels: a class-conditional model is evaluated on labelled data.")
+        class_ids = pipe.get_label_ids(names)
+        synthetic_x, synthetic_y = generate_labelled(pipe, class_ids, samples_per_class, num_inference_steps, seed)
+        downstream = downstream_accuracy(
+            synthetic_x, synthetic_y, train_x, train_y, test_x, test_y, len(names), seed=seed
+        )
+        metrics["downstream_accuracy"] = {
             "value": downstream["downstream_accuracy"],
             "real_data_accuracy": downstream["real_data_accuracy"],
             "classifier": downstream["classifier"],
             "num_synthetic": downstream["num_synthetic"],
             "num_test": downstream["num_test"],
-            "sampler": f"{type(pipe.scheduler).__name__}, {num_inference_steps} steps",
+            "sampler": sampler,
             "dataset": f"{dataset_name} ({test_split} split, held out)",
         }
-    }
+    else:  # unconditional (CompVis LDMs): no labelled samples to train a classifier on; FID and the audit only
+        logger.warning("Downstream accuracy skipped: the model is unconditional, its samples have no labels.")
+        synthetic_x = generate_unconditional(
+            pipe, samples_per_class * len(names or [None]), num_inference_steps, seed
+        )
+        class_ids = None
+
+    def model_labels(positions: torch.Tensor | None) -> torch.Tensor | None:
+        """The model's class ids of data-set label positions (``None`` for an unconditional model)."""
+        return None if positions is None or class_ids is None else torch.tensor(class_ids)[positions]
 
     # Membership audit: every held-out example is a non-member; members are examples the run trained on, at
     # most as many as the non-members (a random part of a large train split, all of a small subset).
     members = torch.randperm(len(member_x), generator=torch.Generator().manual_seed(seed))[: len(test_x)]
-    member_latents, member_labels = encode_latents(vae, member_x[members]), member_y[members]
-    nonmember_latents, nonmember_labels = encode_latents(vae, test_x), test_y
+    member_latents = encode_latents(vae, member_x[members])
+    member_labels = model_labels(None if member_y is None else member_y[members])
+    nonmember_latents, nonmember_labels = encode_latents(vae, test_x), model_labels(test_y)
     sets = (member_latents, member_labels, nonmember_latents, nonmember_labels)
     base_loss_fn = None
     if adapted:
@@ -218,7 +251,8 @@ def evaluate_adapter(
     else:
         to_uint8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).squeeze(-1).numpy()  # noqa: E731
         fid = compute_fid(to_uint8(synthetic_x), to_uint8(test_x), inception_path=inception_path)
-        metrics["fid"] = {"value": fid.pop("fid"), **fid, "dataset": f"{dataset_name} ({test_split} split)"}
+        metrics["fid"] = {"value": fid.pop("fid"), **fid, "sampler": sampler,
+                          "dataset": f"{dataset_name} ({test_split} split)"}  # fmt: skip
 
     path = adapter_dir / METRICS_NAME
     tmp = path.with_suffix(".tmp")

@@ -4,6 +4,7 @@ from .base import FAMILIES, BaseFamily, UnsupportedBaseError, base_family, famil
 from .compvis_ldm import CompVisLDMFamily
 from .dit import DiTFamily
 from .dp_ldm import DPLDMFamily
+from .stable_diffusion import StableDiffusionFamily
 
 __all__ = [
     "FAMILIES",
@@ -11,6 +12,7 @@ __all__ = [
     "CompVisLDMFamily",
     "DPLDMFamily",
     "DiTFamily",
+    "StableDiffusionFamily",
     "UnsupportedBaseError",
     "base_family",
     "family_named",

@@ -27,7 +27,7 @@ class BaseFamily:
     name: ClassVar[str]
     #: ``_class_name`` of the base's ``model_index.json``
     pipeline_class_name: ClassVar[str]
-    #: how the denoiser is conditioned: "class" (labels) or "none"
+    #: how the denoiser is conditioned: "class" (labels), "text" (captions) or "none"
     conditioning: ClassVar[str]
     #: a line for error messages and the README's table
     description: ClassVar[str]
@@ -70,8 +70,9 @@ def _supported() -> str:
 
 def base_family(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> type[BaseFamily]:
     """The family of a base folder or Hub repo, read from its ``model_index.json`` (``kwargs``: Hub options such
-    as ``revision``). Raises :class:`UnsupportedBaseError` naming what was found and what is supported, and
-    diffusers' ``OSError`` for a base that cannot be found (no such folder, not on the Hub or offline)."""
+    as ``revision``). Raises :class:`UnsupportedBaseError` naming what was found and what is supported,
+    ``FileNotFoundError`` for a local folder without a component it lists, and diffusers' ``OSError`` for a base
+    that cannot be found (no such folder, not on the Hub or offline)."""
     name = str(pretrained_model_name_or_path)
     folder = Path(name).expanduser()
     if not folder.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # a path, not a Hub id
@@ -88,4 +89,12 @@ def base_family(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
             f"{name!r} is a {found} with components {components}: not a latent diffusion base dp-diffusers "
             f"supports. Supported bases: {_supported()}."
         )
+    if folder.is_dir():  # a local copy: every component model_index.json lists must be there
+        absent = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]
+                  and not (folder / k).is_dir()]  # fmt: skip
+        if absent:
+            raise FileNotFoundError(
+                f"{name!r} lists the components {absent} in model_index.json but has no such folders: the base is "
+                "incomplete (an interrupted download or copy?)."
+            )
     return FAMILIES[found]

@@ -1,5 +1,5 @@
-"""One module for "predict the noise of these latents at these timesteps for these classes", and one
-training loss.
+"""One module for "predict the noise of these latents at these timesteps under this condition" (class labels,
+a text context, or none), and one training loss.
 
 Stage-1 training, DP fine-tuning (opacus wraps this module), the membership audit and the
 pipeline all go through ``LatentDenoiser``, so every path conditions the UNet the same way; stage 1,
@@ -18,10 +18,13 @@ from .dit import DiTClassRows
 
 
 class LatentDenoiser(nn.Module):
-    """The base's denoising backbone (``unet``: a UNet or DiT's transformer) plus its class conditioning.
+    """The base's denoising backbone (``unet``: a UNet or DiT's transformer) plus its conditioning.
 
     * ``UNet2DConditionModel`` + ``ClassEmbedder``: labels -> cross-attention context (the paper's
       class-conditional LDM); null class: the embedder's last row;
+    * ``UNet2DConditionModel`` alone (Stable Diffusion): the condition *is* the cross-attention context, (B, L, D)
+      text-encoder hidden states (computed once by the frozen public text encoder); its null is the empty
+      prompt's context (``DiffusionLoss(null_context=...)``);
     * ``DiTTransformer2DModel``: labels through its adaLN label embedding; null class: its row
       ``num_embeds_ada_norm`` (DiT's classifier-free guidance); ``class_rows`` (``DiTClassRows``) adds private
       classes after it;
@@ -52,8 +55,6 @@ class LatentDenoiser(nn.Module):
         self.class_rows = class_rows
         if class_rows is not None:
             class_rows.attach(unet)
-        if isinstance(unet, UNet2DConditionModel) and class_embedder is None:
-            raise ValueError("A UNet2DConditionModel needs a ClassEmbedder to provide its cross-attention context.")
         self._label_embeddings = [m for m in unet.modules() if isinstance(m, LabelEmbedding)]
         for module in self._label_embeddings:
             module.eval()
@@ -63,6 +64,13 @@ class LatentDenoiser(nn.Module):
         for module in self._label_embeddings:
             module.eval()
         return self
+
+    @property
+    def conditioning_kind(self) -> str:
+        """``"class"`` (labels), ``"text"`` (a cross-attention context) or ``"none"`` (unconditional)."""
+        if self.class_embedder is None and isinstance(self.unet, UNet2DConditionModel):
+            return "text"
+        return "none" if self.num_classes is None else "class"
 
     @property
     def num_classes(self) -> int | None:
@@ -83,14 +91,20 @@ class LatentDenoiser(nn.Module):
             return self.unet.config.num_embeds_ada_norm
         return None
 
-    def conditioning(self, class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The backbone keyword arguments that carry ``class_labels`` (computed once per sampling call)."""
+    def conditioning(self, condition: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The backbone keyword arguments that carry ``condition``: class labels (B,), or for a text model its
+        context (B, L, D) (computed once per sampling call)."""
         if self.class_embedder is not None:
-            context = self.class_embedder(class_labels)
-            return {"encoder_hidden_states": context if self.input_dtype is None else context.to(self.input_dtype)}
-        if self.num_classes is not None:
-            return {"class_labels": class_labels}
-        return {}
+            context = self.class_embedder(condition)
+        elif isinstance(self.unet, UNet2DConditionModel):
+            if condition is None or not condition.is_floating_point():
+                raise ValueError("A text-conditioned UNet needs its cross-attention context (B, L, D), not labels.")
+            context = condition
+        elif self.num_classes is not None:
+            return {"class_labels": condition}
+        else:
+            return {}
+        return {"encoder_hidden_states": context if self.input_dtype is None else context.to(self.input_dtype)}
 
     def denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
         """The backbone's prediction for ``conditioning`` (from :meth:`conditioning`), variance half cut off."""
@@ -100,23 +114,24 @@ class LatentDenoiser(nn.Module):
         return prediction[:, :channels] if prediction.shape[1] == 2 * channels else prediction
 
     def forward(
-        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.denoise(noisy_latents, timesteps, self.conditioning(class_labels))
+        return self.denoise(noisy_latents, timesteps, self.conditioning(condition))
 
 
 def denoising_loss(
     model: nn.Module,
     scheduler,
     latents: torch.Tensor,
-    class_labels: torch.Tensor | None,
+    condition: torch.Tensor | None,
     timesteps: torch.Tensor,
     noise: torch.Tensor,
 ) -> torch.Tensor:
     """Per-example diffusion loss, shape (B,): mean squared error of the model's prediction
-    (epsilon, v or sample, following ``scheduler.config.prediction_type``)."""
+    (epsilon, v or sample, following ``scheduler.config.prediction_type``) under ``condition`` (class labels or
+    text context)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = model(noisy, timesteps, class_labels)
+    prediction = model(noisy, timesteps, condition)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
@@ -134,7 +149,9 @@ class DiffusionLoss:
 
     Each row (each noise-multiplicity copy too) gets its own timestep, uniform over the scheduler's training
     steps, and its own Gaussian noise; with ``null_class``, each row's label is replaced by the null class with
-    probability ``label_dropout`` (the training that makes classifier-free guidance work); ``snr_gamma`` weights
+    probability ``label_dropout`` (the training that makes classifier-free guidance work); for a text model
+    (conditions are (B, L, D) contexts) ``null_context``, the empty prompt's (1, L, D) context, replaces a row's
+    caption with that probability (caption dropout); ``snr_gamma`` weights
     rows by Min-SNR (Hang et al. 2023, as diffusers' train_text_to_image.py). All of it is per row: a row's
     draws change only its own loss, so under DP they stay inside that example's clipped gradient.
     ``use_labels=False`` (an unconditional base) ignores the labels.
@@ -148,12 +165,14 @@ class DiffusionLoss:
         null_class: int | None = None,
         label_dropout: float = 0.0,
         snr_gamma: float | None = None,
+        null_context: torch.Tensor | None = None,
     ):
-        if label_dropout > 0 and null_class is None:
-            raise ValueError("label_dropout needs a null class to drop the labels to.")
+        if label_dropout > 0 and null_class is None and null_context is None:
+            raise ValueError("label_dropout needs a null class (or null context) to drop the conditions to.")
         self.scheduler = scheduler
         self.use_labels = use_labels
         self.null_class = null_class
+        self.null_context = null_context
         self.label_dropout = label_dropout
         self.snr_gamma = snr_gamma
 
@@ -162,7 +181,11 @@ class DiffusionLoss:
             labels = None
         elif self.label_dropout > 0:
             drop = torch.rand(len(labels), device=labels.device) < self.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+            if self.null_context is not None:  # text contexts (B, L, D): the empty prompt's
+                null = self.null_context.to(device=labels.device, dtype=labels.dtype)
+                labels = torch.where(drop[:, None, None], null, labels)
+            else:
+                labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         noise = torch.randn_like(latents)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(latents),), device=latents.device)

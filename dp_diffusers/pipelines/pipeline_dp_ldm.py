@@ -1,4 +1,5 @@
-"""DPLDMPipeline: sampling from a (class-conditional) latent diffusion model and its DP-LoRA adapters."""
+"""DPLDMPipeline: sampling from a latent diffusion model (class-conditional, unconditional or text-to-image) and its
+DP-LoRA adapters."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from diffusers import (
     DiffusionPipeline,
     DiTTransformer2DModel,
     ImagePipelineOutput,
+    StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
     VQModel,
@@ -96,13 +98,16 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         scheduler ([`SchedulerMixin`]): DDIM by default; any diffusers scheduler can be swapped in.
         class_embedder ([`ClassEmbedder`], optional): class id -> cross-attention context.
         id2label (`dict[int, str]`, optional): class names, as in [`DiTPipeline`].
+        text_encoder ([`~transformers.CLIPTextModel`], optional) and tokenizer ([`~transformers.CLIPTokenizer`],
+            optional): a Stable Diffusion base's frozen text encoder; with them the pipeline is text-to-image, and
+            samples through [`text_pipeline`], diffusers' own `StableDiffusionPipeline` over the same modules.
 
     LoRA adapters go into the UNet only: [`load_lora_weights`] plus diffusers' `set_adapters`, `fuse_lora`,
     `unfuse_lora`, `unload_lora_weights`, `get_active_adapters`, `delete_adapters`, `disable_lora`, ...
     """
 
-    model_cpu_offload_seq = "class_embedder->unet->vae"
-    _optional_components = ["class_embedder"]
+    model_cpu_offload_seq = "text_encoder->class_embedder->unet->vae"
+    _optional_components = ["class_embedder", "text_encoder", "tokenizer"]
     _lora_loadable_modules = ["unet"]
     unet_name = "unet"
 
@@ -113,9 +118,12 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         scheduler: SchedulerMixin,
         class_embedder: ClassEmbedder | None = None,
         id2label: dict | None = None,
+        text_encoder=None,
+        tokenizer=None,
     ):
         super().__init__()
-        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, class_embedder=class_embedder)
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, class_embedder=class_embedder,
+                              text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
         self._set_id2label(id2label)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -149,7 +157,8 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
                 (a local folder, looked up as written, then relative to the adapter folder and the folders above
                 it; a Hub id otherwise) and the adapter is applied with [`load_lora_weights`]. Anything else is a
                 base of a supported family (`dp_diffusers.families`: this pipeline's own layout, diffusers'
-                `LDMPipeline` or `DiTPipeline`), loaded by that family's diffusers pipeline class.
+                `LDMPipeline`, `DiTPipeline` or `StableDiffusionPipeline`), loaded by that family's diffusers
+                pipeline class.
             kwargs:
                 Passed to [`~DiffusionPipeline.from_pretrained`]. For an adapter, `revision` is the adapter repo's;
                 the base is loaded at the revision the adapter records.
@@ -430,6 +439,31 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
     def num_classes(self) -> int | None:
         return LatentDenoiser(self.unet, self.class_embedder, self.class_rows).num_classes
 
+    @property
+    def is_text_to_image(self) -> bool:
+        """Whether the model is conditioned on prompts (a Stable Diffusion base and its adapters)."""
+        return self.text_encoder is not None
+
+    def text_pipeline(self) -> StableDiffusionPipeline:
+        """diffusers' ``StableDiffusionPipeline`` over this pipeline's own modules (same weights, same loaded LoRA
+        adapters, no safety checker): prompts are encoded and sampled exactly as diffusers does it."""
+        if not self.is_text_to_image:
+            raise ValueError("This model has no text encoder: it is not text-to-image.")
+        view = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=self.unet, scheduler=self.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        view.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return view
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str], device: torch.device | None = None) -> torch.Tensor:
+        """The (B, L, D) text context of ``prompt`` (``""``: the empty prompt, the null of classifier-free
+        guidance), as ``StableDiffusionPipeline`` encodes a prompt for sampling: what training conditions on."""
+        context, _ = self.text_pipeline().encode_prompt(
+            prompt, device or self._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return context
+
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (e.g. ``["3", "7"]``; for a DiT base also one of a name's synonyms) to class ids."""
         names = [label] if isinstance(label, str) else list(label)
@@ -473,6 +507,8 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
     def __call__(
         self,
         class_labels: int | list[int] | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         batch_size: int | None = None,
         num_inference_steps: int = 50,
@@ -487,6 +523,8 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
 
         Args:
             class_labels: class ids (use [`get_label_ids`] for names); ``None`` for unconditional models.
+            prompt, negative_prompt: for text-to-image models (Stable Diffusion bases), sampled by
+                [`text_pipeline`] with the other arguments: the images of diffusers' `StableDiffusionPipeline`.
             num_images_per_prompt: images per class label.
             batch_size: number of images for unconditional models (default 1).
             num_inference_steps: denoising steps.
@@ -497,6 +535,16 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
             generator: a seeded ``torch.Generator`` makes the output reproducible.
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
         """
+        if self.is_text_to_image or prompt is not None:
+            if not self.is_text_to_image or prompt is None or class_labels is not None:
+                kind = "text-to-image: pass prompt" if self.is_text_to_image else "not text-to-image: pass no prompt"
+                raise ValueError(f"This model is {kind}.")
+            out = self.text_pipeline()(
+                prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, generator=generator,
+                latents=latents, output_type=output_type,
+            )  # fmt: skip
+            return ImagePipelineOutput(images=out.images) if return_dict else (out.images,)
         if isinstance(class_labels, int):
             class_labels = [class_labels]
         self._check_class_labels(class_labels)

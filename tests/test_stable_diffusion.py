@@ -1,0 +1,160 @@
+"""Text-to-image DP-LoRA on Stable Diffusion bases, as a user meets it: a base folder in the layout
+``StableDiffusionPipeline.save_pretrained`` writes (a tiny CLIP text encoder and tokenizer built locally), private
+images with captions trained through train_dp_lora.py, the adapter loaded the standard diffusers way."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from helpers import TEXT_DIM, TEXT_LENGTH, base_args, caption_folder, digit_folder, save_sd_base, train
+from huggingface_hub import ModelCard
+
+from dp_diffusers import DiffusionLoss, DPLDMPipeline
+from dp_diffusers.constants import ADAPTER_CONFIG_NAME, DP_REPORT_NAME, SAMPLES_NAME
+from dp_diffusers.data import DataError, caption_contexts, dataset_captions, load_image_dataset
+from dp_diffusers.families import UnsupportedBaseError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: Private captions: none of these words may appear in anything the run writes or logs.
+SECRET = "zebracrossing"
+PROMPTS = ["a public prompt", "another one"]
+
+
+def sd_images(pipe, prompts=PROMPTS):
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt=prompts, num_inference_steps=3, guidance_scale=4.0, generator=generator,
+                output_type="np").images  # fmt: skip
+
+
+def captioned(tmp_path, n=30):
+    return caption_folder(tmp_path / "data", [f"{SECRET} number {i}" for i in range(n)])
+
+
+def sd_args(base, out, data, **flags):
+    # sigma given: the accountant's calibration is tested elsewhere and costs seconds a run
+    defaults = {"--train_data_dir": data, "--max_train_samples": None, "--batch_size": 10, "--max_train_steps": 2,
+                "--learning_rate": 0.1, "--noise_multiplier": 1.0}  # fmt: skip
+    return base_args(base, out, **{**defaults, **flags})
+
+
+def test_sd_base_samples_as_diffusers_stable_diffusion_pipeline(tiny_sd_base):
+    reference = sd_images(StableDiffusionPipeline.from_pretrained(tiny_sd_base))
+    pipe = DPLDMPipeline.from_pretrained(tiny_sd_base)
+    assert pipe.base_family == "stable-diffusion" and pipe.is_text_to_image and pipe.num_classes is None
+    np.testing.assert_array_equal(sd_images(pipe), reference)
+    with pytest.raises(ValueError, match="text-to-image: pass prompt"):
+        pipe(class_labels=[0], num_inference_steps=1)
+    assert pipe.encode_prompt(["", "a b"]).shape == (2, TEXT_LENGTH, TEXT_DIM)
+
+
+def test_sd_adapter_loads_with_standard_load_lora_weights_and_leaks_no_caption(tiny_sd_base, tmp_path, caplog):
+    out = tmp_path / "adapter"
+    with caplog.at_level("DEBUG"):
+        train(sd_args(tiny_sd_base, out, captioned(tmp_path), **{"--samples_per_class": 1,
+                                                                   "--validation_prompt": PROMPTS[0]}))  # fmt: skip
+    report = json.loads((out / DP_REPORT_NAME).read_text())
+    assert report["steps"] == 2 and report["dataset_size"] == 30
+    adapted = report["adapted_modules"]
+    assert any(name.endswith("attn1.to_q") for name in adapted) and any(name.endswith("attn2.to_k") for name in adapted)
+    config = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
+    assert config["base_family"] == "stable-diffusion" and config["validation_prompts"] == [PROMPTS[0]]
+    assert (out / SAMPLES_NAME).is_file()
+
+    # the call every SD user knows gives the images of DPLDMPipeline.from_pretrained(adapter)
+    standard = StableDiffusionPipeline.from_pretrained(tiny_sd_base)
+    standard.load_lora_weights(out)
+    tuned = sd_images(DPLDMPipeline.from_pretrained(out))
+    np.testing.assert_array_equal(sd_images(standard), tuned)
+    assert not np.array_equal(tuned, sd_images(StableDiffusionPipeline.from_pretrained(tiny_sd_base)))
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "text-to-image" and card.data.widget == [{"text": PROMPTS[0]}]
+    assert card.data.dp_epsilon == report["epsilon"] and "load_lora_weights" in card.text
+    # captions are private: nothing written or logged holds one
+    written = [path for path in out.rglob("*") if path.is_file() and path.suffix in {".json", ".md", ".txt"}]
+    assert written and not any(SECRET in path.read_text() for path in written)
+    assert SECRET not in caplog.text
+
+
+def test_v_prediction_base_and_caption_template(tmp_path):
+    """An SD 2.x-style base (v-prediction) trains on labelled images captioned from a template."""
+    base = save_sd_base(tmp_path / "sd2", prediction_type="v_prediction")
+    data = digit_folder(tmp_path / "digits", ["cat", "dog"])
+    out = tmp_path / "adapter"
+    train(sd_args(base, out, data, **{"--caption_template": "a photo of a {label}"}))
+    assert json.loads((out / DP_REPORT_NAME).read_text())["steps"] == 2
+    config = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
+    assert config["caption_template"] == "a photo of a {label}" and config["id2label"] is None
+    pipe = DPLDMPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert sd_images(pipe, ["a photo of a cat"]).shape == (1, 16, 16, 3)
+
+
+def test_caption_contexts_are_the_pipeline_s_prompt_encoding_and_cached(tiny_sd_base, tmp_path):
+    pipe = DPLDMPipeline.from_pretrained(tiny_sd_base)
+    captions = ["a b", "c", "a photo of a dog"]
+    contexts = caption_contexts(pipe, captions, cache_dir=str(tmp_path), batch_size=2)
+    torch.testing.assert_close(contexts, pipe.encode_prompt(captions), rtol=0, atol=0)
+    assert len(list(tmp_path.glob("latents-text-*.npy"))) == 1
+    torch.testing.assert_close(caption_contexts(pipe, captions, cache_dir=str(tmp_path)), contexts, rtol=0, atol=0)
+
+
+def test_caption_dropout_is_per_row_inside_the_loss():
+    """Caption dropout is the loss's own per-row draw (so, under DP, inside each example's clipped gradient, and
+    per noise-multiplicity copy): dropped rows see exactly the empty prompt's context."""
+    seen = []
+
+    def model(noisy, timesteps, condition):
+        seen.append(condition)
+        return torch.zeros_like(noisy)
+
+    from diffusers import DDPMScheduler
+
+    null = torch.full((1, TEXT_LENGTH, TEXT_DIM), 7.0)
+    contexts = torch.randn(400, TEXT_LENGTH, TEXT_DIM)
+    loss = DiffusionLoss(DDPMScheduler(), null_context=null, label_dropout=0.25)
+    torch.manual_seed(0)
+    loss(model, torch.randn(400, 4, 8, 8), contexts)
+    dropped = (seen[0] == 7.0).flatten(1).all(1)
+    kept = (seen[0] == contexts).flatten(1).all(1)
+    assert bool((dropped ^ kept).all()) and 70 < int(dropped.sum()) < 130  # ~100 of 400 rows, each on its own
+
+
+def test_bad_text_inputs_fail_before_anything_is_written(tiny_sd_base, tmp_path):
+    data = captioned(tmp_path, n=12)
+    labelled = digit_folder(tmp_path / "labelled", ["cat", "dog"])
+    empty = caption_folder(tmp_path / "empty-caption", ["fine", " ", "fine too"] * 4)
+    no_tokenizer = save_sd_base(tmp_path / "no-tokenizer")
+    index = json.loads((no_tokenizer / "model_index.json").read_text())
+    (no_tokenizer / "model_index.json").write_text(json.dumps({**index, "tokenizer": [None, None]}))
+    incomplete = save_sd_base(tmp_path / "incomplete")
+    for file in (incomplete / "text_encoder").iterdir():
+        file.unlink()
+    (incomplete / "text_encoder").rmdir()
+    cases = [
+        (tiny_sd_base, data, {"--caption_column": "caption"}, DataError, "'caption' is not a column"),
+        (tiny_sd_base, labelled, {}, DataError, "needs captions.*--caption_template"),
+        (tiny_sd_base, labelled, {"--caption_template": "a photo"}, DataError, "has no '\\{label\\}'"),
+        (tiny_sd_base, empty, {}, DataError, "Captions of rows 1, 4, 7, 10 are empty"),
+        (tiny_sd_base, data, {"--train_class_embedding": True}, DataError, "not \\(yet\\) supported on text"),
+        (no_tokenizer, data, {}, UnsupportedBaseError, "without \\['tokenizer'\\]"),
+        (incomplete, data, {}, FileNotFoundError, "\\['text_encoder'\\].*no such folders"),
+    ]
+    for i, (base, folder, flags, error, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        with pytest.raises(error, match=message):
+            train(sd_args(base, out, folder, **{"--batch_size": 4, **flags}))
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_captions_come_from_the_column_or_the_template():
+    data = load_image_dataset("private-digits").select(range(3))
+    assert dataset_captions(data, caption_template="a {label}", label_column="label") == [
+        f"a {name}" for name in (data.features["label"].int2str(v) for v in data["label"])
+    ]
+    with pytest.raises(DataError, match="needs labelled data"):
+        dataset_captions(data.remove_columns("label"), caption_template="a {label}")
