@@ -42,6 +42,9 @@ class DPLoRAConfig:
     canaries: dict[str, int] | None = field(
         default=None, metadata={"help": "{num_canaries, seed, resolution} of the audit canaries trained on."}
     )
+    caption_column: str | None = field(
+        default=None, metadata={"help": "Text bases: the data's caption column (None: 'text', or the template)."}
+    )
     caption_template: str | None = field(
         default=None, metadata={"help": "Text bases: the --caption_template captions were made from labels with."}
     )

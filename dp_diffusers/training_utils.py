@@ -89,7 +89,12 @@ def resume_step(accelerator: Accelerator, args: argparse.Namespace) -> int:
 def add_evaluation_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The evaluation flags, one spelling for ``train_dp_lora.py --evaluate`` and ``dp-diffusers evaluate``
     (``dp_diffusers.evaluation.evaluate.evaluate_from_args`` reads them)."""
-    parser.add_argument("--eval_samples_per_class", type=int, default=100, help="Generated images per class.")
+    parser.add_argument(
+        "--eval_samples_per_class",
+        type=int,
+        default=100,
+        help="Generated images per class (a text model with captions but no classes: one per held-out caption).",
+    )
     parser.add_argument("--eval_inference_steps", type=int, default=50, help="Denoising steps of those images.")
     parser.add_argument("--fid_inception_path", type=str, default=None, help="inception-2015-12-05.pt for FID.")
     parser.add_argument(

@@ -114,3 +114,37 @@ def test_build_demo_has_the_controls_and_the_epsilon_element(app, model):
     demo = app.build_demo(model)
     elem_ids = {block.elem_id for block in demo.blocks.values()}
     assert {"generate", "gallery", app.EPSILON_ELEM_ID, "privacy-summary"} <= elem_ids
+
+
+def test_a_text_to_image_adapter_gets_a_prompt_box_and_scale_zero_is_the_public_sd_base(app, tiny_sd_base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from helpers import base_args, caption_folder, train
+
+    data = caption_folder(tmp_path / "data", [f"private caption {i}" for i in range(20)])
+    out = tmp_path / "sd-adapter"
+    train(base_args(tiny_sd_base, out, **{"--train_data_dir": data, "--max_train_samples": None, "--batch_size": 10,
+                                          "--max_train_steps": 2, "--learning_rate": 0.1, "--noise_multiplier": 1.0,
+                                          "--validation_prompt": "a public prompt"}))  # fmt: skip
+    model = app.load_model(out, device="cpu")
+    model.pipe.set_progress_bar_config(disable=True)
+    assert model.text_to_image and model.class_names == [] and model.prompts == ["a public prompt"]
+
+    def standard(adapter: bool) -> np.ndarray:
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_base)
+        if adapter:
+            pipe.load_lora_weights(out)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe("a cat", num_images_per_prompt=2, num_inference_steps=3, guidance_scale=3.0,
+                      generator=torch.Generator().manual_seed(5)).images  # fmt: skip
+        return arrays(images)
+
+    def scaled(lora_scale: float) -> np.ndarray:
+        return arrays(app.generate(model, None, 2, seed=5, num_inference_steps=3, lora_scale=lora_scale,
+                                   prompt="a cat"))  # fmt: skip
+
+    assert np.array_equal(scaled(0.0), standard(adapter=False))
+    assert np.array_equal(scaled(1.0), standard(adapter=True))
+    with pytest.raises(ValueError, match="Enter a prompt"):
+        app.generate(model, None, prompt=" ")
+    elem_ids = {block.elem_id for block in app.build_demo(model).blocks.values()}
+    assert {"prompt", "generate", app.EPSILON_ELEM_ID} <= elem_ids

@@ -158,3 +158,34 @@ def test_captions_come_from_the_column_or_the_template():
     ]
     with pytest.raises(DataError, match="needs labelled data"):
         dataset_captions(data.remove_columns("label"), caption_template="a {label}")
+
+
+def test_evaluate_a_text_adapter_on_template_prompts_and_each_example_s_own_caption(
+    tiny_sd_base, tmp_path, monkeypatch
+):
+    """--evaluate on a text adapter: synthetic digits from the template's class prompts feed the downstream
+    classifier; the audit scores every member and non-member under the context of its own caption."""
+    from dp_diffusers.evaluation import evaluate as evaluate_module
+
+    audited = []
+    real_audit = evaluate_module.audit
+    monkeypatch.setattr(evaluate_module, "audit", lambda *a, **kw: audited.append(a) or real_audit(*a, **kw))
+    out = tmp_path / "adapter"
+    template = "a photo of the digit {label}"
+    flags = {"--dataset_name": "private-digits", "--max_train_samples": 40, "--caption_template": template,
+             "--evaluate": True, "--eval_samples_per_class": 1, "--eval_inference_steps": 1}  # fmt: skip
+    train(sd_args(tiny_sd_base, out, None, **flags))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["downstream_accuracy"]["num_synthetic"] == 10 and metrics["downstream_accuracy"]["num_test"] == 360
+    audit_result = metrics["membership_auc"]
+    assert audit_result["num_members"] == 40 and audit_result["num_nonmembers"] == 360
+    assert 0 <= audit_result["public_base_auc"] <= 1  # the base (adapter off) under the same captions
+
+    _, member_contexts, _, nonmember_contexts = audited[0][1:5]
+    test = load_image_dataset("private-digits", split="test")
+    pipe = DPLDMPipeline.from_pretrained(tiny_sd_base)
+    own = pipe.encode_prompt([template.format(label=test.features["label"].int2str(v)) for v in test["label"][:5]])
+    torch.testing.assert_close(nonmember_contexts[:5], own)
+    assert member_contexts.shape == (40, TEXT_LENGTH, TEXT_DIM)
+    card = ModelCard.load(out / "README.md")
+    assert {r.task_name for r in card.data.eval_results} == {"Text-to-image generation"}

@@ -322,7 +322,7 @@ def main(argv=None):
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
     captions = None
     if pipe.is_text_to_image:  # conditioned on captions (private data), encoded below by the public text encoder
-        unsupported = [flag for flag, given in (("--num_canaries", args.num_canaries), ("--evaluate", args.evaluate),
+        unsupported = [flag for flag, given in (("--num_canaries", args.num_canaries),
                                                 ("--train_class_embedding", args.train_class_embedding)) if given]
         if unsupported:
             raise DataError(f"{', '.join(unsupported)}: not (yet) supported on text-to-image bases.")
@@ -582,6 +582,7 @@ def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: DPRe
         train_subset=None if args.max_train_samples is None else {"max_samples": args.max_train_samples,
                                                                    "seed": args.seed},  # fmt: skip
         canaries=_canaries_record(args, pipe),
+        caption_column=args.caption_column if pipe.is_text_to_image else None,
         caption_template=args.caption_template if pipe.is_text_to_image else None,
         validation_prompts=args.validation_prompt if pipe.is_text_to_image else None,
     )

@@ -20,6 +20,8 @@ from ..adapter_config import DPLoRAConfig
 from ..constants import METRICS_NAME
 from ..data import (
     DataError,
+    caption_contexts,
+    dataset_captions,
     dataset_to_tensors,
     encode_latents,
     label_names,
@@ -37,16 +39,17 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def generate_labelled(pipe, class_ids: list[int], per_class: int, num_inference_steps: int, seed: int,
+def generate_labelled(pipe, conditions: list[int] | list[str], per_class: int, num_inference_steps: int, seed: int,
                       batch: int = 250):  # fmt: skip
-    """``per_class`` samples of each class id in ``class_ids`` (the model's ids): images (N, C, H, W) in [-1, 1]
-    and labels (N,) as *positions* in ``class_ids``, the data set's own class order."""
+    """``per_class`` samples of each condition: the model's class ids, or a text model's prompts. Images
+    (N, C, H, W) in [-1, 1] and labels (N,) as *positions* in ``conditions`` (the data set's own class order)."""
     generator = torch.Generator().manual_seed(seed)
-    positions = torch.arange(len(class_ids)).repeat_interleave(per_class)
+    positions = torch.arange(len(conditions)).repeat_interleave(per_class)
+    key = "prompt" if conditions and isinstance(conditions[0], str) else "class_labels"
     images = []
     for chunk in positions.split(batch):
-        ids = [class_ids[i] for i in chunk.tolist()]
-        out = pipe(class_labels=ids, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
+        chosen = [conditions[i] for i in chunk.tolist()]
+        out = pipe(**{key: chosen}, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
         images.append(out.images * 2 - 1)
     return torch.cat(images).clamp(-1, 1), positions
 
@@ -157,31 +160,41 @@ def evaluate_adapter(
     vae = pipe.vae
     resolution, channels = vae.config.sample_size, vae.config.in_channels
     names = None  # the data set's class names (its test split's), in its own order
+    text = pipe.is_text_to_image
+    template = config.caption_template if config is not None else None
 
     def split(name, subset=None):
+        """(pixels, label positions in ``names`` or None, captions (text models) or None) of a split."""
         nonlocal names
         data = load_image_dataset(dataset_name, split=name)
         if subset:
             data = seeded_subset(data, subset["max_samples"], subset["seed"])
         image_column, label_column = resolve_columns(data)
         names = names or label_names(data, label_column)
-        return dataset_to_tensors(data, resolution, channels, image_column, label_column, names)
+        pixels, labels = dataset_to_tensors(data, resolution, channels, image_column, label_column, names)
+        column = config.caption_column if config is not None else None
+        captions = dataset_captions(data, column, template, label_column) if text else None
+        return pixels, labels, captions
 
-    (test_x, test_y), (train_x, train_y) = split(test_split), split(train_split)
+    (test_x, test_y, test_c), (train_x, train_y, train_c) = split(test_split), split(train_split)
     subset = config.train_subset if config is not None else None
     if audit_reference is not None and (reference_subset := _train_subset(audit_reference)) != subset:
         raise ValueError(
             f"The audit reference {audit_reference} trained on other examples ({reference_subset}) than "
             f"{adapter_dir} ({subset}): its members differ, so its AUC would not be comparable."
         )
-    member_x, member_y = split(train_split, subset) if subset else (train_x, train_y)
+    member_x, member_y, member_c = split(train_split, subset) if subset else (train_x, train_y, train_c)
     sampler = f"{type(pipe.scheduler).__name__}, {num_inference_steps} steps"
     metrics = {}
-    if pipe.num_classes is not None:  # class-conditional: the data's classes, by name, are the model's
+    class_ids = None
+    # the model's condition for each of the data's classes: class ids by name, or the template's prompts
+    if pipe.num_classes is not None:
         if names is None:
             raise DataError(f"{dataset_name!r} has no labels: a class-conditional model is evaluated on labelled data.")
         class_ids = pipe.get_label_ids(names)
-        synthetic_x, synthetic_y = generate_labelled(pipe, class_ids, samples_per_class, num_inference_steps, seed)
+    conditions = [template.format(label=n) for n in names] if text and template and names else class_ids
+    if conditions is not None:
+        synthetic_x, synthetic_y = generate_labelled(pipe, conditions, samples_per_class, num_inference_steps, seed)
         downstream = downstream_accuracy(
             synthetic_x, synthetic_y, train_x, train_y, test_x, test_y, len(names), seed=seed
         )
@@ -194,23 +207,31 @@ def evaluate_adapter(
             "sampler": sampler,
             "dataset": f"{dataset_name} ({test_split} split, held out)",
         }
+    elif text:  # captions without classes: one image per held-out caption (FID's images), no classifier
+        logger.warning("Downstream accuracy skipped: the captions carry no classes (no --caption_template).")
+        synthetic_x, _ = generate_labelled(pipe, test_c, 1, num_inference_steps, seed)
     else:  # unconditional (CompVis LDMs): no labelled samples to train a classifier on; FID and the audit only
         logger.warning("Downstream accuracy skipped: the model is unconditional, its samples have no labels.")
         synthetic_x = generate_unconditional(
             pipe, samples_per_class * len(names or [None]), num_inference_steps, seed
         )
-        class_ids = None
 
-    def model_labels(positions: torch.Tensor | None) -> torch.Tensor | None:
-        """The model's class ids of data-set label positions (``None`` for an unconditional model)."""
+    def model_conditions(positions: torch.Tensor | None, captions: list[str] | None) -> torch.Tensor | None:
+        """What the model is conditioned on for these examples: each one's caption context (text models), the
+        model's class ids of their label positions, or ``None`` (unconditional)."""
+        if text:
+            return caption_contexts(pipe, captions)
         return None if positions is None or class_ids is None else torch.tensor(class_ids)[positions]
 
     # Membership audit: every held-out example is a non-member; members are examples the run trained on, at
-    # most as many as the non-members (a random part of a large train split, all of a small subset).
+    # most as many as the non-members (a random part of a large train split, all of a small subset). A text
+    # model scores each example under its own caption.
     members = torch.randperm(len(member_x), generator=torch.Generator().manual_seed(seed))[: len(test_x)]
     member_latents = encode_latents(vae, member_x[members])
-    member_labels = model_labels(None if member_y is None else member_y[members])
-    nonmember_latents, nonmember_labels = encode_latents(vae, test_x), model_labels(test_y)
+    member_labels = model_conditions(
+        None if member_y is None else member_y[members], [member_c[i] for i in members.tolist()] if text else None
+    )
+    nonmember_latents, nonmember_labels = encode_latents(vae, test_x), model_conditions(test_y, test_c)
     sets = (member_latents, member_labels, nonmember_latents, nonmember_labels)
     base_loss_fn = None
     if adapted:

@@ -34,7 +34,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor
 def _check_inputs(latents: torch.Tensor, labels: torch.Tensor | None, name: str) -> None:
     if latents.ndim < 2 or len(latents) == 0:
         raise ValueError(f"{name} latents must be a non-empty (N, ...) tensor, got shape {tuple(latents.shape)}")
-    if labels is not None and (labels.ndim != 1 or len(labels) != len(latents)):
+    if labels is not None and (labels.ndim == 0 or len(labels) != len(latents)):
         raise ValueError(f"{name}: {len(latents)} latents but labels of shape {tuple(labels.shape)}")
 
 
@@ -49,7 +49,8 @@ def denoising_loss_scores(
 ) -> torch.Tensor:
     """Per-example denoising loss, averaged over ``timesteps``; lower means more member-like.
 
-    ``loss_fn(latents, labels, timesteps, noise)`` returns the per-example loss ``(B,)`` of the model
+    ``loss_fn(latents, labels, timesteps, noise)`` (labels: class ids (N,), or a text model's caption contexts
+    (N, L, D), each example's own) returns the per-example loss ``(B,)`` of the model
     under audit (e.g. the MSE of the UNet's noise prediction); ``timesteps`` is a ``(B,)`` long tensor
     and ``noise`` has the shape of ``latents``. For each timestep one noise tensor is drawn from a
     generator seeded with ``seed`` and shared by all examples. Returns a float CPU tensor ``(N,)``.

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Hugging Face Spaces demo of a DP-LoRA adapter: class-conditional samples, the public base next to the private
-fine-tune (LoRA scale 0 to 1), and the adapter's privacy guarantee and evaluation.
+"""Hugging Face Spaces demo of a DP-LoRA adapter: class-conditional samples (a class picker) or, for a Stable
+Diffusion adapter, text-to-image samples (a prompt box), the public base next to the private fine-tune (LoRA scale
+0 to 1), and the adapter's privacy guarantee and evaluation.
 
 Run locally: ``python examples/space/app.py --adapter outputs/dp-lora-eps10`` (the ``make demo`` output, the
 default). On a Space, set ``DP_LDM_ADAPTER`` to the adapter's Hub id (the base it names is loaded with it).
@@ -22,6 +23,7 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 
 from dp_diffusers import ClassEmbedder, DPLDMPipeline
+from dp_diffusers.adapter_config import DPLoRAConfig
 from dp_diffusers.constants import CARD_NAME, DP_REPORT_NAME, METRICS_NAME
 from dp_diffusers.hub import load_dp_report, load_metrics
 
@@ -47,7 +49,8 @@ class AdapterLoadError(RuntimeError):
 @dataclass
 class SpaceModel:
     """A loaded adapter: the pipeline with the LoRA as adapter ``ADAPTER_NAME``, and the class conditioning
-    (class embedding, class name -> id) of the private fine-tune and of the public base."""
+    (class embedding, class name -> id) of the private fine-tune and of the public base (none for a text-to-image
+    adapter, which takes prompts; ``prompts``: its public validation prompts, the prompt box's examples)."""
 
     source: str
     pipe: DPLDMPipeline
@@ -55,7 +58,12 @@ class SpaceModel:
     labels: dict[str, int]
     base_embedder: ClassEmbedder | None
     base_labels: dict[str, int]
+    prompts: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def text_to_image(self) -> bool:
+        return self.pipe.is_text_to_image
 
     @property
     def class_names(self) -> list[str]:
@@ -63,7 +71,9 @@ class SpaceModel:
 
 
 def _class_labels(pipe: DPLDMPipeline) -> dict[str, int]:
-    """Class name -> id; the ids themselves for a class-conditional model without names."""
+    """Class name -> id; the ids themselves for a class-conditional model without names; none for text-to-image."""
+    if pipe.is_text_to_image:
+        return {}
     if pipe.num_classes is None:
         raise ValueError("it is unconditional, and this demo samples class-conditional models")
     return dict(pipe.labels) or {str(i): i for i in range(pipe.num_classes)}
@@ -85,9 +95,12 @@ def load_model(source: str | os.PathLike, device: str | None = None) -> SpaceMod
         base_embedder, base_labels = pipe.class_embedder, _class_labels(pipe)
         pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME)
+        folder = Path(source).expanduser()
+        config = DPLoRAConfig.from_pretrained(folder) if DPLoRAConfig.is_adapter_folder(folder) else None
     except (OSError, ValueError) as err:
         raise AdapterLoadError(f"Cannot load the DP-LoRA adapter {source!r}: {err}") from err
-    return SpaceModel(source, pipe, pipe.class_embedder, labels, base_embedder, base_labels)
+    prompts = (config.validation_prompts or []) if config is not None else []
+    return SpaceModel(source, pipe, pipe.class_embedder, labels, base_embedder, base_labels, prompts)
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
@@ -97,14 +110,16 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
 
 def generate(
     model: SpaceModel,
-    class_name: str,
+    class_name: str | None,
     num_images: int = 4,
     seed: int = 0,
     num_inference_steps: int = 25,
     guidance_scale: float = 3.0,
     lora_scale: float = 1.0,
+    prompt: str | None = None,
 ) -> list[Image.Image]:
-    """Sample ``num_images`` images of ``class_name``, reproducibly per ``seed``.
+    """Sample ``num_images`` images of ``class_name`` (a text-to-image adapter: of ``prompt``), reproducibly per
+    ``seed``.
 
     ``lora_scale`` weights the LoRA layers: 0 is exactly the public base (with its own class embedding), 1 the
     private fine-tune; in between, the LoRA is scaled and an adapter's trained class embedding is used.
@@ -118,6 +133,18 @@ def generate(
     _check_range("The LoRA scale", lora_scale, 0.0, 1.0)
     _check_range("The seed", seed, 0, 2**63 - 1)
     public = lora_scale == 0
+    if model.text_to_image:
+        if not prompt or not prompt.strip():
+            raise ValueError("Enter a prompt: this is a text-to-image adapter.")
+        with model.lock:
+            model.pipe.set_adapters(ADAPTER_NAME, float(lora_scale))
+            return model.pipe(
+                prompt=[prompt],
+                num_images_per_prompt=int(num_images),
+                num_inference_steps=int(num_inference_steps),
+                guidance_scale=float(guidance_scale),
+                generator=torch.Generator().manual_seed(int(seed)),
+            ).images
     labels = model.base_labels if public else model.labels
     if class_name not in labels:
         known = "the public base (LoRA scale 0)" if public and class_name in model.labels else "this model"
@@ -199,7 +226,7 @@ def build_demo(model: SpaceModel, summary: dict[str, Any] | None = None) -> gr.B
     summary = summary if summary is not None else privacy_summary(model.source)
 
     def on_generate(
-        class_name: str,
+        condition: str,
         num_images: float,
         seed: float,
         steps: float,
@@ -208,7 +235,9 @@ def build_demo(model: SpaceModel, summary: dict[str, Any] | None = None) -> gr.B
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to show progress)
     ) -> list[Image.Image]:
         try:
-            return generate(model, class_name, num_images, seed, steps, guidance_scale, lora_scale)
+            if model.text_to_image:
+                return generate(model, None, num_images, seed, steps, guidance_scale, lora_scale, prompt=condition)
+            return generate(model, condition, num_images, seed, steps, guidance_scale, lora_scale)
         except ValueError as err:
             raise gr.Error(str(err)) from err
 
@@ -220,7 +249,10 @@ def build_demo(model: SpaceModel, summary: dict[str, Any] | None = None) -> gr.B
         )
         with gr.Row():
             with gr.Column(scale=1):
-                class_name = gr.Dropdown(model.class_names, value=model.class_names[0], label="Class")
+                if model.text_to_image:
+                    condition = gr.Textbox(value=(model.prompts or [""])[0], label="Prompt", elem_id="prompt")
+                else:
+                    condition = gr.Dropdown(model.class_names, value=model.class_names[0], label="Class")
                 num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Inference steps")
@@ -233,7 +265,7 @@ def build_demo(model: SpaceModel, summary: dict[str, Any] | None = None) -> gr.B
                 gr.Markdown(summary_markdown(summary), elem_id="privacy-summary")
         button.click(
             on_generate,
-            inputs=[class_name, num_images, seed, steps, guidance, lora_scale],
+            inputs=[condition, num_images, seed, steps, guidance, lora_scale],
             outputs=gallery,
             concurrency_limit=1,
         )
