@@ -189,3 +189,26 @@ def test_evaluate_a_text_adapter_on_template_prompts_and_each_example_s_own_capt
     assert member_contexts.shape == (40, TEXT_LENGTH, TEXT_DIM)
     card = ModelCard.load(out / "README.md")
     assert {r.task_name for r in card.data.eval_results} == {"Text-to-image generation"}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_one_enormous_captioned_example_moves_the_adapter_by_at_most_lr_c_over_b(k):
+    """Sensitivity with text context: an example whose latents and caption context are both enormous still moves
+    the update by exactly lr * C / B (noise off), its k copies averaged before the one clip."""
+    from helpers import fixed_loss, lora_denoiser, private
+    from torch.utils.data import TensorDataset
+
+    from dp_diffusers.privacy import private_backward
+
+    torch.manual_seed(0)
+    model = lora_denoiser("text", "attention")
+    data = TensorDataset(torch.randn(64, 4, 8, 8), torch.randn(64, TEXT_LENGTH, TEXT_DIM))
+    lr, clip = 0.5, 1e-7
+    dp, _ = private(model, data, sigma=0.0, clip=clip, batch=8, k=k, lr=lr, planned_steps=10)
+    _, loss_fn = fixed_loss(torch.randint(0, 1000, (k,)), torch.randn(k, 4, 8, 8))
+    private_backward(dp.model, dp.optimizer, loss_fn, torch.randn(1, 4, 8, 8) * 1e4,
+                     torch.randn(1, TEXT_LENGTH, TEXT_DIM) * 1e4)  # fmt: skip
+    dp.optimizer.step()
+    moved = lr * torch.sqrt(sum((p.grad.double() ** 2).sum() for p in dp.optimizer.params))
+    bound = lr * clip / dp.optimizer.expected_batch_size
+    assert bound * 0.99 <= moved <= bound * (1 + 1e-4)
