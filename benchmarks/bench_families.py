@@ -81,8 +81,9 @@ def build(family: str, rank: int, seed: int, scale: str = "tiny", mixed_precisio
             if "lora_B" in name:
                 param.normal_(0, 0.02)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    backbone.to(dtype=dtype)
-    cast_training_params(backbone, dtype=torch.float32)
+    if dtype != torch.float32:
+        backbone.to(dtype=dtype)
+        cast_training_params(backbone, dtype=torch.float32)
     if gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195)

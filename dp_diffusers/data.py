@@ -261,6 +261,16 @@ def make_canaries(
     return pixels[:num_canaries], labels[:num_canaries], pixels[num_canaries:], labels[num_canaries:]
 
 
+def canary_captions(num_canaries: int, seed: int, words: int = 4) -> tuple[list[str], list[str]]:
+    """``(inserted, heldout)``: ``num_canaries`` random captions each for a text model's canaries (as
+    :func:`make_canaries` draws their images): ``words`` random five-letter words, drawn from ``seed``, so that no
+    caption resembles a real one or another canary's; the same arguments rebuild them."""
+    generator = torch.Generator().manual_seed(seed + 1)  # not the images' stream
+    letters = torch.randint(0, 26, (2 * num_canaries, words, 5), generator=generator)
+    captions = [" ".join("".join(chr(97 + c) for c in word) for word in row) for row in letters.tolist()]
+    return captions[:num_canaries], captions[num_canaries:]
+
+
 def vae_scale_factor(vae) -> int:
     """Spatial downsampling factor of a diffusers autoencoder (``AutoencoderKL`` or ``VQModel``)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -140,7 +140,7 @@ def test_bad_text_inputs_fail_before_anything_is_written(tiny_sd_base, tmp_path)
         (tiny_sd_base, labelled, {}, DataError, "needs captions.*--caption_template"),
         (tiny_sd_base, labelled, {"--caption_template": "a photo"}, DataError, "has no '\\{label\\}'"),
         (tiny_sd_base, empty, {}, DataError, "Captions of rows 1, 4, 7, 10 are empty"),
-        (tiny_sd_base, data, {"--train_class_embedding": True}, DataError, "not \\(yet\\) supported on text"),
+        (tiny_sd_base, data, {"--train_class_embedding": True}, DataError, "no class embedding to train"),
         (no_tokenizer, data, {}, UnsupportedBaseError, "without \\['tokenizer'\\]"),
         (incomplete, data, {}, FileNotFoundError, "\\['text_encoder'\\].*no such folders"),
     ]
@@ -164,7 +164,8 @@ def test_evaluate_a_text_adapter_on_template_prompts_and_each_example_s_own_capt
     tiny_sd_base, tmp_path, monkeypatch
 ):
     """--evaluate on a text adapter: synthetic digits from the template's class prompts feed the downstream
-    classifier; the audit scores every member and non-member under the context of its own caption."""
+    classifier; the audit scores every member and non-member under the context of its own caption, and the run's
+    canaries (trained with random-word captions) against their never-trained twins."""
     from dp_diffusers.evaluation import evaluate as evaluate_module
 
     audited = []
@@ -173,13 +174,16 @@ def test_evaluate_a_text_adapter_on_template_prompts_and_each_example_s_own_capt
     out = tmp_path / "adapter"
     template = "a photo of the digit {label}"
     flags = {"--dataset_name": "private-digits", "--max_train_samples": 40, "--caption_template": template,
-             "--evaluate": True, "--eval_samples_per_class": 1, "--eval_inference_steps": 1}  # fmt: skip
+             "--evaluate": True, "--eval_samples_per_class": 1, "--eval_inference_steps": 1,
+             "--num_canaries": 4}  # fmt: skip
     train(sd_args(tiny_sd_base, out, None, **flags))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["downstream_accuracy"]["num_synthetic"] == 10 and metrics["downstream_accuracy"]["num_test"] == 360
     audit_result = metrics["membership_auc"]
     assert audit_result["num_members"] == 40 and audit_result["num_nonmembers"] == 360
     assert 0 <= audit_result["public_base_auc"] <= 1  # the base (adapter off) under the same captions
+    assert audit_result["num_canaries"] == 4 and 0 <= audit_result["canary_auc"] <= 1  # with random-word captions
+    assert json.loads((out / DP_REPORT_NAME).read_text())["dataset_size"] == 44  # the canaries count in N
 
     _, member_contexts, _, nonmember_contexts = audited[0][1:5]
     test = load_image_dataset("private-digits", split="test")
@@ -212,3 +216,11 @@ def test_one_enormous_captioned_example_moves_the_adapter_by_at_most_lr_c_over_b
     moved = lr * torch.sqrt(sum((p.grad.double() ** 2).sum() for p in dp.optimizer.params))
     bound = lr * clip / dp.optimizer.expected_batch_size
     assert bound * 0.99 <= moved <= bound * (1 + 1e-4)
+
+
+def test_canary_captions_are_random_words_rebuilt_from_the_seed():
+    from dp_diffusers.data import canary_captions
+
+    inserted, heldout = canary_captions(5, seed=3)
+    assert (inserted, heldout) == canary_captions(5, seed=3) and inserted != canary_captions(5, seed=4)[0]
+    assert len(set(inserted + heldout)) == 10 and all(len(c.split()) == 4 for c in inserted)

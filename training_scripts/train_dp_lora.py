@@ -42,6 +42,7 @@ from dp_diffusers.constants import (
 )
 from dp_diffusers.data import (
     DataError,
+    canary_captions,
     caption_contexts,
     check_resolution,
     dataset_captions,
@@ -322,10 +323,8 @@ def main(argv=None):
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
     captions = None
     if pipe.is_text_to_image:  # conditioned on captions (private data), encoded below by the public text encoder
-        unsupported = [flag for flag, given in (("--num_canaries", args.num_canaries),
-                                                ("--train_class_embedding", args.train_class_embedding)) if given]
-        if unsupported:
-            raise DataError(f"{', '.join(unsupported)}: not (yet) supported on text-to-image bases.")
+        if args.train_class_embedding:
+            raise DataError("--train_class_embedding: a text-to-image base has no class embedding to train.")
         captions = dataset_captions(dataset, args.caption_column, args.caption_template, label_column)
         names, id2label, class_ids = None, None, None
     elif args.caption_column is not None or args.caption_template is not None:
@@ -341,6 +340,8 @@ def main(argv=None):
             args.num_canaries, vae.config.in_channels, resolution, num_classes, args.seed
         )
         labels = None if labels is None else torch.cat([labels, canary_labels])
+        if captions is not None:  # a text model's canaries: random-word captions, trained on with their images
+            captions = captions + canary_captions(args.num_canaries, args.seed)[0]
     n = len(dataset) + args.num_canaries
     if n < args.batch_size:
         raise DataError(

@@ -20,6 +20,7 @@ from ..adapter_config import DPLoRAConfig
 from ..constants import METRICS_NAME
 from ..data import (
     DataError,
+    canary_captions,
     caption_contexts,
     dataset_captions,
     dataset_to_tensors,
@@ -251,6 +252,9 @@ def evaluate_adapter(
         inserted_x, inserted_y, heldout_x, heldout_y = make_canaries(
             canaries["num_canaries"], channels, canaries.get("resolution", resolution), label_range, canaries["seed"]
         )
+        if text:  # their random-word captions, as the run drew them
+            inserted_y, heldout_y = (caption_contexts(pipe, c) for c in canary_captions(canaries["num_canaries"],
+                                                                                         canaries["seed"]))  # fmt: skip
         canary_sets = (encode_latents(vae, inserted_x), inserted_y, encode_latents(vae, heldout_x), heldout_y)
         metrics["membership_auc"].update(_canary_audit(denoiser_loss_fn(pipe), canary_sets, seed, base_loss_fn))
     if audit_reference is not None:
