@@ -24,8 +24,10 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/run_demo.py --output_dir outputs
 
+# One pytest-xdist worker per core (the tiny models run single-threaded); a file's tests stay on one worker.
+TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -rs tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: install
 	$(PY) -m ruff check dp_diffusers training_scripts tests examples benchmarks

@@ -25,7 +25,8 @@ from dp_diffusers import ClassEmbedder, DPLDMPipeline  # noqa: E402
 from dp_diffusers.constants import METRICS_NAME  # noqa: E402
 from dp_diffusers.hub import write_model_card  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Under pytest-xdist (`make test`: one worker per core) each worker computes on one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 #: The metrics.json of the Space's adapter (no FID).
 SPACE_METRICS = {"downstream_accuracy": {"value": 0.75, "classifier": "logistic-regression"}, "membership_auc": 0.5125}
