@@ -305,14 +305,19 @@ def _unscaled_latents(vae, pixels: torch.Tensor, batch_size: int, generator: tor
     return torch.cat(out)
 
 
-def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256, mirrored: bool = False) -> torch.Tensor:
     """Encode images in [-1, 1] to *scaled* latents (the autoencoder's mean, times its scaling factor).
 
     The autoencoder is public and frozen, so encoding the private set once and caching the result
     is a deterministic pre-processing of each example: it costs no privacy and saves re-encoding.
+    ``mirrored``: (N, 2, c, h, w), each image's latents and its horizontal mirror's (``--random_flip``: the loss
+    picks one per row, see ``DiffusionLoss``).
     """
     scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-    return _unscaled_latents(vae, pixels, batch_size) * scaling
+    latents = _unscaled_latents(vae, pixels, batch_size) * scaling
+    if not mirrored:
+        return latents
+    return torch.stack([latents, _unscaled_latents(vae, pixels.flip(-1), batch_size) * scaling], dim=1)
 
 
 def latent_scaling_factor(vae, pixels: torch.Tensor, batch_size: int = 256, seed: int = 0) -> float:
@@ -332,11 +337,13 @@ def latent_scaling_factor(vae, pixels: torch.Tensor, batch_size: int = 256, seed
     return 1.0 / std
 
 
-def _dataset_key(dataset: Dataset, resolution: int, image_column: str, vae) -> str:
+def _dataset_key(dataset: Dataset, resolution: int, image_column: str, vae, mirrored: bool = False) -> str:
     """Cache key of a data set's latents: the data set's content fingerprint (``datasets``' own), its size, the
     transform and the autoencoder's identity (config and weights)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([dataset._fingerprint, len(dataset), resolution, image_column]).encode())
+    if mirrored:
+        digest.update(b"mirrored")
     digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     for tensor in vae.state_dict().values():
         digest.update(tensor.detach().cpu().numpy().tobytes())
@@ -374,9 +381,11 @@ def dataset_latents(
     image_column: str = "image",
     cache_dir: str | None = None,
     batch_size: int = 256,
+    mirrored: bool = False,
 ) -> torch.Tensor:
     """Scaled latents (N, c, h, w) of every image, encoded by the frozen public autoencoder in streamed batches:
-    only ``batch_size`` images' pixels exist at a time, never the whole set's.
+    only ``batch_size`` images' pixels exist at a time, never the whole set's. ``mirrored``: (N, 2, c, h, w), with
+    each image's horizontal mirror (:func:`encode_latents`).
 
     With ``cache_dir`` the latents are a memory-mapped ``latents-<key>.npy`` there (read back lazily, so a large
     set does not sit in memory either), keyed by the data set's content, the transform and the autoencoder's
@@ -386,12 +395,13 @@ def dataset_latents(
     """
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"latents-{_dataset_key(dataset, resolution, image_column, vae)}.npy"
+        path = Path(cache_dir) / f"latents-{_dataset_key(dataset, resolution, image_column, vae, mirrored)}.npy"
     if path is not None and path.exists():
         return torch.from_numpy(np.load(path, mmap_mode="c"))
     num_channels = vae.config.in_channels
     batches = _pixel_batches(dataset, resolution, num_channels, image_column, batch_size)
-    return _rows_to_array((encode_latents(vae, pixels, batch_size).numpy() for pixels in batches), len(dataset), path)
+    encoded = (encode_latents(vae, pixels, batch_size, mirrored).numpy() for pixels in batches)
+    return _rows_to_array(encoded, len(dataset), path)
 
 
 def dataset_captions(

@@ -224,3 +224,34 @@ def test_canary_captions_are_random_words_rebuilt_from_the_seed():
     inserted, heldout = canary_captions(5, seed=3)
     assert (inserted, heldout) == canary_captions(5, seed=3) and inserted != canary_captions(5, seed=4)[0]
     assert len(set(inserted + heldout)) == 10 and all(len(c.split()) == 4 for c in inserted)
+
+
+def test_random_flip_draws_the_image_or_its_mirror_per_row_and_trains_through_the_script(tiny_sd_base, tmp_path):
+    """--random_flip: each example's latents and its mirror's are encoded once; every row (each noise-multiplicity
+    copy too) trains on one of the two, drawn inside the loss, so inside that example's clipped gradient."""
+    from diffusers import DDPMScheduler
+
+    from dp_diffusers.data import encode_latents
+
+    pipe = DPLDMPipeline.from_pretrained(tiny_sd_base)
+    pixels = torch.rand(3, 3, 16, 16) * 2 - 1
+    pair = encode_latents(pipe.vae, pixels, mirrored=True)
+    torch.testing.assert_close(pair[:, 0], encode_latents(pipe.vae, pixels))
+    torch.testing.assert_close(pair[:, 1], encode_latents(pipe.vae, pixels.flip(-1)))
+
+    seen = []
+
+    def model(noisy, timesteps, condition):
+        seen.append(noisy)
+        return torch.zeros_like(noisy)
+
+    rows = torch.randn(200, 1, 1, 2, 2).repeat(1, 2, 1, 1, 1) * torch.tensor([1.0, -1.0]).view(1, 2, 1, 1, 1)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scheduler.add_noise = lambda latents, noise, timesteps: latents  # see the chosen latents themselves
+    DiffusionLoss(scheduler, use_labels=False, random_flip=True)(model, rows, None)
+    first = (seen[0] == rows[:, 0]).flatten(1).all(1)
+    assert bool((first ^ (seen[0] == rows[:, 1]).flatten(1).all(1)).all()) and 70 < int(first.sum()) < 130
+
+    out = tmp_path / "adapter"
+    train(sd_args(tiny_sd_base, out, captioned(tmp_path), **{"--random_flip": True, "--noise_multiplicity": 2}))
+    assert json.loads((out / DP_REPORT_NAME).read_text())["random_flip"] is True

@@ -94,7 +94,14 @@ def parse_args(argv=None):
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--output_dir", type=str, required=True)
     add_data_args(parser, default_dataset="private-digits")
-    parser.add_argument("--resolution", type=int, default=None, help="Default: the base autoencoder's.")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Default: the base autoencoder's (images are center-cropped)."
+    )
+    parser.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Encode each image and its horizontal mirror; every row of every step trains on one of them at random.",
+    )
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_rank", type=int, default=8)
@@ -404,9 +411,9 @@ def main(argv=None):
     # The public frozen autoencoder encodes the private images in streamed batches (no privacy cost); an unreadable
     # image fails here, with its index, before anything is trained or written.
     vae.to(accelerator.device)
-    latents = dataset_latents(dataset, vae, resolution, image_column, args.cache_dir)
+    latents = dataset_latents(dataset, vae, resolution, image_column, args.cache_dir, mirrored=args.random_flip)
     if canaries is not None:
-        latents = torch.cat([latents, encode_latents(vae, canaries)])
+        latents = torch.cat([latents, encode_latents(vae, canaries, mirrored=args.random_flip)])
     null_context = None
     if captions is not None:  # the conditions are the captions' (N, L, D) contexts; the null is the empty prompt's
         pipe.text_encoder.requires_grad_(False).to(accelerator.device)
@@ -425,6 +432,7 @@ def main(argv=None):
         null_class=null_class,
         label_dropout=dropout,
         null_context=null_context,
+        random_flip=args.random_flip,
     )
     if args.disable_dp:
         snapshot = [p.detach().clone() for p in trainable]
@@ -523,6 +531,7 @@ def main(argv=None):
             num_canaries=args.num_canaries or None,
             mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing,
+            random_flip=args.random_flip,
         )
         logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
         save_outputs(args, pipe, unet, class_embedder, names, id2label, report)

@@ -152,8 +152,10 @@ class DiffusionLoss:
     probability ``label_dropout`` (the training that makes classifier-free guidance work); for a text model
     (conditions are (B, L, D) contexts) ``null_context``, the empty prompt's (1, L, D) context, replaces a row's
     caption with that probability (caption dropout); ``snr_gamma`` weights
-    rows by Min-SNR (Hang et al. 2023, as diffusers' train_text_to_image.py). All of it is per row: a row's
-    draws change only its own loss, so under DP they stay inside that example's clipped gradient.
+    rows by Min-SNR (Hang et al. 2023, as diffusers' train_text_to_image.py); ``random_flip`` takes latents
+    (rows, 2, c, h, w), an image's and its mirror's, and uses one of the two per row at random (diffusers'
+    ``--random_flip``, drawn anew at every step and for every noise-multiplicity copy). All of it is per row: a
+    row's draws change only its own loss, so under DP they stay inside that example's clipped gradient.
     ``use_labels=False`` (an unconditional base) ignores the labels.
     """
 
@@ -166,6 +168,7 @@ class DiffusionLoss:
         label_dropout: float = 0.0,
         snr_gamma: float | None = None,
         null_context: torch.Tensor | None = None,
+        random_flip: bool = False,
     ):
         if label_dropout > 0 and null_class is None and null_context is None:
             raise ValueError("label_dropout needs a null class (or null context) to drop the conditions to.")
@@ -173,10 +176,14 @@ class DiffusionLoss:
         self.use_labels = use_labels
         self.null_class = null_class
         self.null_context = null_context
+        self.random_flip = random_flip
         self.label_dropout = label_dropout
         self.snr_gamma = snr_gamma
 
     def __call__(self, model: nn.Module, latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.random_flip:  # (rows, 2, c, h, w): each row's own pick of the image or its mirror
+            pick = torch.randint(0, 2, (len(latents),), device=latents.device)
+            latents = latents[torch.arange(len(latents), device=latents.device), pick]
         if not self.use_labels:
             labels = None
         elif self.label_dropout > 0:

@@ -55,6 +55,7 @@ class DPReport:
     num_canaries: int | None = field(default=None, metadata=_doc("audit canaries trained on, counted in N"))
     mixed_precision: str = field(default="no", metadata=_doc("precision of the frozen base"))
     gradient_checkpointing: bool = field(default=False, metadata=_doc("activations recomputed in the backward"))
+    random_flip: bool = field(default=False, metadata=_doc("each row drew the image or its mirror (per example)"))
     other_releases: list[dict[str, Any]] = field(
         default_factory=list,
         metadata=_doc("every other DP release of the run (mechanism, noise, its share of the budget); none so far"),
