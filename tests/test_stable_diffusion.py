@@ -255,3 +255,17 @@ def test_random_flip_draws_the_image_or_its_mirror_per_row_and_trains_through_th
     out = tmp_path / "adapter"
     train(sd_args(tiny_sd_base, out, captioned(tmp_path), **{"--random_flip": True, "--noise_multiplicity": 2}))
     assert json.loads((out / DP_REPORT_NAME).read_text())["random_flip"] is True
+
+
+def test_cli_samples_a_text_model_from_prompts(tiny_sd_base, tmp_path, capsys):
+    from PIL import Image
+
+    from dp_diffusers import cli
+
+    out = tmp_path / "grid.png"
+    cli.main(["sample", str(tiny_sd_base), "--prompts", "a cat", "a dog", "--num_images", "2",
+              "--num_inference_steps", "1", "--device", "cpu", "--out", str(out)])  # fmt: skip
+    assert Image.open(out).size[1] == 2 * 16 * 4  # two rows (one per prompt) of 16-pixel images upscaled 4x
+    with pytest.raises(SystemExit):
+        cli.main(["sample", str(tiny_sd_base), "--device", "cpu", "--out", str(out)])
+    assert "needs --prompts" in capsys.readouterr().err
