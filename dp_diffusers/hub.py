@@ -241,6 +241,24 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
+#: the card's evaluation task, by the base family's conditioning
+_TASK_NAMES = {
+    "class": "Class-conditional image generation",
+    "text": "Text-to-image generation",
+    "none": "Unconditional image generation",
+}
+
+
+def _conditioning(config: DPLoRAConfig | None) -> str:
+    """How the adapter's base is conditioned (its family's ``conditioning``); ``"class"`` without an adapter config
+    (a folder of an earlier version, or a plain LoRA)."""
+    if config is None:
+        return "class"
+    from .families import family_named
+
+    return family_named(config.base_family).conditioning
+
+
 def _evaluation(
     metrics: dict[str, dict[str, Any]], task_name: str
 ) -> tuple[list[EvalResult], list[tuple[str, str, str]]]:
@@ -289,7 +307,8 @@ def build_model_card(
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
 
     config = DPLoRAConfig.from_pretrained(folder) if DPLoRAConfig.is_adapter_folder(folder) else None
-    text_to_image = config is not None and config.base_family == "stable-diffusion"
+    conditioning = _conditioning(config)
+    text_to_image = conditioning == "text"
     prompts = (config.validation_prompts or []) if text_to_image else []  # public prompts, never training captions
     base_model = _base_model(folder, report)
     hub_base_model = base_model if base_model and _is_hub_id(base_model) else None
@@ -300,8 +319,7 @@ def build_model_card(
     else:
         base_model_text = "(unknown)"
 
-    task_name = "Text-to-image generation" if text_to_image else "Class-conditional image generation"
-    eval_results, eval_rows = _evaluation(metrics, task_name)
+    eval_results, eval_rows = _evaluation(metrics, _TASK_NAMES[conditioning])
     dp_metadata = {meta: report[key] for key, meta in REPORT_METADATA_KEYS.items()} if report else {}
     card_data = ModelCardData(
         base_model=hub_base_model,

@@ -17,6 +17,7 @@ from helpers import (
     train,
     write_adapter,
 )
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from dp_diffusers import DPLDMPipeline, LatentDenoiser
@@ -212,6 +213,8 @@ def test_evaluate_runs_on_compvis_and_dit_adapters_through_the_script(tiny_ldm_b
     metrics = json.loads((compvis / "metrics.json").read_text())
     assert "downstream_accuracy" not in metrics and 0 <= metrics["membership_auc"]["value"] <= 1
     assert metrics["membership_auc"]["num_members"] == 40
+    tasks = {result.task_name for result in ModelCard.load(compvis / "README.md").data.eval_results}
+    assert tasks == {"Unconditional image generation"}  # the card's task follows the family's conditioning
 
     dit = tmp_path / "dit"
     train(base_args(tiny_dit_base, dit, **flags, **{"--train_class_embedding": True}))

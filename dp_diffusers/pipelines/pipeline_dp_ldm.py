@@ -507,8 +507,6 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
     def __call__(
         self,
         class_labels: int | list[int] | None = None,
-        prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         batch_size: int | None = None,
         num_inference_steps: int = 50,
@@ -518,13 +516,13 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
         Args:
             class_labels: class ids (use [`get_label_ids`] for names); ``None`` for unconditional models.
-            prompt, negative_prompt: for text-to-image models (Stable Diffusion bases), sampled by
-                [`text_pipeline`] with the other arguments: the images of diffusers' `StableDiffusionPipeline`.
             num_images_per_prompt: images per class label.
             batch_size: number of images for unconditional models (default 1).
             num_inference_steps: denoising steps.
@@ -534,6 +532,8 @@ class DPLDMPipeline(DiffusionPipeline, LoraBaseMixin):
             eta: DDIM's eta (0 = deterministic DDIM); ignored by schedulers without it.
             generator: a seeded ``torch.Generator`` makes the output reproducible.
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+            prompt, negative_prompt: for text-to-image models (Stable Diffusion bases), sampled by
+                [`text_pipeline`] with the other arguments: the images of diffusers' `StableDiffusionPipeline`.
         """
         if self.is_text_to_image or prompt is not None:
             if not self.is_text_to_image or prompt is None or class_labels is not None:
