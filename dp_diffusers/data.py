@@ -27,6 +27,7 @@ from PIL import UnidentifiedImageError
 DIGIT_NAMES = [str(i) for i in range(10)]
 PRIVATE_HELDOUT_FRACTION = 0.2
 PRIVATE_SPLIT_SEED = 0
+PRIVATE_VALIDATION_SEED = 1
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -48,12 +49,15 @@ def load_public_digits() -> Dataset:
     return _digits_dataset(np.asarray(x).reshape(-1, 28, 28).clip(0, 255), np.asarray(y))
 
 
-def load_private_digits(split: str = "train") -> Dataset:
+def load_private_digits(split: str = "train", tuning: bool = False) -> Dataset:
     """The private set: scikit-learn's 1,797 UCI digits (8x8, values 0..16 scaled to 0..255).
 
     ``split`` is ``"train"`` (what DP fine-tuning trains on) or ``"test"`` (held out, evaluation
     only). The split is stratified by class and fixed (seed 0, 20 % held out), so the two parts
-    are disjoint and identical on every machine.
+    are disjoint and identical on every machine. ``tuning=True`` (the embedded set
+    ``private-digits-tuning``) carves the same way a validation part out of that *train* split (seed 1, 20 %):
+    ``"train"`` is the rest (1,149 images) and ``"test"`` is the validation part (288), so hyper-parameters are
+    chosen without ever touching the held-out 360.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -66,6 +70,11 @@ def load_private_digits(split: str = "train") -> Dataset:
     train_idx, test_idx = train_test_split(
         index, test_size=PRIVATE_HELDOUT_FRACTION, random_state=PRIVATE_SPLIT_SEED, stratify=digits.target
     )
+    if tuning:
+        train_idx, test_idx = train_test_split(
+            train_idx, test_size=PRIVATE_HELDOUT_FRACTION, random_state=PRIVATE_VALIDATION_SEED,
+            stratify=digits.target[train_idx],
+        )  # fmt: skip
     chosen = np.sort(train_idx if split == "train" else test_idx)
     return _digits_dataset(images[chosen], digits.target[chosen])
 
@@ -73,6 +82,7 @@ def load_private_digits(split: str = "train") -> Dataset:
 EMBEDDED_DATASETS = {
     "public-digits": lambda split: load_public_digits(),
     "private-digits": load_private_digits,
+    "private-digits-tuning": lambda split: load_private_digits(split, tuning=True),
 }
 
 
@@ -177,7 +187,7 @@ def image_transform(resolution: int, num_channels: int, center_crop: bool = True
     return transforms.Compose(steps)
 
 
-def _pixel_batches(
+def pixel_batches(
     dataset: Dataset, resolution: int, num_channels: int, image_column: str, batch_size: int
 ) -> Iterator[torch.Tensor]:
     """Decoded, transformed images in [-1, 1], ``batch_size`` at a time, in data set order. An unreadable image
@@ -233,7 +243,7 @@ def dataset_to_tensors(
     (:func:`dataset_labels`). Holds every image's pixels at once: for the public sets and evaluation splits; the
     private training set is encoded batch by batch (:func:`dataset_latents`). An unreadable image fails with its
     index before anything is trained or written."""
-    pixels = torch.cat(list(_pixel_batches(dataset, resolution, num_channels, image_column, batch_size=256)))
+    pixels = torch.cat(list(pixel_batches(dataset, resolution, num_channels, image_column, batch_size=256)))
     return pixels, dataset_labels(dataset, label_column, class_names)
 
 
@@ -259,6 +269,25 @@ def make_canaries(
     pixels = torch.nn.functional.interpolate(bits.float() * 2 - 1, size=(resolution, resolution), mode="nearest")
     labels = torch.randint(0, num_classes, (2 * num_canaries,), generator=generator)
     return pixels[:num_canaries], labels[:num_canaries], pixels[num_canaries:], labels[num_canaries:]
+
+
+def augmented_copies(
+    images: torch.Tensor, copies: int, resolution: int, seed: int, max_shift: float = 0.1, max_degrees: float = 10.0
+) -> torch.Tensor:
+    """``copies`` random affine variants of each image (N, C, h, w) in [-1, 1], bilinearly resized to
+    ``resolution``: rotation up to ``max_degrees``, shift up to ``max_shift`` of the side, scale 0.9-1.1, black
+    fill. Returns (N * copies, C, resolution, resolution), image-major (the copies of image 0 first), drawn from
+    ``seed``. For public or DP-released images (the central images' warm-up data: post-processing)."""
+    from torchvision.transforms import v2
+
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    resized = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
+                                              align_corners=False).clamp(-1, 1)  # fmt: skip
+    affine = v2.RandomAffine(degrees=max_degrees, translate=(max_shift, max_shift), scale=(0.9, 1.1), fill=-1.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([affine(image) for image in resized for _ in range(copies)])
 
 
 def canary_captions(num_canaries: int, seed: int, words: int = 4) -> tuple[list[str], list[str]]:
@@ -399,7 +428,7 @@ def dataset_latents(
     if path is not None and path.exists():
         return torch.from_numpy(np.load(path, mmap_mode="c"))
     num_channels = vae.config.in_channels
-    batches = _pixel_batches(dataset, resolution, num_channels, image_column, batch_size)
+    batches = pixel_batches(dataset, resolution, num_channels, image_column, batch_size)
     encoded = (encode_latents(vae, pixels, batch_size, mirrored).numpy() for pixels in batches)
     return _rows_to_array(encoded, len(dataset), path)
 

@@ -21,7 +21,8 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None) 
         "--dataset_name",
         type=str,
         default=None,
-        help=f"Embedded set (public-digits, private-digits) or a Hub data set id. Default: {default_dataset}.",
+        help="Embedded set (public-digits, private-digits; private-digits-tuning: a validation split carved from "
+        f"private-digits' train split, for choosing hyper-parameters) or a Hub data set id. Default: {default_dataset}.",
     )
     group.add_argument("--dataset_config_name", type=str, default=None)
     group.add_argument("--train_data_dir", type=str, default=None, help="An imagefolder directory.")

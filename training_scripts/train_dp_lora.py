@@ -18,6 +18,7 @@ non-private reference of the audit; its output has no ``dp_report.json`` and cla
 """
 
 import argparse
+import itertools
 import math
 import shutil
 from pathlib import Path
@@ -42,6 +43,7 @@ from dp_diffusers.constants import (
 )
 from dp_diffusers.data import (
     DataError,
+    augmented_copies,
     canary_captions,
     caption_contexts,
     check_resolution,
@@ -51,6 +53,7 @@ from dp_diffusers.data import (
     encode_latents,
     label_names,
     make_canaries,
+    pixel_batches,
     resolve_columns,
 )
 from dp_diffusers.families import DiTFamily
@@ -64,11 +67,14 @@ from dp_diffusers.privacy import (
     DPReport,
     PrivacyBudget,
     PrivateTrainingState,
+    Release,
     build_dp_report,
     calibrate_noise_multiplier,
     check_delta,
     make_private,
     private_backward,
+    release_central_images,
+    secret_generator,
 )
 from dp_diffusers.training_utils import (
     add_data_args,
@@ -189,6 +195,33 @@ def parse_args(argv=None):
     )
     dp.add_argument("--secure_mode", action="store_true", help="opacus' floating-point-safe noise (slower).")
     dp.add_argument("--batch_size", type=int, default=64, help="Expected logical (Poisson) batch size, all ranks.")
+
+    central = parser.add_argument_group(
+        "DP central images (DP-FETA's warm-up: per-class mean images released by the Gaussian mechanism, trained on "
+        "without noise before DP-SGD; one more release in the same accountant)"
+    )
+    central.add_argument(
+        "--central_image_noise_multiplier",
+        type=float,
+        default=None,
+        help="Turns the warm-up on: noise std / sensitivity of the release (e.g. 2: epsilon 2.0 alone at delta 1e-5, "
+        "but composed with DP-SGD at epsilon 10 it raises sigma by only ~2%%).",
+    )
+    central.add_argument(
+        "--central_image_resolution",
+        type=int,
+        default=None,
+        help="Side of the released means (default: half the training resolution; fewer pixels, less noise each).",
+    )
+    central.add_argument(
+        "--central_image_max_norm",
+        type=float,
+        default=None,
+        help="L2 clipping norm of each [0, 1] image at that resolution (default: half of sqrt(pixels), i.e. a "
+        "mean pixel of 0.25 on a black background). Sensitivity sqrt(2) times it (sum and count).",
+    )
+    central.add_argument("--central_image_copies", type=int, default=100, help="Augmented copies of each mean.")
+    central.add_argument("--warmup_steps", type=int, default=200, help="Non-private steps on those copies.")
     dp.add_argument("--max_physical_batch_size", type=int, default=None, help="Examples per forward pass.")
 
     train = parser.add_argument_group("training")
@@ -261,6 +294,10 @@ def parse_args(argv=None):
         )
     if not 0 <= args.caption_dropout < 1:
         parser.error(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    if args.central_image_noise_multiplier is not None and args.central_image_noise_multiplier <= 0:
+        parser.error(f"--central_image_noise_multiplier must be > 0, got {args.central_image_noise_multiplier}")
+    if args.central_image_noise_multiplier is not None and args.disable_dp:
+        parser.error("--central_image_noise_multiplier is a DP release; --disable_dp runs have no accountant for it.")
     if args.disable_dp and args.resume_from_checkpoint:
         parser.error("--disable_dp runs are not checkpointed; --resume_from_checkpoint is for DP runs.")
     return args
@@ -356,19 +393,24 @@ def main(argv=None):
         )
     sample_rate = args.batch_size / n
     planned_steps = args.max_train_steps or math.ceil(args.num_train_epochs / sample_rate)
+    releases = []
+    if args.central_image_noise_multiplier is not None:
+        if pipe.is_text_to_image:
+            raise DataError("--central_image_noise_multiplier: a text-to-image base has no classes to average over.")
+        releases.append(Release(args.central_image_noise_multiplier))  # one Gaussian mechanism over all N examples
     if args.disable_dp:
         logger.warning("--disable_dp: training WITHOUT differential privacy; the adapter claims no guarantee.")
     else:
         check_delta(args.target_delta, n)
-        if args.noise_multiplier is None:  # calibrate sigma to the target over the planned steps
+        if args.noise_multiplier is None:  # calibrate sigma to the target over the planned steps (and releases)
             target_epsilon = args.target_epsilon if args.target_epsilon is not None else DEFAULT_TARGET_EPSILON
             noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon, args.target_delta, sample_rate, planned_steps, args.accountant
+                target_epsilon, args.target_delta, sample_rate, planned_steps, args.accountant, releases
             )
         else:  # sigma given: no target unless one was set explicitly
             noise_multiplier, target_epsilon = args.noise_multiplier, args.target_epsilon
         budget = PrivacyBudget(
-            args.accountant, noise_multiplier, sample_rate, args.target_delta, planned_steps, target_epsilon
+            args.accountant, noise_multiplier, sample_rate, args.target_delta, planned_steps, target_epsilon, releases
         )
         if budget.max_steps == 0:
             raise ValueError(
@@ -443,6 +485,14 @@ def main(argv=None):
         accelerator.end_training()
         return
 
+    checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if releases and checkpoint is None and accelerator.is_main_process:
+        # ---- DP central images, then the warm-up on them (post-processing); a resumed run has both in its weights
+        # and the release in its accountant. Other ranks get rank 0's weights from DPDDP's broadcast.
+        release_ids = [class_ids[name] for name in names] if names else [0]
+        central = release_private_central_images(args, vae, dataset, image_column, labels, canaries, release_ids)
+        warm_up(args, vae, model, trainable, loss_fn, central, release_ids, resolution)
+
     # ---- DP-SGD (opacus) ----
     if world_size > 1:
         model = DPDDP(model)  # opacus' DDP: noise on rank 0, one all-reduce per logical batch
@@ -460,7 +510,6 @@ def main(argv=None):
     state = PrivateTrainingState(model, dp.optimizer, budget)
     accelerator.register_for_checkpointing(state)
     ema = make_ema(args, accelerator, trainable)
-    checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         logger.info(f"Resumed from {checkpoint}: {budget.steps} steps and epsilon={budget.epsilon():.3f} already spent")
@@ -532,6 +581,7 @@ def main(argv=None):
             mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing,
             random_flip=args.random_flip,
+            other_releases=[central_images_record(args, budget, vae)] if releases else [],
         )
         logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
         save_outputs(args, pipe, unet, class_embedder, names, id2label, report)
@@ -545,24 +595,94 @@ def train_without_privacy(args, accelerator, model, trainable, latents, labels, 
     loader = DataLoader(TensorDataset(latents, labels), batch_size=args.batch_size, shuffle=True, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ema = make_ema(args, accelerator, trainable)
-    k = args.noise_multiplicity
-    progress = tqdm(total=steps, disable=not accelerator.is_local_main_process)
-    while progress.n < steps:
-        for batch_latents, batch_labels in loader:
-            loss = loss_fn(model, batch_latents.repeat_interleave(k, 0), batch_labels.repeat_interleave(k, 0)).mean()
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(trainable)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            accelerator.log({"loss": loss.item()}, step=progress.n)
-            if progress.n >= steps:
-                break
-    progress.close()
+    on_step = None if ema is None else (lambda: ema.step(trainable))
+    k, show = args.noise_multiplicity, accelerator.is_local_main_process
+    fit(model, optimizer, loader, loss_fn, steps, k, accelerator.backward, accelerator.log, on_step, show)
     if ema is not None:
         ema.copy_to(trainable)
+
+
+def fit(model, optimizer, loader, loss_fn, steps: int, k: int, backward, log=None, on_step=None, show=True) -> None:
+    """``steps`` plain optimizer steps over ``loader`` (passes over reshuffled data), each row repeated ``k``
+    times like the DP run's noise multiplicity. For data that is not private, or not protected (--disable_dp)."""
+    progress = tqdm(total=steps, disable=not show)
+    done = 0  # (a disabled tqdm does not count: its n stays 0)
+    while done < steps:
+        for batch_latents, batch_labels in loader:
+            loss = loss_fn(model, batch_latents.repeat_interleave(k, 0), batch_labels.repeat_interleave(k, 0)).mean()
+            backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step()
+            done += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if log is not None:
+                log({"loss": loss.item()}, step=done)
+            if done >= steps:
+                break
+    progress.close()
+
+
+def release_private_central_images(args, vae, dataset, image_column, labels, canaries, release_ids):
+    """The one DP release outside DP-SGD (``privacy.release_central_images``, already charged to the budget): the
+    mean image of each class in ``release_ids`` (model class ids; unlabelled data: one), over the private images and
+    canaries, with secret noise. An example of another class (a canary's random label) takes no part."""
+    size, max_norm = central_image_settings(args, vae)
+    positions = {class_id: i for i, class_id in enumerate(release_ids)}
+    rows = torch.tensor([positions.get(int(label), -1) for label in labels])
+    parts = [pixel_batches(dataset, size, vae.config.in_channels, image_column, batch_size=256)]
+    if canaries is not None:
+        parts.append([torch.nn.functional.interpolate(canaries, size=(size, size), mode="area")])
+
+    def batches():
+        start = 0
+        for pixels in itertools.chain(*parts):
+            part = rows[start : start + len(pixels)]
+            start += len(pixels)
+            yield pixels[part >= 0], part[part >= 0]
+
+    return release_central_images(
+        batches(), len(release_ids), noise_multiplier=args.central_image_noise_multiplier, max_image_norm=max_norm,
+        generator=secret_generator(),
+    )  # fmt: skip
+
+
+def central_image_settings(args, vae) -> tuple[int, float]:
+    """(side, L2 clipping norm) of the released means: the flags, or half the autoencoder's resolution and half of
+    sqrt(pixels) (data-independent defaults: choosing them from the private images would leak)."""
+    size = args.central_image_resolution or max(1, vae.config.sample_size // 2)
+    return size, args.central_image_max_norm or 0.5 * math.sqrt(vae.config.in_channels * size * size)
+
+
+def warm_up(args, vae, model, trainable, loss_fn, central, release_ids, resolution) -> None:
+    """``--warmup_steps`` non-private steps on ``--central_image_copies`` augmented copies of each released mean
+    (post-processing of the release: no privacy cost), with the DP run's loss, batch size and learning rate."""
+    pixels = augmented_copies(central.images, args.central_image_copies, resolution, seed=args.seed)
+    latents = encode_latents(vae, pixels, mirrored=args.random_flip)
+    labels = torch.tensor(release_ids).repeat_interleave(args.central_image_copies)
+    logger.info(f"Warm-up: {args.warmup_steps} steps on {len(pixels)} augmented DP central images")
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    batch = min(args.batch_size, len(latents))
+    loader = DataLoader(TensorDataset(latents, labels), batch_size=batch, shuffle=True, drop_last=True)
+    fit(model, optimizer, loader, loss_fn, args.warmup_steps, 1, lambda loss: loss.backward())
+
+
+def central_images_record(args, budget, vae) -> dict:
+    """The release's entry in ``dp_report.json``'s ``other_releases``."""
+    size, max_norm = central_image_settings(args, vae)
+    return {
+        "mechanism": "central images: per-class mean images, Gaussian mechanism (DP-FETA warm-up)",
+        "noise_multiplier": args.central_image_noise_multiplier,
+        "sample_rate": 1.0,
+        "max_image_norm": max_norm,
+        "sensitivity": math.sqrt(2) * max_norm,
+        "resolution": size,
+        "epsilon_alone": budget.release_epsilon(),
+        "warmup_steps": args.warmup_steps,
+        "copies_per_image": args.central_image_copies,
+    }
 
 
 def make_ema(args, accelerator, trainable) -> EMAModel | None:

@@ -1,7 +1,8 @@
 """Differential privacy for LoRA fine-tuning (the part a DP reviewer audits; it imports nothing else
 of dp_diffusers).
 
-accounting.py           noise calibration, the budget guard, (epsilon, delta) checks
+accounting.py           noise calibration, the budget guard, (epsilon, delta) checks, other releases
+central_images.py       DP per-class mean images (DP-FETA's warm-up data): one Gaussian mechanism
 data_loader.py          Poisson sampling over one or several processes, secret generators
 grad_sample/            per-example gradients: the fused engine (one file per layer) and the mode choice
 noise_multiplicity.py   k diffusion draws per example, averaged before the one clip (the optimizers)
@@ -14,11 +15,13 @@ from .accounting import (
     ACCOUNTANTS,
     PrivacyBudget,
     PrivacyBudgetError,
+    Release,
     calibrate_noise_multiplier,
     check_delta,
     epsilon_for,
     max_steps_within_budget,
 )
+from .central_images import CentralImages, central_image_query, release_central_images
 from .clipping import per_example_gradient_norms, suggest_max_grad_norm
 from .data_loader import DistributedPoissonSampler, poisson_data_loader, secret_generator
 from .engine import DPTraining, PrivateTrainingState, make_private, private_backward
@@ -39,6 +42,7 @@ from .report import DP_REPORT_NAME, DPReport, build_dp_report
 
 __all__ = [
     "ACCOUNTANTS",
+    "CentralImages",
     "DP_REPORT_NAME",
     "DPReport",
     "DPOptimizerWithNoiseMultiplicity",
@@ -50,9 +54,11 @@ __all__ = [
     "PrivacyBudget",
     "PrivacyBudgetError",
     "PrivateTrainingState",
+    "Release",
     "average_over_copies",
     "build_dp_report",
     "calibrate_noise_multiplier",
+    "central_image_query",
     "check_delta",
     "epsilon_for",
     "expand_for_noise_multiplicity",
@@ -63,6 +69,7 @@ __all__ = [
     "poisson_data_loader",
     "prepare_module",
     "private_backward",
+    "release_central_images",
     "secret_generator",
     "suggest_max_grad_norm",
     "train_trainable_layers",

@@ -2,17 +2,20 @@
 
 Guarantee: every optimizer step on private data is one Poisson-subsampled Gaussian mechanism
 (sample rate ``q``, noise multiplier ``sigma``, sensitivity ``max_grad_norm``), recorded in an
-opacus accountant (PRV by default, RDP optional). ``PrivacyBudget`` refuses the step that would
-take epsilon past ``target_epsilon``; its state travels with every checkpoint, so a resumed run
-continues from the budget already spent.
+opacus accountant (PRV by default, RDP optional). Any other release of the run (the central images'
+Gaussian mechanism) is a ``Release`` charged to the same accountant before the first step, and the
+calibration, the step limit and epsilon all compose it with the steps (heterogeneous composition).
+``PrivacyBudget`` refuses the step that would take epsilon past ``target_epsilon``; its state travels
+with every checkpoint, so a resumed run continues from the budget already spent.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
+import numpy as np
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("prv", "rdp")
 # Beyond this noise multiplier the update is noise; opacus' own search goes to 2,000+ and the PRV
@@ -22,6 +25,15 @@ MAX_NOISE_MULTIPLIER = 50.0
 
 class PrivacyBudgetError(ValueError):
     """The requested privacy budget cannot be met with the given schedule."""
+
+
+class Release(NamedTuple):
+    """A Gaussian mechanism run ``count`` times outside DP-SGD, in opacus' history format: noise std /
+    sensitivity, the probability that an example takes part (1.0: the whole data set), and how many times."""
+
+    noise_multiplier: float
+    sample_rate: float = 1.0
+    count: int = 1
 
 
 def check_delta(delta: float, dataset_size: int) -> None:
@@ -35,47 +47,78 @@ def check_delta(delta: float, dataset_size: int) -> None:
         )
 
 
+def _history(
+    noise_multiplier: float, sample_rate: float, steps: int, releases: Sequence[Release]
+) -> list[tuple[float, float, int]]:
+    return [*map(tuple, releases), *([(noise_multiplier, sample_rate, steps)] if steps > 0 else [])]
+
+
 def epsilon_for(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "prv",
+    releases: Sequence[Release] = (),
 ) -> float:
-    """Epsilon after ``steps`` Poisson-subsampled Gaussian steps (0 for no step)."""
-    if steps <= 0:
+    """Epsilon after ``releases`` and ``steps`` Poisson-subsampled Gaussian steps (0 for nothing at all)."""
+    history = _history(noise_multiplier, sample_rate, steps, releases)
+    if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    acc.history = history
+    return _get_epsilon(acc, delta)
+
+
+def _get_epsilon(accountant, delta: float) -> float:
+    # opacus' PRV evaluates log(1 - q) on both branches of an np.where: at q = 1 (a release over the whole data
+    # set) that is a harmless divide-by-zero warning; the result is the Gaussian mechanism's (tested).
+    with np.errstate(divide="ignore"):
+        return float(accountant.get_epsilon(delta=delta))
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    releases: Sequence[Release] = (),
+    epsilon_tolerance: float = 0.01,
 ) -> float:
-    """Smallest noise multiplier (to opacus' 0.01 epsilon tolerance) whose epsilon after ``steps``
-    steps is at most ``target_epsilon``."""
+    """Smallest noise multiplier (to ``epsilon_tolerance``, opacus' default) whose epsilon after ``releases`` and
+    ``steps`` steps is at most ``target_epsilon`` (bisection, as opacus' ``get_noise_multiplier``, which cannot
+    compose other releases)."""
     if target_epsilon <= 0:
         raise PrivacyBudgetError(f"target_epsilon must be positive, got {target_epsilon}.")
-    floor = epsilon_for(MAX_NOISE_MULTIPLIER, sample_rate, steps, delta, accountant)
+
+    def eps(sigma: float) -> float:
+        return epsilon_for(sigma, sample_rate, steps, delta, accountant, releases)
+
+    spent = epsilon_for(1.0, sample_rate, 0, delta, accountant, releases)
+    floor = eps(MAX_NOISE_MULTIPLIER)
     if floor > target_epsilon:
+        before = f" after the other releases (alone epsilon={spent:.3g})" if releases else ""
         raise PrivacyBudgetError(
             f"target_epsilon={target_epsilon} cannot be reached at delta={delta} with {steps} steps at sample rate "
-            f"{sample_rate:.4g}: even noise_multiplier={MAX_NOISE_MULTIPLIER:g} spends epsilon={floor:.3g}. Train "
-            "fewer steps or epochs, use a smaller batch, or raise target_epsilon."
-        )
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-            )
-        )
-    except ValueError as err:
-        raise PrivacyBudgetError(
-            f"target_epsilon={target_epsilon} cannot be reached at delta={delta} with {steps} steps at sample rate "
-            f"{sample_rate:.4g} (opacus: {err}). Train fewer steps or epochs, use a smaller batch, or raise "
+            f"{sample_rate:.4g}{before}: even noise_multiplier={MAX_NOISE_MULTIPLIER:g} spends epsilon={floor:.3g}. "
+            "Train fewer steps or epochs, use a smaller batch, add noise to the other releases, or raise "
             "target_epsilon."
-        ) from err
+        )
+    low, high = 0.0, 10.0
+    while eps(high) > target_epsilon:
+        low, high = high, min(2 * high, MAX_NOISE_MULTIPLIER)
+    while True:  # eps(high) <= target < eps(low) (eps(0) is infinite)
+        mid = (low + high) / 2
+        current = eps(mid)
+        if current <= target_epsilon:
+            high = mid
+            if target_epsilon - current <= epsilon_tolerance:
+                return high
+        else:
+            low = mid
+        if high - low < 1e-6:
+            return high
 
 
 def max_steps_within_budget(
@@ -85,15 +128,22 @@ def max_steps_within_budget(
     target_epsilon: float,
     upper: int,
     accountant: str = "prv",
+    releases: Sequence[Release] = (),
 ) -> int:
-    """Largest number of steps ``n <= upper`` with epsilon(n) <= target_epsilon (binary search;
+    """Largest number of steps ``n <= upper`` with epsilon(releases + n steps) <= target_epsilon (binary search;
     epsilon grows with the number of steps)."""
-    if epsilon_for(noise_multiplier, sample_rate, upper, delta, accountant) <= target_epsilon:
+
+    def eps(steps: int) -> float:
+        return epsilon_for(noise_multiplier, sample_rate, steps, delta, accountant, releases)
+
+    if eps(upper) <= target_epsilon:
         return upper
+    if eps(0) > target_epsilon:
+        return 0
     low, high = 0, upper  # eps(low) <= target < eps(high)
     while high - low > 1:
         mid = (low + high) // 2
-        if epsilon_for(noise_multiplier, sample_rate, mid, delta, accountant) <= target_epsilon:
+        if eps(mid) <= target_epsilon:
             low = mid
         else:
             high = mid
@@ -103,8 +153,10 @@ def max_steps_within_budget(
 class PrivacyBudget:
     """The opacus accountant of a run, its step limit, and the epsilon history for the report.
 
-    ``steps`` is read from the accountant's history, so the step count and the privacy spent can
-    never disagree; ``can_step()`` is False once one more step would exceed ``target_epsilon``.
+    ``releases`` (the run's other Gaussian mechanisms, e.g. the central images) are charged to the accountant at
+    construction, before any of them or any step runs, and count in every epsilon and in the step limit.
+    ``steps`` is read from the accountant's history (minus the releases), so the step count and the privacy spent
+    can never disagree; ``can_step()`` is False once one more step would exceed ``target_epsilon``.
     """
 
     def __init__(
@@ -115,11 +167,14 @@ class PrivacyBudget:
         delta: float,
         planned_steps: int,
         target_epsilon: float | None = None,
+        releases: Sequence[Release] = (),
     ):
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
         self.accountant_name = accountant
         self.accountant = create_accountant(mechanism=accountant)
+        self.releases = [Release(*release) for release in releases]
+        self.accountant.history = [tuple(release) for release in self.releases]
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
         self.delta = delta
@@ -129,23 +184,30 @@ class PrivacyBudget:
             planned_steps
             if target_epsilon is None
             else max_steps_within_budget(
-                noise_multiplier, sample_rate, delta, target_epsilon, planned_steps, accountant
+                noise_multiplier, sample_rate, delta, target_epsilon, planned_steps, accountant, self.releases
             )
         )
         self.epsilon_history: list[list[float]] = []
 
     @property
     def steps(self) -> int:
-        return int(sum(entry[-1] for entry in self.accountant.history))
+        """DP-SGD steps taken (opacus may merge an equal release into the steps' history entry: counts, not
+        entries, are subtracted)."""
+        total = sum(int(entry[-1]) for entry in self.accountant.history)
+        return total - sum(release.count for release in self.releases)
 
     def can_step(self) -> bool:
         return self.steps < self.max_steps
 
     def epsilon(self) -> float:
-        """Epsilon spent so far (the PRV accountant's upper bound)."""
-        if self.steps == 0:
+        """Epsilon spent so far, releases included (the accountant's upper bound)."""
+        if not self.accountant.history:
             return 0.0
-        return float(self.accountant.get_epsilon(delta=self.delta))
+        return _get_epsilon(self.accountant, self.delta)
+
+    def release_epsilon(self) -> float:
+        """What the releases alone spend (0 without any)."""
+        return epsilon_for(1.0, 1.0, 0, self.delta, self.accountant_name, self.releases)
 
     def record(self) -> float:
         """Append ``[step, epsilon]`` to the history and return epsilon."""
@@ -161,6 +223,7 @@ class PrivacyBudget:
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "delta": self.delta,
+            "releases": [list(release) for release in self.releases],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -170,5 +233,11 @@ class PrivacyBudget:
                     f"The checkpoint was trained with {key}={state[key]}, this run has {getattr(self, key)}: "
                     "resuming would mis-account the budget. Resume with the original settings."
                 )
+        saved = [Release(*release) for release in state.get("releases", [])]  # checkpoints before releases: none
+        if saved != self.releases:
+            raise PrivacyBudgetError(
+                f"The checkpoint's run made the releases {saved}, this run declares {self.releases}: resuming would "
+                "mis-account the budget. Resume with the original central-image settings."
+            )
         self.accountant.load_state_dict(state["accountant"])
         self.epsilon_history = [list(x) for x in state["epsilon_history"]]
