@@ -22,7 +22,8 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None) 
         type=str,
         default=None,
         help="Embedded set (public-digits, private-digits; private-digits-tuning: a validation split carved from "
-        f"private-digits' train split, for choosing hyper-parameters) or a Hub data set id. Default: {default_dataset}.",
+        "private-digits' train split, for choosing hyper-parameters) or a Hub data set id. "
+        f"Default: {default_dataset}.",
     )
     group.add_argument("--dataset_config_name", type=str, default=None)
     group.add_argument("--train_data_dir", type=str, default=None, help="An imagefolder directory.")

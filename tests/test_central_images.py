@@ -140,7 +140,8 @@ def test_augmented_copies_are_seeded_resized_and_stay_in_range():
     assert not torch.equal(a[0], a[1]) and a.min() >= -1 and a.max() <= 1
 
 
-CENTRAL = {"--central_image_noise_multiplier": 2.0, "--central_image_copies": 4, "--warmup_steps": 3}
+CENTRAL = {"--central_image_noise_multiplier": 2.0, "--central_image_copies": 4, "--warmup_steps": 3,
+           "--warmup_batch_size": 20}
 
 
 def test_the_script_charges_the_release_and_reports_it(tiny_base, tmp_path, monkeypatch):

@@ -47,6 +47,15 @@ def test_private_digits_split_is_fixed_disjoint_and_stratified():
         load_private_digits("validation")
 
 
+def test_the_tuning_set_is_carved_from_the_train_split_and_never_holds_a_held_out_image():
+    to_bytes = lambda ds: sorted(np.asarray(x).tobytes() + bytes([y]) for x, y in zip(ds["image"], ds["label"]))  # noqa: E731
+    train, test = to_bytes(load_private_digits("train")), to_bytes(load_private_digits("test"))
+    tuning, validation = (to_bytes(load_image_dataset("private-digits-tuning", split=s)) for s in ("train", "test"))
+    assert (len(tuning), len(validation)) == (1149, 288)
+    assert sorted(tuning + validation) == train  # exactly the train split's images, split in two
+    assert len(set(validation) & set(test)) < 5  # as between train and test: the few duplicate UCI digits
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_tensors_are_resized_and_scaled(channels):
     pixels, labels = dataset_to_tensors(load_private_digits("test"), 16, channels)

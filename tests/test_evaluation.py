@@ -166,6 +166,24 @@ def test_downstream_accuracy_separable():
     assert "SmallCNN" in result["classifier"]
 
 
+def test_the_dp_sgd_classifier_reference_spends_its_target_through_the_privacy_core():
+    from dp_diffusers.evaluation.downstream import train_dp_classifier
+    from dp_diffusers.privacy import epsilon_for
+
+    images, labels = _separable(200, seed=4)
+    seeded = {"noise_generator": torch.Generator().manual_seed(0),
+              "sampling_generator": torch.Generator().manual_seed(1)}  # fmt: skip
+    model, guarantee = train_dp_classifier(images, labels, 3, target_epsilon=8.0, delta=1e-4, epochs=3, batch_size=50,
+                                           accountant="rdp", **seeded)  # fmt: skip
+    assert guarantee["steps"] == 12 and guarantee["sample_rate"] == 0.25
+    assert guarantee["epsilon"] <= 8.0
+    assert guarantee["epsilon"] == pytest.approx(epsilon_for(guarantee["noise_multiplier"], 0.25, 12, 1e-4, "rdp"))
+    test_images, test_labels = _separable(300, seed=5)
+    assert accuracy(model, test_images, test_labels) > 0.6  # it learns despite the noise (chance: 1/3)
+    with pytest.raises(ValueError, match="larger than"):
+        train_dp_classifier(images, labels, 3, target_epsilon=8.0, delta=1e-4, batch_size=500)
+
+
 def test_train_classifier_is_seeded_and_rgb():
     images, labels = _separable(64, seed=3)
     rgb = images.repeat(1, 3, 2, 2)  # 3x32x32

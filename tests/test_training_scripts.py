@@ -85,11 +85,13 @@ def test_make_demo_runs_end_to_end_and_reuses_the_base(tmp_path, capsys):
 
     demo = load_module(ROOT / "examples" / "run_demo.py")
     argv = ["--output_dir", str(tmp_path), "--vae_steps", "2", "--ldm_steps", "2", "--dp_epochs", "0.1",
-            "--dp_batch_size", "64", "--eval_samples_per_class", "1", "--eval_inference_steps", "2"]  # fmt: skip
+            "--dp_batch_size", "64", "--eval_samples_per_class", "1", "--eval_inference_steps", "2",
+            "--warmup_steps", "2"]  # fmt: skip
     demo.main(argv)
     adapter = tmp_path / "dp-lora-eps10"
     report = json.loads((adapter / "dp_report.json").read_text())
     assert report["steps"] == 3 and report["epsilon"] <= 10
+    assert report["other_releases"][0]["noise_multiplier"] == 2.0  # the DP central images, in the same epsilon
     assert {"downstream_accuracy", "membership_auc"} <= set(json.loads((adapter / "metrics.json").read_text()))
     assert (adapter / "README.md").is_file() and (adapter / "samples.png").is_file()
     demo.main([*argv, "--skip_evaluation"])

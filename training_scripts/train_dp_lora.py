@@ -222,6 +222,7 @@ def parse_args(argv=None):
     )
     central.add_argument("--central_image_copies", type=int, default=100, help="Augmented copies of each mean.")
     central.add_argument("--warmup_steps", type=int, default=200, help="Non-private steps on those copies.")
+    central.add_argument("--warmup_batch_size", type=int, default=64, help="Batch size of those steps.")
     dp.add_argument("--max_physical_batch_size", type=int, default=None, help="Examples per forward pass.")
 
     train = parser.add_argument_group("training")
@@ -658,13 +659,13 @@ def central_image_settings(args, vae) -> tuple[int, float]:
 
 def warm_up(args, vae, model, trainable, loss_fn, central, release_ids, resolution) -> None:
     """``--warmup_steps`` non-private steps on ``--central_image_copies`` augmented copies of each released mean
-    (post-processing of the release: no privacy cost), with the DP run's loss, batch size and learning rate."""
+    (post-processing of the release: no privacy cost), with the DP run's loss and learning rate."""
     pixels = augmented_copies(central.images, args.central_image_copies, resolution, seed=args.seed)
     latents = encode_latents(vae, pixels, mirrored=args.random_flip)
     labels = torch.tensor(release_ids).repeat_interleave(args.central_image_copies)
     logger.info(f"Warm-up: {args.warmup_steps} steps on {len(pixels)} augmented DP central images")
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    batch = min(args.batch_size, len(latents))
+    batch = min(args.warmup_batch_size, len(latents))
     loader = DataLoader(TensorDataset(latents, labels), batch_size=batch, shuffle=True, drop_last=True)
     fit(model, optimizer, loader, loss_fn, args.warmup_steps, 1, lambda loss: loss.backward())
 
@@ -681,6 +682,7 @@ def central_images_record(args, budget, vae) -> dict:
         "resolution": size,
         "epsilon_alone": budget.release_epsilon(),
         "warmup_steps": args.warmup_steps,
+        "warmup_batch_size": args.warmup_batch_size,
         "copies_per_image": args.central_image_copies,
     }
 
