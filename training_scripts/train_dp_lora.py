@@ -195,6 +195,7 @@ def parse_args(argv=None):
     )
     dp.add_argument("--secure_mode", action="store_true", help="opacus' floating-point-safe noise (slower).")
     dp.add_argument("--batch_size", type=int, default=64, help="Expected logical (Poisson) batch size, all ranks.")
+    dp.add_argument("--max_physical_batch_size", type=int, default=None, help="Examples per forward pass.")
 
     central = parser.add_argument_group(
         "DP central images (DP-FETA's warm-up: per-class mean images released by the Gaussian mechanism, trained on "
@@ -223,7 +224,6 @@ def parse_args(argv=None):
     central.add_argument("--central_image_copies", type=int, default=100, help="Augmented copies of each mean.")
     central.add_argument("--warmup_steps", type=int, default=200, help="Non-private steps on those copies.")
     central.add_argument("--warmup_batch_size", type=int, default=64, help="Batch size of those steps.")
-    dp.add_argument("--max_physical_batch_size", type=int, default=None, help="Examples per forward pass.")
 
     train = parser.add_argument_group("training")
     train.add_argument("--num_train_epochs", type=float, default=10.0)
@@ -491,7 +491,9 @@ def main(argv=None):
         # ---- DP central images, then the warm-up on them (post-processing); a resumed run has both in its weights
         # and the release in its accountant. Other ranks get rank 0's weights from DPDDP's broadcast.
         release_ids = [class_ids[name] for name in names] if names else [0]
-        central = release_private_central_images(args, vae, dataset, image_column, labels, canaries, release_ids)
+        central = release_private_central_images(
+            args, vae, dataset, image_column, labels, canaries, release_ids, resolution
+        )
         warm_up(args, vae, model, trainable, loss_fn, central, release_ids, resolution)
 
     # ---- DP-SGD (opacus) ----
@@ -582,7 +584,7 @@ def main(argv=None):
             mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing,
             random_flip=args.random_flip,
-            other_releases=[central_images_record(args, budget, vae)] if releases else [],
+            other_releases=[central_images_record(args, budget, vae, resolution)] if releases else [],
         )
         logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
         save_outputs(args, pipe, unet, class_embedder, names, id2label, report)
@@ -626,11 +628,11 @@ def fit(model, optimizer, loader, loss_fn, steps: int, k: int, backward, log=Non
     progress.close()
 
 
-def release_private_central_images(args, vae, dataset, image_column, labels, canaries, release_ids):
+def release_private_central_images(args, vae, dataset, image_column, labels, canaries, release_ids, resolution):
     """The one DP release outside DP-SGD (``privacy.release_central_images``, already charged to the budget): the
     mean image of each class in ``release_ids`` (model class ids; unlabelled data: one), over the private images and
     canaries, with secret noise. An example of another class (a canary's random label) takes no part."""
-    size, max_norm = central_image_settings(args, vae)
+    size, max_norm = central_image_settings(args, vae, resolution)
     positions = {class_id: i for i, class_id in enumerate(release_ids)}
     rows = torch.tensor([positions.get(int(label), -1) for label in labels])
     parts = [pixel_batches(dataset, size, vae.config.in_channels, image_column, batch_size=256)]
@@ -650,10 +652,10 @@ def release_private_central_images(args, vae, dataset, image_column, labels, can
     )  # fmt: skip
 
 
-def central_image_settings(args, vae) -> tuple[int, float]:
-    """(side, L2 clipping norm) of the released means: the flags, or half the autoencoder's resolution and half of
+def central_image_settings(args, vae, resolution: int) -> tuple[int, float]:
+    """(side, L2 clipping norm) of the released means: the flags, or half the training resolution and half of
     sqrt(pixels) (data-independent defaults: choosing them from the private images would leak)."""
-    size = args.central_image_resolution or max(1, vae.config.sample_size // 2)
+    size = args.central_image_resolution or max(1, resolution // 2)
     return size, args.central_image_max_norm or 0.5 * math.sqrt(vae.config.in_channels * size * size)
 
 
@@ -670,9 +672,9 @@ def warm_up(args, vae, model, trainable, loss_fn, central, release_ids, resoluti
     fit(model, optimizer, loader, loss_fn, args.warmup_steps, 1, lambda loss: loss.backward())
 
 
-def central_images_record(args, budget, vae) -> dict:
+def central_images_record(args, budget, vae, resolution: int) -> dict:
     """The release's entry in ``dp_report.json``'s ``other_releases``."""
-    size, max_norm = central_image_settings(args, vae)
+    size, max_norm = central_image_settings(args, vae, resolution)
     return {
         "mechanism": "central images: per-class mean images, Gaussian mechanism (DP-FETA warm-up)",
         "noise_multiplier": args.central_image_noise_multiplier,
