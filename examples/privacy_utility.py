@@ -123,6 +123,11 @@ def main(argv=None):
     parser.add_argument("--dp_classifier_max_grad_norm", type=float, default=1.0)
     parser.add_argument("--dp_classifier_lr", type=float, default=4e-3)
     parser.add_argument("--skip_nonprivate", action="store_true", help="Leave out the LoRA-without-DP row.")
+    parser.add_argument(
+        "--train_only",
+        action="store_true",
+        help="Train the missing runs of --seeds and stop: run one per seed side by side, then once without it.",
+    )
     parser.add_argument("--audit_table", action="store_true", help="Add the memorisation runs' audit table.")
     parser.add_argument("--audit_subset", type=int, default=64, help="Private examples of the memorisation runs.")
     parser.add_argument("--audit_epochs", type=float, default=300)
@@ -147,6 +152,8 @@ def main(argv=None):
         for out, extra in runs.values():
             if not (out / f"seed{seed}" / LORA_WEIGHT_NAME).is_file():
                 train(base, out / f"seed{seed}", extra, args, args.epochs, args.batch_size, seed)
+    if args.train_only:
+        return
 
     # the starting point: the public base itself, evaluated on a copy (evaluation writes metrics.json)
     base_copy = root / "base-no-finetune"

@@ -62,7 +62,7 @@ def main(argv=None):
         type=float,
         default=2.0,
         help="DP central images' noise (epsilon 2.0 alone; composed with the DP-SGD steps at epsilon 10 it raises "
-        "their sigma from 1.20 to 1.23). 0: plain DP-LoRA, no warm-up.",
+        "their sigma from 1.10 to 1.12 on the 1,437 private images). 0: plain DP-LoRA, no warm-up.",
     )
     parser.add_argument("--warmup_steps", type=int, default=200, help="Non-private steps on the central images.")
     parser.add_argument("--vae_steps", type=int, default=200)
