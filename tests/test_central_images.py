@@ -178,7 +178,8 @@ def test_the_script_charges_the_release_and_reports_it(tiny_base, tmp_path, monk
     assert report["epsilon"] <= report["target_epsilon"] == 10.0
     assert report["noise_multiplier"] > calibrate_noise_multiplier(10.0, 1e-4, 0.1, 4)  # sigma paid for the release
     card = (out / "README.md").read_text()
-    assert "per-class mean images, Gaussian mechanism" in card and f"ε {entry['epsilon_alone']:.2f} on its own" in card
+    assert "DP central images (per-class mean images by the Gaussian mechanism" in card
+    assert f"ε {entry['epsilon_alone']:.2f} on its own" in card
 
 
 def test_the_script_stops_before_the_target_counting_the_release_and_resumes_without_a_second_one(

@@ -98,6 +98,32 @@ def test_make_demo_runs_end_to_end_and_reuses_the_base(tmp_path, capsys):
     assert "Reusing the public base" in capsys.readouterr().out
 
 
+def test_privacy_utility_writes_every_row_of_the_readme_table(tiny_base, tmp_path):
+    """examples/privacy_utility.py on the tiny base, one seed and a few steps per run: ``--train_only`` trains each
+    run and stops; then every row of the README's table, with the central images charged to eps=10's epsilon."""
+    import json
+
+    from dp_diffusers.constants import LORA_WEIGHT_NAME
+
+    table_script = load_module(ROOT / "examples" / "privacy_utility.py")
+    out = tmp_path / "privacy-utility"
+    argv = ["--base", str(tiny_base), "--output_dir", str(out), "--seeds", "0", "--epsilons", "10", "--epochs",
+            "0.05", "--batch_size", "20", "--warmup_steps", "2", "--eval_samples_per_class", "1",
+            "--eval_inference_steps", "2", "--dp_classifier_epochs", "1"]  # fmt: skip
+    table_script.main([*argv, "--train_only"])
+    assert (out / "eps10" / "seed0" / LORA_WEIGHT_NAME).is_file() and (out / "nonprivate" / "seed0").is_dir()
+    assert not (out / "table.md").exists()
+    table_script.main(argv)  # reuses the trained runs
+    table = (out / "table.md").read_text()
+    rows = ["public base, no fine-tuning", "CNN on the 5,000 real public digits", "DP-LoRA eps=10, central images "
+            "sigma=2", "LoRA without DP", "CNN with DP-SGD on the private train split", "CNN on the real private"]
+    assert all(f"| {row}" in table or f"| the same {row}" in table for row in rows), table
+    results = json.loads((out / "results.json").read_text())
+    [run] = results["runs"]["DP-LoRA eps=10, central images sigma=2"]
+    assert run["report"]["epsilon"] <= 10 and run["report"]["other_releases"][0]["noise_multiplier"] == 2.0
+    assert set(results["classifiers"]) == {"public", "real", "dp-sgd eps=10"}
+
+
 def test_min_snr_weights_follow_the_paper():
     """min(SNR, gamma) / SNR for epsilon prediction: 1 at high noise (SNR < gamma), gamma / SNR below."""
     from diffusers import DDPMScheduler

@@ -676,7 +676,7 @@ def central_images_record(args, budget, vae, resolution: int) -> dict:
     """The release's entry in ``dp_report.json``'s ``other_releases``."""
     size, max_norm = central_image_settings(args, vae, resolution)
     return {
-        "mechanism": "central images: per-class mean images, Gaussian mechanism (DP-FETA warm-up)",
+        "mechanism": "DP central images (per-class mean images by the Gaussian mechanism; DP-FETA's warm-up)",
         "noise_multiplier": args.central_image_noise_multiplier,
         "sample_rate": 1.0,
         "max_image_norm": max_norm,
