@@ -274,6 +274,19 @@ def train(argv: list) -> None:
     script("train_dp_lora").main([str(a) for a in argv])
 
 
+def crash_after_checkpoints(monkeypatch, module: ModuleType) -> Callable:
+    """``module`` (train_dp_lora.py) raises KeyboardInterrupt right after it saves a checkpoint, as a kill would;
+    returns the real ``save_checkpoint`` (patch it back to let a resumed run finish)."""
+    real_save = module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash right after a checkpoint")
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
+    return real_save
+
+
 def base_args(tiny_base: Path, out: Path, **overrides) -> list:
     """A 4-step DP run of train_dp_lora.py on 200 examples of the embedded digits. ``None`` drops a flag,
     ``True`` passes a switch."""

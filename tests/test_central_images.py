@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import base_args, script, train
+from helpers import base_args, crash_after_checkpoints, script, train
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.optimize import brentq
 from scipy.stats import norm
@@ -193,13 +193,7 @@ def test_the_script_stops_before_the_target_counting_the_release_and_resumes_wit
     assert report["steps"] == 2 and report["epsilon"] <= target
 
     module = script("train_dp_lora")
-    real_save = module.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt("simulated crash right after checkpoint-2")
-
-    monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
+    crash_after_checkpoints(monkeypatch, module)
     resumed = tmp_path / "resumed"
     argv = base_args(tiny_base, resumed, **CENTRAL, **{"--checkpointing_steps": 2, "--noise_multiplier": 1.0})
     with pytest.raises(KeyboardInterrupt):

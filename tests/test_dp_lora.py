@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import base_args, digit_folder, script, train
+from helpers import base_args, crash_after_checkpoints, digit_folder, script, train
 
 from dp_diffusers.data import DataError
 from dp_diffusers.lora import NoLoRATargetError
@@ -51,13 +51,7 @@ def test_resumed_run_reports_the_same_epsilon_and_steps(tiny_base, tmp_path, mon
 
     interrupted = tmp_path / "interrupted"
     module = script("train_dp_lora")
-    real_save = module.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt("simulated crash right after checkpoint-2")
-
-    monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
+    crash_after_checkpoints(monkeypatch, module)
     with pytest.raises(KeyboardInterrupt):
         module.main([str(a) for a in base_args(tiny_base, interrupted, **{"--checkpointing_steps": 2})])
     assert not (interrupted / "dp_report.json").exists()  # nothing claimed for a crashed run
@@ -90,14 +84,8 @@ def test_ema_saves_the_average_of_the_iterates_and_resume_continues_it(tiny_base
             self.averages_before.append([s.clone() for s in self.shadow_params])
             super().step(parameters)
 
-    real_save = module.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt("simulated crash right after checkpoint-2")
-
     monkeypatch.setattr(module, "EMAModel", RecordingEMA)
-    monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
+    real_save = crash_after_checkpoints(monkeypatch, module)
     argv = base_args(tiny_base, tmp_path / "ema", **{"--checkpointing_steps": 2, "--ema_decay": 0.9})
     with pytest.raises(KeyboardInterrupt):
         module.main([str(a) for a in argv])
