@@ -21,7 +21,7 @@ from .accounting import (
     epsilon_for,
     max_steps_within_budget,
 )
-from .central_images import CentralImages, central_image_query, release_central_images
+from .central_images import CentralImages, central_image_query, central_image_sensitivity, release_central_images
 from .clipping import per_example_gradient_norms, suggest_max_grad_norm
 from .data_loader import DistributedPoissonSampler, poisson_data_loader, secret_generator
 from .engine import DPTraining, PrivateTrainingState, make_private, private_backward
@@ -59,6 +59,7 @@ __all__ = [
     "build_dp_report",
     "calibrate_noise_multiplier",
     "central_image_query",
+    "central_image_sensitivity",
     "check_delta",
     "epsilon_for",
     "expand_for_noise_multiplicity",

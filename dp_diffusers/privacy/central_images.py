@@ -25,7 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CentralImages", "central_image_query", "release_central_images"]
+__all__ = ["CentralImages", "central_image_query", "central_image_sensitivity", "release_central_images"]
+
+
+def central_image_sensitivity(max_image_norm: float) -> float:
+    """L2 sensitivity of the query (sums and scaled counts) to adding or removing one example: sqrt(2) * C."""
+    return math.sqrt(2.0) * max_image_norm
 
 
 @dataclass
@@ -41,7 +46,7 @@ class CentralImages:
 
     @property
     def sensitivity(self) -> float:
-        return math.sqrt(2.0) * self.max_image_norm
+        return central_image_sensitivity(self.max_image_norm)
 
 
 def central_image_query(
@@ -93,7 +98,7 @@ def release_central_images(
     if noise_multiplier <= 0:
         raise ValueError(f"noise_multiplier must be positive (0 adds no noise: no privacy), got {noise_multiplier}")
     sums, counts = central_image_query(batches, num_classes, max_image_norm)
-    std = noise_multiplier * math.sqrt(2.0) * max_image_norm
+    std = noise_multiplier * central_image_sensitivity(max_image_norm)
     noisy_sums = sums + std * torch.randn(sums.shape, generator=generator, dtype=torch.float64)
     noisy_counts = (counts + std * torch.randn(counts.shape, generator=generator, dtype=torch.float64)) / max_image_norm
     means = (noisy_sums / noisy_counts.clamp(min=1.0).reshape(-1, 1, 1, 1)).clamp(0, 1)
