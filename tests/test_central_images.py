@@ -140,6 +140,19 @@ def test_augmented_copies_are_seeded_resized_and_stay_in_range():
     assert not torch.equal(a[0], a[1]) and a.min() >= -1 and a.max() <= 1
 
 
+def test_default_release_size_follows_the_training_resolution_not_the_autoencoders():
+    """The means are released at half the *training* resolution, with C half of sqrt(pixels): a base whose
+    autoencoder says 256 but trains at 32 releases 16x16 means (not 128x128 ones, 64 times the pixels)."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    settings = script("train_dp_lora").central_image_settings
+    vae = SimpleNamespace(config=SimpleNamespace(in_channels=3, sample_size=256))
+    flags = Namespace(central_image_resolution=None, central_image_max_norm=None)
+    assert settings(flags, vae, 32) == (16, pytest.approx(0.5 * math.sqrt(3 * 16 * 16)))
+    assert settings(Namespace(central_image_resolution=4, central_image_max_norm=1.5), vae, 32) == (4, 1.5)
+
+
 CENTRAL = {"--central_image_noise_multiplier": 2.0, "--central_image_copies": 4, "--warmup_steps": 3,
            "--warmup_batch_size": 20}
 
