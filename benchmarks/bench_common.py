@@ -104,6 +104,7 @@ def build_denoiser(preset: str = "tiny", targets: str = "attention", rank: int =
     from diffusers import UNet2DConditionModel
 
     from dp_diffusers import ClassEmbedder, LatentDenoiser
+    from dp_diffusers.families import DPLDMFamily
     from dp_diffusers.lora import add_lora, make_lora_config
     from dp_diffusers.presets import get_preset
 
@@ -120,7 +121,7 @@ def build_denoiser(preset: str = "tiny", targets: str = "attention", rank: int =
                 if "lora_B" in name:
                     param.normal_(0, 0.02)
     embedder.requires_grad_(False)
-    return LatentDenoiser(unet, embedder), p
+    return LatentDenoiser(unet, DPLDMFamily, embedder), p
 
 
 def scheduler_for(preset) -> object:
@@ -148,36 +149,30 @@ def make_steps(
     lr: float = 1e-4,
     latent_shape: tuple[int, int, int] | None = None,
     scheduler=None,
-    context_length: int = 77,
+    conditions: dict[str, torch.Tensor] | None = None,
+    null_condition: dict[str, torch.Tensor] | None = None,
 ):
     """(dp_step, nonprivate_step) closures on the same batch. The non-private model is a deep copy
     taken *before* opacus touches the DP one: same weights, same trainable LoRA params, plain AdamW,
     ``loss.mean().backward()``. Either may be None (DP: when ``grad_sample_mode`` is None). The latents'
     shape and the noise schedule are the ``preset``'s, or ``latent_shape`` and ``scheduler`` (other base
-    families); labels 0..9, label dropout to the model's null class when it has one; a text model (Stable
-    Diffusion's UNet) gets random (``context_length``, cross_attention_dim) caption contexts and caption dropout."""
+    families); each example's ``conditions`` (named (batch_size, ...) tensors, dropped to ``null_condition`` with
+    probability 0.1) default to labels 0..9 and the model's null class when it has one."""
     from torch.utils.data import TensorDataset
 
-    from dp_diffusers import DiffusionLoss
+    from dp_diffusers import DiffusionLoss, NoisePrediction
     from dp_diffusers.privacy import PrivacyBudget, make_private, private_backward
 
-    null = model.null_class_id
-    text = model.conditioning_kind == "text"
-    context = (context_length, model.unet.config.cross_attention_dim) if text else None
-    loss_fn = DiffusionLoss(
-        scheduler or scheduler_for(preset),
-        use_labels=model.num_classes is not None or text,
-        null_class=null,
-        label_dropout=0.1 if null is not None or text else 0.0,
-        null_context=torch.zeros(1, *context, device=device) if text else None,
-    )
     shape = latent_shape or (preset.latent_channels, preset.latent_size, preset.latent_size)
     gen = torch.Generator().manual_seed(1234)
     latents = torch.randn(batch_size, *shape, generator=gen).to(device)
-    if text:
-        labels = torch.randn(batch_size, *context, generator=gen).to(device)
-    else:
-        labels = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
+    if conditions is None:
+        conditions = {"class_labels": torch.randint(0, 10, (batch_size,), generator=gen)}
+        null_condition = model.family.null_condition(model)
+    conditions = {name: value.to(device) for name, value in conditions.items()}
+    loss_fn = DiffusionLoss(NoisePrediction(scheduler or scheduler_for(preset)), tuple(conditions),
+                            null_condition=null_condition or None, dropout=0.1 if null_condition else 0.0)  # fmt: skip
+    columns = list(conditions.values())
 
     np_step = None
     if make_nonprivate:
@@ -186,9 +181,8 @@ def make_steps(
         k = noise_multiplicity
 
         def np_step():
-            rows_l = latents.repeat_interleave(k, 0) if k > 1 else latents
-            rows_y = labels.repeat_interleave(k, 0) if k > 1 else labels
-            loss_fn(np_model, rows_l, rows_y).mean().backward()
+            rows = [column.repeat_interleave(k, 0) for column in (latents, *columns)]
+            loss_fn(np_model, *rows).mean().backward()
             np_opt.step()
             np_opt.zero_grad(set_to_none=True)
 
@@ -209,7 +203,7 @@ def make_steps(
         )
 
         def dp_step():
-            private_backward(dp.model, dp.optimizer, loss_fn, latents, labels)
+            private_backward(dp.model, dp.optimizer, loss_fn, latents, *columns)
             dp.optimizer.step()
             dp.optimizer.zero_grad(set_to_none=True)
 

@@ -83,8 +83,9 @@ def sample_command(subparsers: argparse._SubParsersAction) -> None:
         pipe.set_progress_bar_config(disable=True)
         if pipe.num_classes is None and args.labels:
             raise ValueError(f"{args.path} is not class-conditional: it takes no --labels.")
-        if pipe.is_text_to_image != bool(args.prompts):
-            kind = "needs --prompts" if pipe.is_text_to_image else "is not text-to-image: it takes no --prompts"
+        text = pipe.conditioning == "text"
+        if text != bool(args.prompts):
+            kind = "needs --prompts" if text else "is not text-to-image: it takes no --prompts"
             raise ValueError(f"{args.path} {kind}.")
         labels = None if pipe.num_classes is None else args.labels or list(pipe.labels)
         grid = sample_grid(pipe, labels, args.num_images, args.num_inference_steps, args.seed, args.prompts)

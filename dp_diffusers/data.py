@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +300,22 @@ def canary_captions(num_canaries: int, seed: int, words: int = 4) -> tuple[list[
     return captions[:num_canaries], captions[num_canaries:]
 
 
+def original_sizes(dataset: Dataset, image_column: str) -> torch.Tensor:
+    """(N, 2) long: each image's (height, width) as stored, before any resize (SDXL's ``original_size``), read from
+    the image files' headers without decoding the pixels."""
+    import io
+
+    sizes = []
+    for i, raw in enumerate(dataset.cast_column(image_column, Image(decode=False))[image_column]):
+        try:
+            source = raw["path"] if raw.get("bytes") is None else io.BytesIO(raw["bytes"])
+            with PILImage.open(source) as image:
+                sizes.append((image.height, image.width))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"Image {i} of the data set cannot be read: {err}") from err
+    return torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)
+
+
 def vae_scale_factor(vae) -> int:
     """Spatial downsampling factor of a diffusers autoencoder (``AutoencoderKL`` or ``VQModel``)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -334,19 +350,42 @@ def _unscaled_latents(vae, pixels: torch.Tensor, batch_size: int, generator: tor
     return torch.cat(out)
 
 
+def latent_normalization(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shift, scale)`` of the autoencoder's config, broadcastable to (N, c, h, w): the latents a denoiser works on
+    are ``(z - shift) * scale``, diffusers' conventions for every base: ``z * scaling_factor`` (SD 1.x/2.x, LDMs);
+    ``(z - latents_mean) * scaling_factor / latents_std`` when the config has them (SDXL, as diffusers' SDXL scripts
+    encode); ``(z - shift_factor) * scaling_factor`` (SD3, FLUX)."""
+    config = vae.config
+    scale = torch.tensor(float(getattr(config, "scaling_factor", None) or 1.0))
+    shift = torch.tensor(float(getattr(config, "shift_factor", None) or 0.0))
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        scale = scale / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return shift, scale
+
+
 def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256, mirrored: bool = False) -> torch.Tensor:
-    """Encode images in [-1, 1] to *scaled* latents (the autoencoder's mean, times its scaling factor).
+    """Encode images in [-1, 1] to the latents a denoiser works on: the autoencoder's mean, normalised by
+    :func:`latent_normalization` (its scaling factor, and its shift or per-channel statistics where it has them).
 
     The autoencoder is public and frozen, so encoding the private set once and caching the result
     is a deterministic pre-processing of each example: it costs no privacy and saves re-encoding.
     ``mirrored``: (N, 2, c, h, w), each image's latents and its horizontal mirror's (``--random_flip``: the loss
     picks one per row, see ``DiffusionLoss``).
     """
-    scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-    latents = _unscaled_latents(vae, pixels, batch_size) * scaling
+    shift, scale = latent_normalization(vae)
+    latents = (_unscaled_latents(vae, pixels, batch_size) - shift) * scale
     if not mirrored:
         return latents
-    return torch.stack([latents, _unscaled_latents(vae, pixels.flip(-1), batch_size) * scaling], dim=1)
+    return torch.stack([latents, (_unscaled_latents(vae, pixels.flip(-1), batch_size) - shift) * scale], dim=1)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] of latents made as :func:`encode_latents` makes them (the inverse normalisation)."""
+    shift, scale = latent_normalization(vae)
+    z = latents / scale.to(latents) + shift.to(latents)
+    return vae.decode(z).sample
 
 
 def latent_scaling_factor(vae, pixels: torch.Tensor, batch_size: int = 256, seed: int = 0) -> float:
@@ -379,27 +418,55 @@ def _dataset_key(dataset: Dataset, resolution: int, image_column: str, vae, mirr
     return digest.hexdigest()[:16]
 
 
-def _rows_to_array(batches: Iterator[np.ndarray], n: int, path: Path | None) -> torch.Tensor:
-    """Stack ``n`` rows arriving in batches: in memory, or with ``path`` a memory-mapped ``.npy`` written under a
-    temporary name and renamed (a crash never leaves a partial cache), read back lazily."""
-    out, tmp, start = None, None, 0
+def _stack_rows(batches: Iterator[dict[str, np.ndarray]], n: int, path_of: Callable[[str], Path] | None):
+    """Stack ``n`` rows of each named array arriving in batches: in memory, or memory-mapped ``.npy`` files at
+    ``path_of(name)``, each written under a temporary name and renamed (a crash never leaves a partial cache), read
+    back lazily."""
+    out, tmp, start = {}, {}, 0
     for rows in batches:
-        if out is None:
-            shape = (n, *rows.shape[1:])
-            if path is None:
-                out = np.empty(shape, dtype=np.float32)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # one per process: ranks may encode at once
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        out[start : start + len(rows)] = rows
-        start += len(rows)
-    if path is None:
-        return torch.from_numpy(out)
-    out.flush()
+        for name, values in rows.items():
+            if name not in out:
+                shape = (n, *values.shape[1:])
+                if path_of is None:
+                    out[name] = np.empty(shape, dtype=np.float32)
+                else:
+                    path = path_of(name)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp[name] = path.with_suffix(f".{os.getpid()}.tmp.npy")  # one per process: ranks may encode at once
+                    out[name] = np.lib.format.open_memmap(tmp[name], mode="w+", dtype=np.float32, shape=shape)
+            out[name][start : start + len(values)] = values
+        start += len(next(iter(rows.values())))
+    if path_of is None:
+        return {name: torch.from_numpy(values) for name, values in out.items()}
+    for name, values in out.items():
+        values.flush()
+        os.replace(tmp[name], path_of(name))
     del out
-    os.replace(tmp, path)
-    return torch.from_numpy(np.load(path, mmap_mode="c"))
+    return {name: torch.from_numpy(np.load(path_of(name), mmap_mode="c")) for name in tmp}
+
+
+def _rows_to_array(batches: Iterator[np.ndarray], n: int, path: Path | None) -> torch.Tensor:
+    """One array of ``n`` rows arriving in batches, in memory or memory-mapped at ``path`` (:func:`_stack_rows`)."""
+    return _stack_rows(({"rows": rows} for rows in batches), n, None if path is None else lambda _: path)["rows"]
+
+
+def rows_to_arrays(batches: Iterator[dict[str, np.ndarray]], n: int, prefix: Path | None) -> dict[str, torch.Tensor]:
+    """Named arrays of ``n`` rows arriving in batches (:func:`_stack_rows`), with ``prefix`` cached as
+    ``<prefix>-<name>.npy`` files plus ``<prefix>.json`` listing the names, written last: a complete cache is read
+    back (memory-mapped) without consuming ``batches``."""
+    if prefix is None:
+        return _stack_rows(batches, n, None)
+    index = Path(f"{prefix}.json")
+    path_of = lambda name: Path(f"{prefix}-{name}.npy")  # noqa: E731
+    if index.is_file():
+        names = json.loads(index.read_text())
+        if all(path_of(name).is_file() for name in names):
+            return {name: torch.from_numpy(np.load(path_of(name), mmap_mode="c")) for name in names}
+    arrays = _stack_rows(batches, n, path_of)
+    tmp = index.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(list(arrays)))
+    os.replace(tmp, index)
+    return arrays
 
 
 @torch.no_grad()
@@ -468,36 +535,3 @@ def dataset_captions(
         shown = ", ".join(map(str, bad[:5])) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
         raise DataError(f"Captions of rows {shown} are empty or not text: every private example needs a caption.")
     return raw
-
-
-def _captions_key(captions: Sequence[str], pipe) -> str:
-    """Cache key of caption contexts: the captions, the tokenizer's vocabulary and length, the text encoder's
-    weights."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(list(captions)).encode())
-    digest.update(json.dumps([pipe.tokenizer.get_vocab(), pipe.tokenizer.model_max_length], sort_keys=True).encode())
-    for tensor in pipe.text_encoder.state_dict().values():
-        digest.update(tensor.detach().cpu().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-@torch.no_grad()
-def caption_contexts(
-    pipe, captions: Sequence[str], cache_dir: str | None = None, batch_size: int = 64
-) -> torch.Tensor:
-    """(N, L, D) fp32 text contexts of ``captions`` by the base's frozen public text encoder, exactly as its
-    ``StableDiffusionPipeline`` encodes a prompt (``DPLDMPipeline.encode_prompt``), ``batch_size`` at a time.
-    Encoding each caption once is per-example pre-processing by a public model: it changes only that example's own
-    gradient, so it costs no privacy. With ``cache_dir``: a memory-mapped ``latents-text-<key>.npy`` cache, keyed
-    by the captions, the tokenizer and the text encoder (private data in encoded form: the Hub upload excludes it).
-    """
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"latents-text-{_captions_key(captions, pipe)}.npy"
-        if path.exists():
-            return torch.from_numpy(np.load(path, mmap_mode="c"))
-    batches = (
-        pipe.encode_prompt(list(captions[i : i + batch_size])).float().cpu().numpy()
-        for i in range(0, len(captions), batch_size)
-    )
-    return _rows_to_array(batches, len(captions), path)

@@ -249,14 +249,12 @@ _TASK_NAMES = {
 }
 
 
-def _conditioning(config: DPLoRAConfig | None) -> str:
-    """How the adapter's base is conditioned (its family's ``conditioning``); ``"class"`` without an adapter config
-    (a folder of an earlier version, or a plain LoRA)."""
-    if config is None:
-        return "class"
-    from .families import family_named
+def _family(config: DPLoRAConfig | None):
+    """The adapter's base family (``dp_diffusers.families``); the project's own layout without an adapter config (a
+    folder of an earlier version, or a plain LoRA)."""
+    from .families import DPLDMFamily, family_named
 
-    return family_named(config.base_family).conditioning
+    return DPLDMFamily if config is None else family_named(config.base_family)
 
 
 def _evaluation(
@@ -307,7 +305,8 @@ def build_model_card(
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
 
     config = DPLoRAConfig.from_pretrained(folder) if DPLoRAConfig.is_adapter_folder(folder) else None
-    conditioning = _conditioning(config)
+    family = _family(config)
+    conditioning = family.conditioning
     text_to_image = conditioning == "text"
     prompts = (config.validation_prompts or []) if text_to_image else []  # public prompts, never training captions
     base_model = _base_model(folder, report)
@@ -370,6 +369,7 @@ def build_model_card(
         has_epsilon_plot=bool(report) and (folder / EPSILON_PLOT_NAME).is_file(),
         load_target=repo_id or folder.as_posix(),
         text_to_image=text_to_image,
+        pipeline_class=family.pipeline_class_name,
         base_load_target=base_model or "<the base model>",
         example_prompt=prompts[0] if prompts else "a photo",
     )

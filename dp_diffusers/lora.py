@@ -15,8 +15,6 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .constants import LORA_WEIGHT_NAME
-
 LORA_TARGET_PRESETS: dict[str, list[str]] = {
     # attention projections of every attention block (self- and cross-attention)
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -106,18 +104,14 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
-def save_lora_weights(model: nn.Module, output_dir: str | Path) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` through diffusers' own LoRA serialisation
-    (``StableDiffusionLoraLoaderMixin.save_lora_weights``, as diffusers' LoRA training scripts save): keys
-    ``unet.<module>.lora_A.weight`` in peft naming, and the ``LoraConfig`` in the file's ``lora_adapter_metadata``
-    (so rank, alpha and targets load back exactly). Every family's denoiser is the pipeline's ``unet`` component,
-    so one key prefix serves all of them, and a Stable Diffusion adapter is what ``load_lora_weights`` reads."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
+def save_lora_weights(model: nn.Module, output_dir: str | Path, family) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` through the base pipeline's own diffusers LoRA serialisation
+    (``family.save_lora_weights``: e.g. ``StableDiffusionXLPipeline.save_lora_weights``, as diffusers' LoRA training
+    scripts save; the project's own and the class-conditional layouts, which diffusers gives no LoRA loader, use
+    ``StableDiffusionLoraLoaderMixin``'s): keys ``<unet|transformer>.<module>.lora_A.weight`` in peft naming, and the
+    ``LoraConfig`` in the file's metadata (so rank, alpha and targets load back exactly). ``family``: the base's
+    ``dp_diffusers.families`` class."""
     state = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
     config = model.peft_config["default"].to_dict()
     config["target_modules"] = sorted(config["target_modules"])  # a set: sorted, so the file is reproducible
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        output_dir, unet_lora_layers=state, unet_lora_adapter_metadata=config, weight_name=LORA_WEIGHT_NAME
-    )
-    return Path(output_dir) / LORA_WEIGHT_NAME
+    return family.save_lora_weights(output_dir, state, config)

@@ -30,12 +30,15 @@ def sample_grid(
     num_inference_steps: int = 50,
     seed: int = 0,
     prompts: Sequence[str] | None = None,
-) -> Image.Image:
+) -> Image.Image | None:
     """Generate ``per_class`` images for each class name with a seeded generator and grid them; ``labels=None``
     (an unconditional model): one row of ``per_class`` images; ``prompts`` (a text-to-image model): a row per prompt,
-    labelled by its number."""
+    labelled by its number. ``None`` when there is nothing to draw: ``per_class`` 0, or a text-to-image model
+    without public prompts (its captions are private: never sampled from)."""
     import torch
 
+    if per_class <= 0 or (pipeline.conditioning == "text" and not prompts):
+        return None
     generator = torch.Generator().manual_seed(seed)
     if prompts:
         images = pipeline(

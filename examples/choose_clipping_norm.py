@@ -15,7 +15,6 @@ import argparse
 import json
 
 import torch
-from diffusers import DDPMScheduler
 
 from dp_diffusers import DiffusionLoss, DPLDMPipeline, LatentDenoiser
 from dp_diffusers.data import dataset_to_tensors, encode_latents, load_image_dataset, resolve_columns
@@ -47,22 +46,21 @@ def main(argv=None):
     )
     latents = encode_latents(pipe.vae, pixels)
     add_lora(pipe.unet, make_lora_config(args.lora_rank, targets=args.lora_target_modules))
-    model = LatentDenoiser(pipe.unet, pipe.class_embedder)
-    null_class = pipe.class_embedder.null_class_id if pipe.class_embedder is not None else None
+    model = LatentDenoiser(pipe.unet, pipe.family, pipe.class_embedder)
+    conditions = [labels] if labels is not None else []
+    null = pipe.family.null_condition(pipe) if conditions else {}
     diffusion_loss = DiffusionLoss(  # the private run's loss, label dropout included
-        DDPMScheduler.from_config(pipe.scheduler.config),
-        use_labels=labels is not None,
-        null_class=null_class,
-        label_dropout=args.label_dropout if null_class is not None else 0.0,
-    )
+        pipe.family.objective(pipe.scheduler), ("class_labels",) if conditions else (), null_condition=null or None,
+        dropout=args.label_dropout if null else 0.0,
+    )  # fmt: skip
 
-    def loss_fn(model, latents, labels):
+    def loss_fn(model, latents, *conditions):
         # k diffusion draws per example, averaged before the norm is taken (as the private run clips)
         k = args.noise_multiplicity
-        rows, row_labels = expand_for_noise_multiplicity(latents, k), expand_for_noise_multiplicity(labels, k)
-        return diffusion_loss(model, rows, row_labels).view(len(latents), k).mean(dim=1)
+        rows = [expand_for_noise_multiplicity(column, k) for column in (latents, *conditions)]
+        return diffusion_loss(model, *rows).view(len(latents), k).mean(dim=1)
 
-    norms = per_example_gradient_norms(model, loss_fn, latents, labels)
+    norms = per_example_gradient_norms(model, loss_fn, latents, *conditions)
     quantiles = {f"p{int(q * 100)}": float(torch.quantile(norms, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
     result = {
         "num_examples": len(norms),

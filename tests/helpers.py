@@ -34,9 +34,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from dp_diffusers import ClassEmbedder, LatentDenoiser, denoising_loss
+from dp_diffusers import ClassEmbedder, LatentDenoiser, NoisePrediction
 from dp_diffusers.constants import ADAPTER_CONFIG_NAME, LORA_WEIGHT_NAME
-from dp_diffusers.families import DiTFamily
+from dp_diffusers.families import (
+    CompVisLDMFamily,
+    DiTFamily,
+    DPLDMFamily,
+    StableDiffusionFamily,
+    StableDiffusionXLFamily,
+)
 from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
 from dp_diffusers.models import DiTClassRows
 from dp_diffusers.privacy import DPTraining, PrivacyBudget, make_private, private_backward
@@ -113,18 +119,22 @@ def perturb_lora_b(model: nn.Module, std: float = 0.1, seed: int | None = None) 
 
 def lora_denoiser(kind: str, targets: str, train_class_embedding: bool = False, rank: int = 2) -> LatentDenoiser:
     """A tiny denoiser with LoRA on ``targets`` (a preset of its family): ``kind`` "cond" (cross-attention on a
-    class embedding), "uncond" (the CompVis UNet2DModel layout), "dit" (DiT, class labels through adaLN) or "text"
-    (Stable Diffusion's layout, a text context through cross-attention)."""
-    presets, rows = LORA_TARGET_PRESETS, None
+    class embedding), "uncond" (the CompVis UNet2DModel layout), "dit" (DiT, class labels through adaLN), "text"
+    (Stable Diffusion's layout, a text context through cross-attention) or "sdxl" (SDXL's: a two-encoder context,
+    pooled embeddings and time ids through the UNet's text_time embedding)."""
+    rows, embedder = None, None
     if kind == "cond":
-        unet = tiny_cond_unet(conv_projection=targets != "attention")
+        unet, family = tiny_cond_unet(conv_projection=targets != "attention"), DPLDMFamily
         embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
     elif kind == "dit":
-        unet, embedder, presets = tiny_dit(), None, DiTFamily.lora_target_presets
+        unet, family = tiny_dit(), DiTFamily
     elif kind == "text":
-        unet, embedder = tiny_text_unet(), None
+        unet, family = tiny_text_unet(), StableDiffusionFamily
+    elif kind == "sdxl":
+        unet, family = tiny_sdxl_unet(), StableDiffusionXLFamily
     else:
-        unet, embedder = tiny_uncond_unet(), None
+        unet, family = tiny_uncond_unet(), CompVisLDMFamily
+    presets = DiTFamily.lora_target_presets if kind == "dit" else LORA_TARGET_PRESETS  # (any UNet preset)
     add_lora(unet, make_lora_config(rank=rank, targets=targets, init_lora_weights=True, presets=presets))
     perturb_lora_b(unet)
     if embedder is not None:
@@ -133,7 +143,7 @@ def lora_denoiser(kind: str, targets: str, train_class_embedding: bool = False, 
         rows = DiTClassRows.from_null_row(unet, 2)
         with torch.no_grad():
             rows.embedding.weight.normal_()  # distinct rows, so that each one's gradient is its own
-    return LatentDenoiser(unet, embedder, rows)
+    return LatentDenoiser(unet, family, embedder, rows)
 
 
 # ---- per-sample gradients: the reference and the DP wiring -----------------------------------------------------
@@ -149,50 +159,68 @@ GRADIENT_CASES = [
     ("dit", "attention+ff+adaln", False),  # the feed-forward and adaLN-Zero projections too
     ("dit", "attention", True),  # with label rows for new classes, shared by every block
     ("text", "attention", False),  # self- and cross-attention, each example's own text context flowing through
+    ("sdxl", "attention", False),  # each example's own context, pooled embedding and time ids
+    ("sdxl", "attention+proj", False),
 ]
+
+
+def random_conditions(model: LatentDenoiser, n: int) -> dict[str, torch.Tensor]:
+    """``n`` examples' own random conditions of the kind ``model``'s family takes (class ids, a caption context,
+    SDXL's pooled embedding and time ids); none for an unconditional model."""
+    family = model.family
+    if family.conditioning == "none":
+        return {}
+    if family is StableDiffusionFamily:
+        return {"encoder_hidden_states": torch.randn(n, TEXT_LENGTH, TEXT_DIM)}
+    if family is StableDiffusionXLFamily:
+        sizes = torch.randint(16, 64, (n, 2))
+        time_ids = torch.cat([sizes, torch.randint(0, 8, (n, 2)), torch.full((n, 2), 16)], 1).float()
+        context = torch.randn(n, TEXT_LENGTH, SDXL_CONTEXT_DIM)
+        return {"encoder_hidden_states": context, "text_embeds": torch.randn(n, TEXT_DIM), "time_ids": time_ids}
+    labels = torch.randint(0, 10, (n,))
+    rows = model.class_rows
+    if rows is not None:  # the first examples are of the new classes
+        labels[: rows.config.num_rows] = rows.config.first_id + torch.arange(rows.config.num_rows)
+    return {"class_labels": labels}
 
 
 def gradient_case(build: Callable[[], nn.Module], k: int, n: int, seed: int, labelled: bool = True):
     """A model from ``build()``, an untouched copy of it (the reference), and ``n`` examples with k copies each:
-    ``(model, reference, latents, labels, timesteps, noise)``; labels (text models: (L, D) contexts) are None
-    unless ``labelled``."""
+    ``(model, reference, latents, conditions, timesteps, noise)``; the conditions (named per-example tensors,
+    :func:`random_conditions`) are empty unless ``labelled``."""
     torch.manual_seed(seed)
     model = build()
     reference = copy.deepcopy(model)
     shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
     latents = torch.randn(n, *shape)
-    labels = torch.randint(0, 10, (n,)) if labelled else None
-    if labelled and model.conditioning_kind == "text":  # each example's own (L, D) caption context
-        labels = torch.randn(n, TEXT_LENGTH, TEXT_DIM)
-    rows = getattr(model, "class_rows", None)
-    if labelled and rows is not None:  # the first examples are of the new classes
-        labels[: rows.config.num_rows] = rows.config.first_id + torch.arange(rows.config.num_rows)
+    conditions = random_conditions(model, n) if labelled else {}
     timesteps = torch.randint(0, 1000, (n * k,))
     noise = torch.randn(n * k, *shape)
-    return model, reference, latents, labels, timesteps, noise
+    return model, reference, latents, conditions, timesteps, noise
 
 
-def fixed_loss(timesteps: torch.Tensor, noise: torch.Tensor) -> tuple[DDIMScheduler, Callable]:
-    """A ``loss_fn`` for ``private_backward`` whose rows use the given timesteps and noise (row r: ``timesteps[r]``)."""
-    sched = scheduler()
+def fixed_loss(timesteps: torch.Tensor, noise: torch.Tensor, names=("class_labels",)):
+    """``(objective, loss_fn)``: a ``loss_fn`` for ``private_backward`` whose rows use the given timesteps and noise
+    (row r: ``timesteps[r]``); its condition columns are ``names`` (a ``None`` column: no such condition)."""
+    objective = NoisePrediction(scheduler())
 
-    def loss_fn(model, latents, labels):
-        return denoising_loss(model, sched, latents, labels, timesteps, noise)
+    def loss_fn(model, latents, *columns):
+        conditions = {name: column for name, column in zip(names, columns) if column is not None}
+        return objective.loss(model, latents, conditions, timesteps, noise)
 
-    return sched, loss_fn
+    return objective, loss_fn
 
 
-def reference_grads(reference: nn.Module, sched, latents, labels, timesteps, noise, k: int) -> list[dict]:
+def reference_grads(reference: nn.Module, objective, latents, conditions: dict, timesteps, noise, k: int) -> list[dict]:
     """Per-example gradients, one example at a time through plain autograd: example i's k copies use rows
     ``i*k .. i*k+k-1`` of ``timesteps`` and ``noise``, and its gradient is that of their mean loss."""
     params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
     out = []
     for i in range(len(latents)):
         rows = slice(i * k, (i + 1) * k)
-        lab = labels[i : i + 1].repeat_interleave(k, 0) if labels is not None else None
-        loss = denoising_loss(
-            reference, sched, latents[i : i + 1].repeat(k, 1, 1, 1), lab, timesteps[rows], noise[rows]
-        ).mean()
+        own = {name: value[i : i + 1].repeat_interleave(k, 0) for name, value in conditions.items()}
+        copies = latents[i : i + 1].repeat(k, 1, 1, 1)
+        loss = objective.loss(reference, copies, own, timesteps[rows], noise[rows]).mean()
         out.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
     return out
 
@@ -237,15 +265,16 @@ def dp_setup(model, noise_multiplier=0.0, max_grad_norm=1e9, k=1, lr=1.0, n=64, 
     return dp
 
 
-def per_sample_gradients(model, latents, labels, timesteps, noise, k: int, mode: str = "fused"):
-    """One ``private_backward`` of ``latents`` (k copies each, rows using ``timesteps`` / ``noise``) through
-    ``make_private`` in ``mode``: the per-sample gradients are then in ``p.grad_sample``. Returns (dp, scheduler)."""
-    sched, loss_fn = fixed_loss(timesteps, noise)
+def per_sample_gradients(model, latents, conditions: dict, timesteps, noise, k: int, mode: str = "fused"):
+    """One ``private_backward`` of ``latents`` (k copies each, rows using ``timesteps`` / ``noise``) with their
+    ``conditions`` through ``make_private`` in ``mode``: the per-sample gradients are then in ``p.grad_sample``.
+    Returns (dp, objective)."""
+    objective, loss_fn = fixed_loss(timesteps, noise, tuple(conditions))
     dataset = TensorDataset(latents, torch.zeros(len(latents)))
     dp, _ = private(model, dataset, sigma=1.0, clip=1.0, batch=len(latents) / 2, k=k, mode=mode, lr=0.1,
                     planned_steps=1)  # fmt: skip
-    private_backward(dp.model, dp.optimizer, loss_fn, latents, labels)
-    return dp, sched
+    private_backward(dp.model, dp.optimizer, loss_fn, latents, *conditions.values())
+    return dp, objective
 
 
 def flat(params: list[torch.Tensor]) -> torch.Tensor:
@@ -298,18 +327,20 @@ def base_args(tiny_base: Path, out: Path, **overrides) -> list:
 
 
 def write_adapter(
-    folder: Path, unet, base_model, class_embedder=None, id2label=None, targets="attention", lora_std: float = 0.05
+    folder: Path, unet, base_model, class_embedder=None, id2label=None, targets="attention", lora_std: float = 0.05,
+    family=DPLDMFamily,
 ) -> Path:
-    """An adapter folder as train_dp_lora.py writes it; LoRA (rank 2, alpha 8) is injected into ``unet`` in place,
-    with B weights of std ``lora_std`` (non-zero by default, so that it changes the samples; 0: a zero adapter)."""
-    add_lora(unet, make_lora_config(2, 8.0, targets=targets))
+    """An adapter folder as train_dp_lora.py writes it for a base of ``family``; LoRA (rank 2, alpha 8) is injected
+    into ``unet`` in place, with B weights of std ``lora_std`` (non-zero by default, so that it changes the samples;
+    0: a zero adapter)."""
+    add_lora(unet, make_lora_config(2, 8.0, targets=targets, presets=family.lora_target_presets))
     perturb_lora_b(unet, std=lora_std, seed=1)
-    save_lora_weights(unet, folder)
+    save_lora_weights(unet, folder, family)
     if class_embedder is not None:
         class_embedder.save_pretrained(folder / "class_embedder")
     embedder_folder = "class_embedder" if class_embedder is not None else None
     config = {"base_model": str(base_model), "revision": None, "lora_weights": LORA_WEIGHT_NAME,
-              "class_embedder": embedder_folder, "id2label": id2label}  # fmt: skip
+              "class_embedder": embedder_folder, "id2label": id2label, "base_family": family.name}  # fmt: skip
     (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
     return folder
 
@@ -379,6 +410,58 @@ def tiny_text_unet() -> UNet2DConditionModel:
                                 attention_head_dim=4, norm_num_groups=8)  # fmt: skip
 
 
+#: The tiny SDXL's context width: its two CLIP encoders' hidden states side by side (SDXL: 768 + 1280 = 2048).
+SDXL_CONTEXT_DIM = 2 * TEXT_DIM
+
+
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    """SDXL's UNet layout at toy size: cross-attention on the two encoders' (L, 64) context, ``text_time`` added
+    conditioning (6 time ids of 8 dims each + the 32-dim pooled embedding), 4x8x8 latents."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM,
+                                cross_attention_dim=SDXL_CONTEXT_DIM, norm_num_groups=8)  # fmt: skip
+
+
+def tiny_clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=2, projection_dim=TEXT_DIM, max_position_embeddings=TEXT_LENGTH,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+
+
+def tiny_rgb_vae(**config) -> AutoencoderKL:
+    """A 3-channel AutoencoderKL at toy size: 16x16 images, 4x8x8 latents."""
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=8, sample_size=16, **config)  # fmt: skip
+
+
+def save_sdxl_base(folder: Path, force_zeros_for_empty_prompt: bool = True, without: tuple[str, ...] = ()) -> Path:
+    """An SDXL base (``stabilityai/stable-diffusion-xl-base-1.0``'s layout) with random weights, as diffusers'
+    ``StableDiffusionXLPipeline.save_pretrained`` writes it: ``vae`` (with SDXL-style per-channel ``latents_mean`` /
+    ``latents_std``), ``text_encoder`` (CLIPTextModel), ``text_encoder_2`` (CLIPTextModelWithProjection), two
+    tokenizers, ``unet`` (text_time), ``scheduler`` (Euler, as SDXL's). ``without``: components saved as absent."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(folder / "tokenizer-src")
+    vae = tiny_rgb_vae(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 1.0, 2.0], scaling_factor=0.5)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading")  # fmt: skip
+    components = dict(vae=vae, text_encoder=CLIPTextModel(tiny_clip_config(tokenizer)),
+                      text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(tokenizer)), tokenizer=tokenizer,
+                      tokenizer_2=tokenizer, unet=tiny_sdxl_unet(), scheduler=sched)  # fmt: skip
+    components.update({name: None for name in without})
+    StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                              add_watermarker=False).save_pretrained(folder)  # fmt: skip
+    shutil.rmtree(folder / "tokenizer-src")
+    return folder
+
+
 def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
     """A ``CLIPTokenizer`` of byte-level characters only (CLIP's 512 base tokens, no merges), saved to ``folder``."""
     from tokenizers.pre_tokenizers import ByteLevel
@@ -396,13 +479,8 @@ def save_sd_base(folder: Path, prediction_type: str = "epsilon") -> Path:
     (CLIPTokenizer), ``unet``, ``scheduler``; no safety checker."""
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer(folder / "tokenizer-src")
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=37,
-                                                num_attention_heads=4, num_hidden_layers=2, projection_dim=TEXT_DIM,
-                                                max_position_embeddings=TEXT_LENGTH, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1))  # fmt: skip
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=16)  # fmt: skip
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer))
+    vae = tiny_rgb_vae()
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)  # fmt: skip
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_text_unet(),
@@ -412,13 +490,14 @@ def save_sd_base(folder: Path, prediction_type: str = "epsilon") -> Path:
     return folder
 
 
-def caption_folder(root: Path, captions: list[str]) -> Path:
-    """An imagefolder of random 16x16 RGB images with captions in ``metadata.jsonl`` (its ``text`` column), as
-    diffusers' text-to-image examples lay them out."""
+def caption_folder(root: Path, captions: list[str], sizes: list[tuple[int, int]] | None = None) -> Path:
+    """An imagefolder of random RGB images (16x16, or (height, width) ``sizes`` in turn) with captions in
+    ``metadata.jsonl`` (its ``text`` column), as diffusers' text-to-image examples lay them out."""
     root.mkdir(parents=True)
     rows = []
     for i, caption in enumerate(captions):
-        pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        height, width = sizes[i % len(sizes)] if sizes else (16, 16)
+        pixels = np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / f"{i}.png")
         rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
     (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
@@ -467,7 +546,7 @@ def distributed_model(lora_rank: int = 4) -> LatentDenoiser:
     perturb_lora_b(unet, seed=1)
     embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
     embedder.requires_grad_(True).eval()
-    return LatentDenoiser(unet, embedder)
+    return LatentDenoiser(unet, DPLDMFamily, embedder)
 
 
 def indexed_examples() -> dict[str, torch.Tensor]:
@@ -484,13 +563,12 @@ def indexed_examples() -> dict[str, torch.Tensor]:
 def indexed_loss(data: dict[str, torch.Tensor], k: int) -> Callable:
     """``loss_fn`` for ``private_backward`` whose "labels" are example indices: every row's class,
     timestep and noise depend on its example and copy only, not on the batch it lands in."""
-    sched = scheduler()
+    objective = NoisePrediction(scheduler())
 
     def loss_fn(model: nn.Module, latents: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         copy = torch.arange(len(idx)) % k
-        return denoising_loss(
-            model, sched, latents, data["labels"][idx], data["timesteps"][idx, copy], data["noise"][idx, copy]
-        )
+        conditions = {"class_labels": data["labels"][idx]}
+        return objective.loss(model, latents, conditions, data["timesteps"][idx, copy], data["noise"][idx, copy])
 
     return loss_fn
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from dp_diffusers import DPLDMPipeline, LatentDenoiser
 from dp_diffusers.constants import ADAPTER_CONFIG_NAME, DP_REPORT_NAME, LORA_WEIGHT_NAME, SAMPLES_NAME
 from dp_diffusers.data import DataError
-from dp_diffusers.families import FAMILIES, UnsupportedBaseError, base_family
+from dp_diffusers.families import FAMILIES, DiTFamily, UnsupportedBaseError, base_family
 from dp_diffusers.lora import NoLoRATargetError, add_lora, make_lora_config
 from dp_diffusers.models import DiTClassRows
 
@@ -163,11 +163,12 @@ def test_lora_presets_of_each_family_adapt_its_attention_projections(family, pre
 def test_dit_label_dropout_is_the_loss_s_not_the_transformer_s():
     """DiT's LabelEmbedding drops labels at random in training mode; inside LatentDenoiser it never does (label
     dropout is DiffusionLoss's, per row), so a batch gives each example's own prediction."""
-    model = LatentDenoiser(tiny_dit()).train()
+    model = LatentDenoiser(tiny_dit(), DiTFamily).train()
     latents, timesteps, labels = torch.randn(6, 4, 8, 8), torch.randint(0, 1000, (6,)), torch.randint(0, 1000, (6,))
     with torch.no_grad():
-        batch = model(latents, timesteps, labels)
-        alone = torch.cat([model(latents[i : i + 1], timesteps[i : i + 1], labels[i : i + 1]) for i in range(6)])
+        batch = model(latents, timesteps, {"class_labels": labels})
+        alone = torch.cat([model(latents[i : i + 1], timesteps[i : i + 1], {"class_labels": labels[i : i + 1]})
+                           for i in range(6)])  # fmt: skip
     torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
     assert batch.shape == latents.shape  # DiT's learned-sigma half cut off
 

@@ -12,7 +12,7 @@ import torch
 from helpers import base_args, fixed_loss, lora_denoiser, train
 from torch.utils.data import TensorDataset
 
-from dp_diffusers import ClassEmbedder, denoising_loss
+from dp_diffusers import ClassEmbedder
 from dp_diffusers.privacy import PrivacyBudget, make_private, private_backward
 
 MODES = ["fused", "hooks", "functorch"]
@@ -48,9 +48,8 @@ def test_class_embedding_is_clipped_together_with_the_lora_weights(mode):
     joint, lora_only = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     for i in range(n):
         rows = slice(i * k, (i + 1) * k)
-        loss = denoising_loss(
-            reference, sched, latents[i : i + 1].repeat(k, 1, 1, 1), labels[i].repeat(k), timesteps[rows], noise[rows]
-        ).mean()
+        own = {"class_labels": labels[i].repeat(k)}
+        loss = sched.loss(reference, latents[i : i + 1].repeat(k, 1, 1, 1), own, timesteps[rows], noise[rows]).mean()
         grads = torch.autograd.grad(loss, [p for p in reference.parameters() if p.requires_grad])
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         lora_norm = torch.sqrt(sum(g.pow(2).sum() for j, g in enumerate(grads) if j != embedding))

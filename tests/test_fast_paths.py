@@ -78,7 +78,7 @@ def test_fused_leaves_inference_and_unhooked_use_alone():
     model = lora_denoiser("cond", "attention")
     reference = copy.deepcopy(model)
     fused = FusedGradSampleModule(model)
-    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), {"class_labels": torch.tensor([1, 2])}
     with torch.no_grad():
         torch.testing.assert_close(fused(x, t, y), reference(x, t, y))
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
@@ -117,7 +117,7 @@ def test_hooks_mode_still_hands_per_row_gradients_to_the_optimizer():
     """Only the fused mode folds in the backward; the others keep (B*k, ...) rows for the mixin."""
     torch.manual_seed(7)
     model = lora_denoiser("cond", "attention")
-    latents, labels = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    latents, labels = torch.randn(2, 3, 8, 8), {"class_labels": torch.tensor([1, 2])}
     timesteps, noise = torch.randint(0, 1000, (6,)), torch.randn(6, 3, 8, 8)
     dp, _ = per_sample_gradients(model, latents, labels, timesteps, noise, 3, "hooks")
     assert not dp.optimizer.copies_folded_in_backward

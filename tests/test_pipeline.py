@@ -244,7 +244,7 @@ def test_base_found_relative_to_the_adapter_and_hub_adapters(adapter, tiny_base,
         with pytest.raises(OSError, match=f"{re.escape(str(moved))}.*{re.escape(missing)}"):
             DPLDMPipeline.from_pretrained(moved)
 
-    module = "dp_diffusers.pipelines.pipeline_dp_ldm"
+    module = "dp_diffusers.loaders"  # where adapters are fetched from the Hub
     with (
         mock.patch(f"{module}.hf_hub_download", return_value=str(folder / ADAPTER_CONFIG_NAME)) as download,
         mock.patch(f"{module}.snapshot_download", return_value=str(folder)) as snapshot,

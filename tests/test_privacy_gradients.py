@@ -23,6 +23,7 @@ from helpers import (
 )
 
 from dp_diffusers import ClassEmbedder, LatentDenoiser
+from dp_diffusers.families import DPLDMFamily
 from dp_diffusers.privacy import average_over_copies, private_backward
 
 B = 3
@@ -34,7 +35,7 @@ def build_full(kind="cond"):
     unet.requires_grad_(True)
     embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
     embedder.requires_grad_(True)
-    return LatentDenoiser(unet, embedder)
+    return LatentDenoiser(unet, DPLDMFamily, embedder)
 
 
 @pytest.mark.parametrize("mode", ["fused", "hooks", "functorch"])

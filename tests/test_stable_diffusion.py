@@ -11,10 +11,10 @@ from diffusers import StableDiffusionPipeline
 from helpers import TEXT_DIM, TEXT_LENGTH, base_args, caption_folder, digit_folder, save_sd_base, train
 from huggingface_hub import ModelCard
 
-from dp_diffusers import DiffusionLoss, DPLDMPipeline
+from dp_diffusers import DiffusionLoss, DPLDMPipeline, NoisePrediction
 from dp_diffusers.constants import ADAPTER_CONFIG_NAME, DP_REPORT_NAME, SAMPLES_NAME
-from dp_diffusers.data import DataError, caption_contexts, dataset_captions, load_image_dataset
-from dp_diffusers.families import UnsupportedBaseError
+from dp_diffusers.data import DataError, dataset_captions, load_image_dataset
+from dp_diffusers.families import StableDiffusionFamily, UnsupportedBaseError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,11 +44,12 @@ def sd_args(base, out, data, **flags):
 def test_sd_base_samples_as_diffusers_stable_diffusion_pipeline(tiny_sd_base):
     reference = sd_images(StableDiffusionPipeline.from_pretrained(tiny_sd_base))
     pipe = DPLDMPipeline.from_pretrained(tiny_sd_base)
-    assert pipe.base_family == "stable-diffusion" and pipe.is_text_to_image and pipe.num_classes is None
+    assert pipe.base_family == "stable-diffusion" and pipe.conditioning == "text" and pipe.num_classes is None
     np.testing.assert_array_equal(sd_images(pipe), reference)
     with pytest.raises(ValueError, match="text-to-image: pass prompt"):
         pipe(class_labels=[0], num_inference_steps=1)
-    assert pipe.encode_prompt(["", "a b"]).shape == (2, TEXT_LENGTH, TEXT_DIM)
+    encoded = StableDiffusionFamily.encode_prompts(pipe, ["", "a b"])
+    assert encoded["encoder_hidden_states"].shape == (2, TEXT_LENGTH, TEXT_DIM)
 
 
 def test_sd_adapter_loads_with_standard_load_lora_weights_and_leaks_no_caption(tiny_sd_base, tmp_path, caplog):
@@ -97,10 +98,12 @@ def test_v_prediction_base_and_caption_template(tmp_path):
 def test_caption_contexts_are_the_pipeline_s_prompt_encoding_and_cached(tiny_sd_base, tmp_path):
     pipe = DPLDMPipeline.from_pretrained(tiny_sd_base)
     captions = ["a b", "c", "a photo of a dog"]
-    contexts = caption_contexts(pipe, captions, cache_dir=str(tmp_path), batch_size=2)
-    torch.testing.assert_close(contexts, pipe.encode_prompt(captions), rtol=0, atol=0)
+    contexts = StableDiffusionFamily.encode_captions(pipe, captions, cache_dir=str(tmp_path), batch_size=2)
+    expected = pipe.family.sampling_pipeline(pipe).encode_prompt(captions, "cpu", 1, False)[0]
+    torch.testing.assert_close(contexts["encoder_hidden_states"], expected, rtol=0, atol=0)
     assert len(list(tmp_path.glob("latents-text-*.npy"))) == 1
-    torch.testing.assert_close(caption_contexts(pipe, captions, cache_dir=str(tmp_path)), contexts, rtol=0, atol=0)
+    cached = StableDiffusionFamily.encode_captions(pipe, captions, cache_dir=str(tmp_path))
+    torch.testing.assert_close(cached, contexts, rtol=0, atol=0)
 
 
 def test_caption_dropout_is_per_row_inside_the_loss():
@@ -108,15 +111,16 @@ def test_caption_dropout_is_per_row_inside_the_loss():
     per noise-multiplicity copy): dropped rows see exactly the empty prompt's context."""
     seen = []
 
-    def model(noisy, timesteps, condition):
-        seen.append(condition)
+    def model(noisy, timesteps, conditions):
+        seen.append(conditions["encoder_hidden_states"])
         return torch.zeros_like(noisy)
 
     from diffusers import DDPMScheduler
 
     null = torch.full((1, TEXT_LENGTH, TEXT_DIM), 7.0)
     contexts = torch.randn(400, TEXT_LENGTH, TEXT_DIM)
-    loss = DiffusionLoss(DDPMScheduler(), null_context=null, label_dropout=0.25)
+    loss = DiffusionLoss(NoisePrediction(DDPMScheduler()), ("encoder_hidden_states",),
+                         null_condition={"encoder_hidden_states": null}, dropout=0.25)  # fmt: skip
     torch.manual_seed(0)
     loss(model, torch.randn(400, 4, 8, 8), contexts)
     dropped = (seen[0] == 7.0).flatten(1).all(1)
@@ -188,9 +192,11 @@ def test_evaluate_a_text_adapter_on_template_prompts_and_each_example_s_own_capt
     _, member_contexts, _, nonmember_contexts = audited[0][1:5]
     test = load_image_dataset("private-digits", split="test")
     pipe = DPLDMPipeline.from_pretrained(tiny_sd_base)
-    own = pipe.encode_prompt([template.format(label=test.features["label"].int2str(v)) for v in test["label"][:5]])
-    torch.testing.assert_close(nonmember_contexts[:5], own)
-    assert member_contexts.shape == (40, TEXT_LENGTH, TEXT_DIM)
+    own = StableDiffusionFamily.encode_prompts(
+        pipe, [template.format(label=test.features["label"].int2str(v)) for v in test["label"][:5]]
+    )["encoder_hidden_states"]
+    torch.testing.assert_close(nonmember_contexts["encoder_hidden_states"][:5], own)
+    assert member_contexts["encoder_hidden_states"].shape == (40, TEXT_LENGTH, TEXT_DIM)
     card = ModelCard.load(out / "README.md")
     assert {r.task_name for r in card.data.eval_results} == {"Text-to-image generation"}
 
@@ -209,7 +215,7 @@ def test_one_enormous_captioned_example_moves_the_adapter_by_at_most_lr_c_over_b
     data = TensorDataset(torch.randn(64, 4, 8, 8), torch.randn(64, TEXT_LENGTH, TEXT_DIM))
     lr, clip = 0.5, 1e-7
     dp, _ = private(model, data, sigma=0.0, clip=clip, batch=8, k=k, lr=lr, planned_steps=10)
-    _, loss_fn = fixed_loss(torch.randint(0, 1000, (k,)), torch.randn(k, 4, 8, 8))
+    _, loss_fn = fixed_loss(torch.randint(0, 1000, (k,)), torch.randn(k, 4, 8, 8), ("encoder_hidden_states",))
     private_backward(dp.model, dp.optimizer, loss_fn, torch.randn(1, 4, 8, 8) * 1e4,
                      torch.randn(1, TEXT_LENGTH, TEXT_DIM) * 1e4)  # fmt: skip
     dp.optimizer.step()
@@ -241,14 +247,14 @@ def test_random_flip_draws_the_image_or_its_mirror_per_row_and_trains_through_th
 
     seen = []
 
-    def model(noisy, timesteps, condition):
+    def model(noisy, timesteps, conditions):
         seen.append(noisy)
         return torch.zeros_like(noisy)
 
     rows = torch.randn(200, 1, 1, 2, 2).repeat(1, 2, 1, 1, 1) * torch.tensor([1.0, -1.0]).view(1, 2, 1, 1, 1)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     scheduler.add_noise = lambda latents, noise, timesteps: latents  # see the chosen latents themselves
-    DiffusionLoss(scheduler, use_labels=False, random_flip=True)(model, rows, None)
+    DiffusionLoss(NoisePrediction(scheduler), random_flip=True)(model, rows)
     first = (seen[0] == rows[:, 0]).flatten(1).all(1)
     assert bool((first ^ (seen[0] == rows[:, 1]).flatten(1).all(1)).all()) and 70 < int(first.sum()) < 130
 

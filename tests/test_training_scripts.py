@@ -8,7 +8,7 @@ from helpers import ROOT, load_module, script
 
 from dp_diffusers import DPLDMPipeline
 from dp_diffusers.data import dataset_to_tensors, load_public_digits
-from dp_diffusers.models.denoiser import min_snr_weights
+from dp_diffusers.models import NoisePrediction
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_min_snr_weights_follow_the_paper():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     timesteps = torch.tensor([0, 10, 100, 500, 999])
     snr = compute_snr(scheduler, timesteps)
-    weights = min_snr_weights(scheduler, timesteps, gamma=5.0)
+    weights = NoisePrediction(scheduler, snr_gamma=5.0).min_snr_weights(timesteps)
     expected = torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr))
     torch.testing.assert_close(weights, expected)
     assert weights[0] < 0.01 and weights[-1] == 1.0

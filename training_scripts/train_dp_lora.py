@@ -5,16 +5,18 @@
         --pretrained_model_name_or_path outputs/base --output_dir outputs/dp-lora \\
         --target_epsilon 10 --target_delta 1e-5
 
-The private images are encoded once by the frozen public autoencoder (and, on a Stable Diffusion
-base, their captions by its frozen text encoder: --caption_column or --caption_template); only
-LoRA adapters (and, with --train_class_embedding, the class embedding) are trained, with per-example clipping,
-Gaussian noise, Poisson sampling and a PRV/RDP accountant (opacus). All privacy logic lives in
-``dp_diffusers.privacy``; this script wires the parts together.
+The base's family (dp_diffusers.families: the project's own bases, CompVis LDM, DiT, Stable Diffusion 1.x/2.x,
+SDXL) says how each private example is conditioned (its label, or its caption through the base's own frozen text
+encoders: --caption_column or --caption_template), what the denoiser is trained to predict and how it samples. The
+private images are encoded once by the frozen public autoencoder; only LoRA adapters (and, with
+--train_class_embedding, class rows) are trained, with per-example clipping, Gaussian noise, Poisson sampling and a
+PRV/RDP accountant (opacus). All privacy logic lives in ``dp_diffusers.privacy``; this script wires the parts:
+setup, data, privacy plan, model, encoding, training loop, outputs.
 
-``--evaluate`` then measures the adapter (downstream accuracy, membership audit, FID when the
-Inception file is given) and ``--push_to_hub`` uploads the adapter, report and model card.
-``--disable_dp`` (as in opacus' examples) trains the same LoRA without clipping or noise: the
-non-private reference of the audit; its output has no ``dp_report.json`` and claims no guarantee.
+``--evaluate`` then measures the adapter (downstream accuracy, membership audit, FID when the Inception file is
+given) and ``--push_to_hub`` uploads the adapter, report and model card. ``--disable_dp`` (as in opacus' examples)
+trains the same LoRA without clipping or noise: the non-private reference of the audit; its output has no
+``dp_report.json`` and claims no guarantee.
 """
 
 import argparse
@@ -26,41 +28,30 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel, cast_training_params
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from dp_diffusers import ClassEmbedder, DiffusionLoss, DPLDMPipeline, LatentDenoiser
+from dp_diffusers import DiffusionLoss, DPLDMPipeline, LatentDenoiser
 from dp_diffusers.adapter_config import DPLoRAConfig
-from dp_diffusers.constants import (
-    CLASS_EMBEDDER_FOLDER,
-    CLASS_ROWS_FOLDER,
-    DP_REPORT_NAME,
-    SAMPLES_NAME,
-)
+from dp_diffusers.constants import CLASS_EMBEDDER_FOLDER, CLASS_ROWS_FOLDER, DP_REPORT_NAME, SAMPLES_NAME
 from dp_diffusers.data import (
     DataError,
     augmented_copies,
     canary_captions,
-    caption_contexts,
-    check_resolution,
-    dataset_captions,
-    dataset_labels,
     dataset_latents,
     encode_latents,
-    label_names,
     make_canaries,
     pixel_batches,
     resolve_columns,
 )
-from dp_diffusers.families import DiTFamily
+from dp_diffusers.families import ConditionOptions, PrivateExamples
 from dp_diffusers.hub import push_to_hub, write_model_card
-from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
-from dp_diffusers.models import DiTClassRows
-from dp_diffusers.pipelines.pipeline_dp_ldm import scheduler_class
+from dp_diffusers.lora import add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.pipelines import scheduler_class
 from dp_diffusers.privacy import (
     ACCOUNTANTS,
     GRAD_SAMPLE_MODES,
@@ -89,7 +80,7 @@ from dp_diffusers.training_utils import (
 )
 from dp_diffusers.visualization import sample_grid
 
-logger = get_logger(__name__)
+logger = get_logger(__name__, log_level="INFO")  # the script's own lines show whatever configured logging first
 
 #: --target_epsilon when neither it nor --noise_multiplier is given.
 DEFAULT_TARGET_EPSILON = 10.0
@@ -99,101 +90,61 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Base folder or Hub id.")
     parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path", type=str, default=None,
+        help="Another AutoencoderKL to encode the images with, in --mixed_precision (e.g. an fp16-safe SDXL VAE); "
+        "without it the base's autoencoder encodes in fp32 (SDXL's overflows in fp16).",
+    )  # fmt: skip
     parser.add_argument("--output_dir", type=str, required=True)
     add_data_args(parser, default_dataset="private-digits")
-    parser.add_argument(
-        "--resolution", type=int, default=None, help="Default: the base autoencoder's (images are center-cropped)."
-    )
-    parser.add_argument(
-        "--random_flip",
-        action="store_true",
-        help="Encode each image and its horizontal mirror; every row of every step trains on one of them at random.",
-    )
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the base autoencoder's (center crop).")
+    parser.add_argument("--random_flip", action="store_true",
+                        help="Encode each image and its mirror; every row of every step trains on one at random.")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_rank", type=int, default=8)
     lora.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
     lora.add_argument("--lora_dropout", type=float, default=0.0)
-    lora.add_argument(
-        "--lora_target_modules",
-        type=str,
-        default="attention",
-        help="A preset of the base's family (UNet bases: " + ", ".join(LORA_TARGET_PRESETS) + "; DiT: "
-        + ", ".join(DiTFamily.lora_target_presets) + ") or comma-separated module names.",
-    )
+    lora.add_argument("--lora_target_modules", type=str, default="attention",
+                      help="A preset of the base's family (docs/bases.md: attention, attention+proj, ...) or "
+                      "comma-separated module names.")  # fmt: skip
     lora.add_argument("--init_lora_weights", type=str, default="gaussian", help="peft init: gaussian, true, ...")
-    lora.add_argument(
-        "--train_class_embedding",
-        action="store_true",
-        help="Also train the class embedding (DP); needed for private classes the base does not know.",
-    )
+    lora.add_argument("--train_class_embedding", action="store_true",
+                      help="Also train class rows (DP): needed for private classes the base does not know.")
     lora.add_argument("--label_dropout", type=float, default=0.1, help="Null-class probability (keeps CFG).")
 
-    text = parser.add_argument_group("text-to-image bases (Stable Diffusion)")
-    text.add_argument(
-        "--caption_column", type=str, default=None, help="The captions' column (default: 'text' if there is one)."
-    )
-    text.add_argument(
-        "--caption_template",
-        type=str,
-        default=None,
-        help="Captions from labels instead, e.g. 'a photo of a {label}' ({label}: the example's class name).",
-    )
-    text.add_argument(
-        "--caption_dropout",
-        type=float,
-        default=0.1,
-        help="Probability that a row's caption becomes the empty prompt (each noise-multiplicity copy drawn on its "
-        "own), so that classifier-free guidance keeps working.",
-    )
-    text.add_argument(
-        "--validation_prompt",
-        type=str,
-        action="append",
-        default=None,
-        help="A public prompt for samples.png and the model card's widget (repeat the flag for several). Never a "
-        "training caption: captions are private data.",
-    )
+    text = parser.add_argument_group("text-to-image bases (Stable Diffusion, SDXL)")
+    text.add_argument("--caption_column", type=str, default=None, help="Captions' column (default: 'text').")
+    text.add_argument("--caption_template", type=str, default=None,
+                      help="Captions from labels instead, e.g. 'a photo of a {label}' ({label}: the class name).")
+    text.add_argument("--caption_dropout", type=float, default=0.1,
+                      help="Probability that a row's caption becomes the empty prompt (each noise-multiplicity copy "
+                      "drawn on its own), so that classifier-free guidance keeps working.")  # fmt: skip
+    text.add_argument("--validation_prompt", type=str, action="append", default=None,
+                      help="A public prompt for samples.png and the card's widget (repeat for several). Never a "
+                      "training caption: captions are private data.")  # fmt: skip
 
     dp = parser.add_argument_group("differential privacy")
-    dp.add_argument(
-        "--disable_dp",
-        action="store_true",
-        help="Train WITHOUT differential privacy (no clipping, noise or accountant): a non-private reference.",
-    )
-    dp.add_argument(
-        "--target_epsilon",
-        type=float,
-        default=None,
-        help=f"Calibrate sigma so that the planned steps spend this epsilon (default {DEFAULT_TARGET_EPSILON:g}). "
-        "With --noise_multiplier: stop before epsilon would pass it.",
-    )
+    dp.add_argument("--disable_dp", action="store_true",
+                    help="Train WITHOUT differential privacy (no clipping, noise or accountant): a reference run.")
+    dp.add_argument("--target_epsilon", type=float, default=None,
+                    help=f"Calibrate sigma so that the planned steps spend this epsilon (default "
+                    f"{DEFAULT_TARGET_EPSILON:g}). With --noise_multiplier: stop before epsilon would pass it.")
     dp.add_argument("--target_delta", type=float, default=1e-5)
+    dp.add_argument("--noise_multiplier", type=float, default=None,
+                    help="Give sigma instead of calibrating it: the run takes the planned steps and reports the "
+                    "epsilon they spend (no target), or stops before --target_epsilon if that is given too.")
     dp.add_argument(
-        "--noise_multiplier",
-        type=float,
-        default=None,
-        help="Give sigma instead of calibrating it: the run takes the planned steps and reports the epsilon they "
-        "spend (no target), or stops before --target_epsilon if that is given too.",
-    )
-    dp.add_argument(
-        "--max_grad_norm",
-        type=float,
-        default=1e-3,
+        "--max_grad_norm", type=float, default=1e-3,
         help="Per-example clipping norm C. Keep it below most per-example gradient norms (every example clipped; "
         "with Adam the update then does not depend on C's scale): LoRA gradients of the diffusion loss are small "
         "(tiny base, public data: median 0.006, 10th percentile 0.002), and opacus' habitual 1.0 would clip "
         "nothing and drown the signal in noise. For another base: examples/choose_clipping_norm.py on public data.",
-    )
+    )  # fmt: skip
     dp.add_argument("--noise_multiplicity", type=int, default=1, help="k diffusion draws per example, one clip.")
     dp.add_argument("--accountant", type=str, default="prv", choices=ACCOUNTANTS)
-    dp.add_argument(
-        "--grad_sample_mode",
-        type=str,
-        default=GRAD_SAMPLE_MODES[0],
-        choices=GRAD_SAMPLE_MODES,
-        help="Per-example gradients: fused (in the layers' backward; fastest), or opacus' hooks / functorch / ew.",
-    )
+    dp.add_argument("--grad_sample_mode", type=str, default=GRAD_SAMPLE_MODES[0], choices=GRAD_SAMPLE_MODES,
+                    help="Per-example gradients: fused (in the layers' backward; fastest), or opacus' modes.")
     dp.add_argument("--secure_mode", action="store_true", help="opacus' floating-point-safe noise (slower).")
     dp.add_argument("--batch_size", type=int, default=64, help="Expected logical (Poisson) batch size, all ranks.")
     dp.add_argument("--max_physical_batch_size", type=int, default=None, help="Examples per forward pass.")
@@ -202,26 +153,14 @@ def parse_args(argv=None):
         "DP central images (DP-FETA's warm-up: per-class mean images released by the Gaussian mechanism, trained on "
         "without noise before DP-SGD; one more release in the same accountant)"
     )
-    central.add_argument(
-        "--central_image_noise_multiplier",
-        type=float,
-        default=None,
-        help="Turns the warm-up on: noise std / sensitivity of the release (e.g. 2: epsilon 2.0 alone at delta 1e-5, "
-        "but composed with DP-SGD at epsilon 10 it raises sigma by only ~2%%).",
-    )
-    central.add_argument(
-        "--central_image_resolution",
-        type=int,
-        default=None,
-        help="Side of the released means (default: half the training resolution; fewer pixels, less noise each).",
-    )
-    central.add_argument(
-        "--central_image_max_norm",
-        type=float,
-        default=None,
-        help="L2 clipping norm of each [0, 1] image at that resolution (default: half of sqrt(pixels), i.e. a "
-        "mean pixel of 0.25 on a black background). Sensitivity sqrt(2) times it (sum and count).",
-    )
+    central.add_argument("--central_image_noise_multiplier", type=float, default=None,
+                         help="Turns the warm-up on: noise std / sensitivity of the release (e.g. 2: epsilon 2.0 "
+                         "alone at delta 1e-5, but composed with DP-SGD at epsilon 10 it raises sigma by ~2%%).")
+    central.add_argument("--central_image_resolution", type=int, default=None,
+                         help="Side of the released means (default: half the training resolution).")
+    central.add_argument("--central_image_max_norm", type=float, default=None,
+                         help="L2 clipping norm of each [0, 1] image at that resolution (default: half of "
+                         "sqrt(pixels)). Sensitivity sqrt(2) times it (sum and count).")
     central.add_argument("--central_image_copies", type=int, default=100, help="Augmented copies of each mean.")
     central.add_argument("--warmup_steps", type=int, default=200, help="Non-private steps on those copies.")
     central.add_argument("--warmup_batch_size", type=int, default=64, help="Batch size of those steps.")
@@ -231,288 +170,200 @@ def parse_args(argv=None):
     train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
     train.add_argument("--learning_rate", type=float, default=1e-3)
     train.add_argument("--adam_weight_decay", type=float, default=0.0)
-    train.add_argument(
-        "--ema_decay",
-        type=float,
-        default=None,
-        help="Save an exponential moving average of the trained weights (diffusers' EMAModel, its warm-up "
-        "included) instead of the last iterate. Averaging released iterates is post-processing: no privacy cost.",
-    )
-    train.add_argument(
-        "--mixed_precision",
-        type=str,
-        default="no",
-        choices=["no", "fp16", "bf16"],
-        help="The frozen base in half precision; LoRA weights, class rows and per-sample gradients stay fp32.",
-    )
-    train.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="Recompute the base's activations in the backward (less memory; grad_sample_mode fused only).",
-    )
+    train.add_argument("--ema_decay", type=float, default=None,
+                       help="Save an exponential moving average of the trained weights (diffusers' EMAModel) "
+                       "instead of the last iterate: post-processing of released iterates, no privacy cost.")
+    train.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
+                       help="The frozen base in half precision; LoRA weights and per-sample gradients stay fp32.")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute the base's activations in the backward (less memory; fused mode only).")
     train.add_argument("--epsilon_log_steps", type=int, default=25, help="Record epsilon every N steps.")
     train.add_argument("--samples_per_class", type=int, default=8, help="samples.png rows; 0 to skip.")
     train.add_argument("--num_inference_steps", type=int, default=50)
     train.add_argument("--scheduler", default=None, help="Sampler of samples.png and --evaluate (class name).")
-
     add_run_args(parser, checkpointing_steps=100)
 
     evaluation = parser.add_argument_group("evaluation and sharing")
     evaluation.add_argument("--evaluate", action="store_true", help="Write metrics.json (dp_diffusers.evaluation).")
     add_evaluation_args(evaluation)
-    evaluation.add_argument(
-        "--num_canaries",
-        type=int,
-        default=0,
-        help="Audit mode: train on N random-pattern canaries too (dp_diffusers.data.make_canaries; they count in "
-        "the data set size and the guarantee) and report how well the audit tells them from N never-trained "
-        "ones. They cost utility: not for a model you ship.",
-    )
+    evaluation.add_argument("--num_canaries", type=int, default=0,
+                            help="Audit mode: train on N random-pattern canaries too (counted in the data set size "
+                            "and the guarantee) and report how well the audit tells them from N never-trained ones. "
+                            "They cost utility: not for a model you ship.")  # fmt: skip
     evaluation.add_argument("--push_to_hub", action="store_true", help="Upload adapter, report, card and images.")
     evaluation.add_argument("--hub_model_id", type=str, default=None, help="Default: the output folder's name.")
     evaluation.add_argument("--hub_token", type=str, default=None)
     evaluation.add_argument("--hub_private_repo", action="store_true")
     args = parser.parse_args(argv)
     resolve_dataset_source(args, "private-digits")
-    if args.noise_multiplicity < 1:
-        parser.error("--noise_multiplicity must be >= 1")
-    if args.noise_multiplier is not None and args.noise_multiplier <= 0:
-        parser.error(f"--noise_multiplier must be > 0 (sigma 0 adds no noise: no privacy), got {args.noise_multiplier}")
-    if args.num_canaries < 0:
-        parser.error("--num_canaries must be >= 0")
-    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
-        parser.error(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    errors = {
+        "--noise_multiplicity must be >= 1": args.noise_multiplicity < 1,
+        f"--noise_multiplier must be > 0 (sigma 0 adds no noise: no privacy), got {args.noise_multiplier}":
+            args.noise_multiplier is not None and args.noise_multiplier <= 0,
+        "--num_canaries must be >= 0": args.num_canaries < 0,
+        f"--ema_decay must be in (0, 1), got {args.ema_decay}":
+            args.ema_decay is not None and not 0 < args.ema_decay < 1,
+        "--evaluate needs --dataset_name: a data set with a held-out 'test' split to evaluate against.":
+            args.evaluate and args.dataset_name is None,
+        "--gradient_checkpointing needs --grad_sample_mode fused: opacus' hooks record each forward's activations, "
+        "and the recomputation in the backward would be recorded again.":
+            args.gradient_checkpointing and args.grad_sample_mode != "fused" and not args.disable_dp,
+        f"--caption_dropout must be in [0, 1), got {args.caption_dropout}": not 0 <= args.caption_dropout < 1,
+        f"--central_image_noise_multiplier must be > 0, got {args.central_image_noise_multiplier}":
+            args.central_image_noise_multiplier is not None and args.central_image_noise_multiplier <= 0,
+        "--central_image_noise_multiplier is a DP release; --disable_dp runs have no accountant for it.":
+            args.central_image_noise_multiplier is not None and args.disable_dp,
+        "--disable_dp runs are not checkpointed; --resume_from_checkpoint is for DP runs.":
+            args.disable_dp and args.resume_from_checkpoint,
+    }  # fmt: skip
+    for message, failed in errors.items():
+        if failed:
+            parser.error(message)
     if args.scheduler is not None:
         try:
             scheduler_class(args.scheduler)
         except ValueError as error:
             parser.error(str(error))
-    if args.evaluate and args.dataset_name is None:
-        parser.error("--evaluate needs --dataset_name: a data set with a held-out 'test' split to evaluate against.")
-    if args.gradient_checkpointing and args.grad_sample_mode != "fused" and not args.disable_dp:
-        parser.error(
-            "--gradient_checkpointing needs --grad_sample_mode fused: opacus' hooks record each forward's "
-            "activations, and the recomputation in the backward would be recorded again."
-        )
-    if not 0 <= args.caption_dropout < 1:
-        parser.error(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
-    if args.central_image_noise_multiplier is not None and args.central_image_noise_multiplier <= 0:
-        parser.error(f"--central_image_noise_multiplier must be > 0, got {args.central_image_noise_multiplier}")
-    if args.central_image_noise_multiplier is not None and args.disable_dp:
-        parser.error("--central_image_noise_multiplier is a DP release; --disable_dp runs have no accountant for it.")
-    if args.disable_dp and args.resume_from_checkpoint:
-        parser.error("--disable_dp runs are not checkpointed; --resume_from_checkpoint is for DP runs.")
     return args
 
 
-def prepare_labels(args, dataset, pipe, label_column):
-    """Map private labels onto the base's classes by name (a DiT base's synonyms too); new classes need
-    --train_class_embedding. An unconditional base uses no labels: an explicit --label_column is an error,
-    found labels are only logged. New classes get a class embedding row (own bases) or a DiT label row after its null
-    class. Returns (the data's label names, the model's class names by id, name -> class id)."""
-    names = label_names(dataset, label_column)
-    if pipe.num_classes is None:
-        if args.label_column:
-            raise DataError(
-                f"--label_column {args.label_column!r} was given, but the base ({pipe.base_family}) is unconditional: "
-                "it cannot use labels. Leave --label_column out (or pass --label_column '')."
-            )
-        if names:
-            logger.warning(f"The base ({pipe.base_family}) is unconditional: the data's labels {names} are not used.")
-        return None, None, None
-    if names is None:
-        raise DataError("The base model is class-conditional; the private data needs a label column.")
-    base_id2label = {int(k): v for k, v in (pipe.config.id2label or {}).items()}
-    base_names = [base_id2label[k] for k in sorted(base_id2label)]
-    known = {**pipe.label_synonyms, **pipe.labels}
-    new = [n for n in names if n not in known]
-    if new and not args.train_class_embedding:
-        shown = base_names if len(base_names) <= 20 else [*base_names[:20], "..."]
-        raise DataError(
-            f"Private labels {new} are unknown to the base model (its classes: {shown}). "
-            "Pass --train_class_embedding to learn embeddings for them under DP."
-        )
-    first = len(base_names)
-    if new and pipe.class_embedder is not None:
-        pipe.class_embedder = extend_class_embedder(pipe.class_embedder, len(new))
-    elif new:  # DiT: rows after the null class, which stays where DiTPipeline expects it
-        pipe.class_rows = DiTClassRows.from_null_row(pipe.unet, len(new))
-        first = pipe.class_rows.config.first_id
-    new_ids = {name: first + i for i, name in enumerate(new)}
-    id2label = {**base_id2label, **{i: name for name, i in new_ids.items()}}
-    return names, id2label, {**known, **new_ids}
+# ---- setup and data: everything is validated before anything is written ----
 
 
-def extend_class_embedder(embedder: ClassEmbedder, extra: int) -> ClassEmbedder:
-    """New rows for new classes, initialised from the null-class row; the null row stays last."""
-    old = embedder.embedding.weight.detach()
-    grown = ClassEmbedder(embedder.config.num_classes + extra, embedder.config.embedding_dim)
-    with torch.no_grad():
-        grown.embedding.weight[: old.shape[0] - 1] = old[:-1]
-        grown.embedding.weight[old.shape[0] - 1 :] = old[-1]
-    return grown
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    accelerator = make_accelerator(args)  # --mixed_precision casts the frozen base's weights (below): no autocast
-    set_seed(args.seed, device_specific=True)
-    world_size = accelerator.num_processes
-
-    # ---- base model and private data: everything is validated before anything is written ----
+def load_base(args) -> tuple[DPLDMPipeline, int]:
+    """The public base (any supported family) with LoRA-ready denoiser and frozen autoencoder, and the resolution."""
     pipe = DPLDMPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
-    pipe.ensure_peft_unet()  # CompVis-style UNet2DModel bases get diffusers' adapter API
-    vae, unet = pipe.vae.eval().requires_grad_(False), pipe.unet
-    resolution = args.resolution or vae.config.sample_size
-    check_resolution(resolution, vae)
+    pipe.ensure_peft_unet()  # CompVis-style UNet2DModel and DiT bases get diffusers' adapter API
+    if args.pretrained_vae_model_name_or_path is not None:  # diffusers' flag: a VAE that is safe in half precision
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=args.revision)
+        pipe.register_modules(vae=vae.to(dtype=weight_dtype(args)))
+    pipe.vae.eval().requires_grad_(False)
+    resolution = args.resolution or pipe.vae.config.sample_size
+    pipe.family.check_resolution(pipe, resolution)
+    return pipe, resolution
+
+
+def condition_options(args) -> ConditionOptions:
+    return ConditionOptions(args.label_column, args.caption_column, args.caption_template, args.validation_prompt,
+                            args.train_class_embedding)  # fmt: skip
+
+
+def load_private_examples(args, pipe, resolution: int) -> PrivateExamples:
+    """The private examples with their labels or captions validated by the base's family, and the audit canaries
+    (training examples like any other: counted in N, Poisson-sampled, clipped, noised)."""
+    family = pipe.family
+    family.check_training(pipe, condition_options(args))
+    if args.central_image_noise_multiplier is not None and not family.supports_central_images:
+        raise DataError(f"--central_image_noise_multiplier: a {family.name} base has no classes to average over.")
     dataset = load_training_dataset(args)
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
-    captions = None
-    if pipe.is_text_to_image:  # conditioned on captions (private data), encoded below by the public text encoder
-        if args.train_class_embedding:
-            raise DataError("--train_class_embedding: a text-to-image base has no class embedding to train.")
-        captions = dataset_captions(dataset, args.caption_column, args.caption_template, label_column)
-        names, id2label, class_ids = None, None, None
-    elif args.caption_column is not None or args.caption_template is not None:
-        raise DataError(f"--caption_column / --caption_template are for text-to-image bases, not {pipe.base_family}.")
-    else:
-        names, id2label, class_ids = prepare_labels(args, dataset, pipe, label_column)
-    labels = dataset_labels(dataset, label_column if names else None, class_ids)
-    canaries = None
+    examples = family.prepare_examples(pipe, dataset, image_column, label_column, resolution, condition_options(args))
     if args.num_canaries:
-        # Audit canaries are training examples like any other: counted in n, Poisson-sampled, clipped, noised.
-        num_classes = max(id2label) + 1 if id2label else 1
-        canaries, canary_labels, _, _ = make_canaries(
-            args.num_canaries, vae.config.in_channels, resolution, num_classes, args.seed
-        )
-        labels = None if labels is None else torch.cat([labels, canary_labels])
-        if captions is not None:  # a text model's canaries: random-word captions, trained on with their images
-            captions = captions + canary_captions(args.num_canaries, args.seed)[0]
-    n = len(dataset) + args.num_canaries
-    if n < args.batch_size:
-        raise DataError(
-            f"The private data set has {n} examples, fewer than one batch (--batch_size {args.batch_size})."
-        )
-    sample_rate = args.batch_size / n
-    planned_steps = args.max_train_steps or math.ceil(args.num_train_epochs / sample_rate)
-    releases = []
-    if args.central_image_noise_multiplier is not None:
-        if pipe.is_text_to_image:
-            raise DataError("--central_image_noise_multiplier: a text-to-image base has no classes to average over.")
-        releases.append(Release(args.central_image_noise_multiplier))  # one Gaussian mechanism over all N examples
-    if args.disable_dp:
-        logger.warning("--disable_dp: training WITHOUT differential privacy; the adapter claims no guarantee.")
-    else:
-        check_delta(args.target_delta, n)
-        if args.noise_multiplier is None:  # calibrate sigma to the target over the planned steps (and releases)
-            target_epsilon = args.target_epsilon if args.target_epsilon is not None else DEFAULT_TARGET_EPSILON
-            noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon, args.target_delta, sample_rate, planned_steps, args.accountant, releases
-            )
-        else:  # sigma given: no target unless one was set explicitly
-            noise_multiplier, target_epsilon = args.noise_multiplier, args.target_epsilon
-        budget = PrivacyBudget(
-            args.accountant, noise_multiplier, sample_rate, args.target_delta, planned_steps, target_epsilon, releases
-        )
-        if budget.max_steps == 0:
-            raise ValueError(
-                f"Not even one step fits in target_epsilon={target_epsilon} with sigma={noise_multiplier}."
-            )
+        num_classes = max(examples.id2label) + 1 if examples.id2label else 1
+        pixels, labels, _, _ = make_canaries(args.num_canaries, pipe.vae.config.in_channels, resolution, num_classes,
+                                             args.seed)  # fmt: skip
+        family.add_canaries(examples, pixels, labels, canary_captions(args.num_canaries, args.seed)[0])
+    if len(examples) < args.batch_size:
+        raise DataError(f"The private data set has {len(examples)} examples, fewer than one batch (--batch_size "
+                        f"{args.batch_size}).")  # fmt: skip
+    return examples
 
+
+def planned_steps(args, n: int) -> int:
+    return args.max_train_steps or math.ceil(args.num_train_epochs / (args.batch_size / n))
+
+
+def plan_privacy(args, n: int) -> tuple[PrivacyBudget, list[Release]]:
+    """The noise multiplier (calibrated to --target_epsilon over the planned steps and the other releases, or given)
+    and the budget that counts every step and stops before the target."""
+    sample_rate, steps = args.batch_size / n, planned_steps(args, n)
+    releases = [Release(args.central_image_noise_multiplier)] if args.central_image_noise_multiplier else []
+    check_delta(args.target_delta, n)
+    if args.noise_multiplier is None:
+        target_epsilon = args.target_epsilon if args.target_epsilon is not None else DEFAULT_TARGET_EPSILON
+        sigma = calibrate_noise_multiplier(target_epsilon, args.target_delta, sample_rate, steps, args.accountant,
+                                           releases)  # fmt: skip
+    else:  # sigma given: no target unless one was set explicitly
+        sigma, target_epsilon = args.noise_multiplier, args.target_epsilon
+    budget = PrivacyBudget(args.accountant, sigma, sample_rate, args.target_delta, steps, target_epsilon, releases)
+    if budget.max_steps == 0:
+        raise ValueError(f"Not even one step fits in target_epsilon={target_epsilon} with sigma={sigma}.")
+    return budget, releases
+
+
+def weight_dtype(args) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+
+
+def build_model(args, pipe, accelerator):
+    """LoRA (peft, the family's presets) in the denoiser, the base frozen in the weight dtype, every trainable
+    parameter in fp32 (diffusers' ``cast_training_params``). Returns (model, LoRA config, adapted modules)."""
     lora_config = make_lora_config(
-        args.lora_rank,
-        args.lora_alpha,
-        args.lora_dropout,
-        args.lora_target_modules,
-        _init_flag(args.init_lora_weights),
-        presets=pipe.family.lora_target_presets,
-    )
+        args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+        _init_flag(args.init_lora_weights), presets=pipe.family.lora_target_presets,
+    )  # fmt: skip
+    unet, class_embedder, class_rows = pipe.unet, pipe.class_embedder, pipe.class_rows
     adapted_modules = add_lora(unet, lora_config)
-    class_embedder, class_rows = pipe.class_embedder, pipe.class_rows
     if class_embedder is not None:
         class_embedder.requires_grad_(args.train_class_embedding)
     if class_rows is not None:
         class_rows.requires_grad_(True)  # new DiT classes (only made with --train_class_embedding)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    for module in (unet, class_embedder):  # the base (and its class embedding) in weight_dtype ...
+    for module in (unet, class_embedder):  # the base (and its class embedding) in the weight dtype ...
         if module is not None:
-            module.to(dtype=weight_dtype)
-    trained = [m for m in (unet, class_embedder, class_rows) if m is not None]
-    cast_training_params(trained, dtype=torch.float32)  # ... then diffusers' own: every trainable parameter in fp32
+            module.to(dtype=weight_dtype(args))
+    cast_training_params([m for m in (unet, class_embedder, class_rows) if m is not None], dtype=torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    input_dtype = weight_dtype if weight_dtype != torch.float32 else None
-    model = LatentDenoiser(unet, class_embedder, class_rows, input_dtype=input_dtype).to(accelerator.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_parameters = sum(p.numel() for p in trainable)
+    input_dtype = weight_dtype(args) if args.mixed_precision != "no" else None
+    model = LatentDenoiser(unet, pipe.family, class_embedder, class_rows, input_dtype).to(accelerator.device)
     logger.info(f"LoRA on {len(adapted_modules)} modules: {adapted_modules}")
-    if not args.disable_dp:
-        logger.info(
-            f"{n} private examples, q={sample_rate:.4g}, sigma={noise_multiplier:.4f}, C={args.max_grad_norm}, "
-            f"k={args.noise_multiplicity}, {budget.max_steps} steps, {trainable_parameters} trainable parameters"
-        )
+    return model, lora_config, adapted_modules
 
-    # The public frozen autoencoder encodes the private images in streamed batches (no privacy cost); an unreadable
-    # image fails here, with its index, before anything is trained or written.
-    vae.to(accelerator.device)
-    latents = dataset_latents(dataset, vae, resolution, image_column, args.cache_dir, mirrored=args.random_flip)
-    if canaries is not None:
-        latents = torch.cat([latents, encode_latents(vae, canaries, mirrored=args.random_flip)])
-    null_context = None
-    if captions is not None:  # the conditions are the captions' (N, L, D) contexts; the null is the empty prompt's
-        pipe.text_encoder.requires_grad_(False).to(accelerator.device)
-        labels = caption_contexts(pipe, captions, args.cache_dir)
-        null_context = pipe.encode_prompt("").float().cpu()
-        del captions  # (nothing below sees the caption texts)
-    if labels is None:
-        labels = torch.zeros(n, dtype=torch.long)
+
+def encode_examples(args, pipe, examples: PrivateExamples, accelerator):
+    """Latents by the frozen public autoencoder (streamed batches, cached with --cache_dir) and each example's
+    conditions by the family's frozen public encoders: per-example pre-processing by public models, no privacy
+    cost. An unreadable image fails here, with its index, before anything is trained or written."""
+    pipe.to(accelerator.device)
+    latents = dataset_latents(examples.dataset, pipe.vae, examples.resolution, examples.image_column, args.cache_dir,
+                              mirrored=args.random_flip)  # fmt: skip
+    if examples.canary_pixels is not None:
+        latents = torch.cat([latents, encode_latents(pipe.vae, examples.canary_pixels, mirrored=args.random_flip)])
+    conditions = pipe.family.encode_conditions(pipe, examples, args.cache_dir)
+    examples.captions = None  # nothing below sees the caption texts
+    return latents, conditions
+
+
+def make_loss(args, pipe, conditions: dict) -> DiffusionLoss:
+    """The family's objective with per-row condition dropout to its null condition (label or caption dropout)."""
+    null = pipe.family.null_condition(pipe)
+    dropout = getattr(args, pipe.family.dropout_flag) if null else 0.0
+    return DiffusionLoss(pipe.family.objective(pipe.scheduler), tuple(conditions), null_condition=null or None,
+                         dropout=dropout, random_flip=args.random_flip)  # fmt: skip
+
+
+# ---- training ----
+
+
+def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budget, resolution) -> None:
+    """DP-SGD (opacus, through ``dp_diffusers.privacy``) until the budget allows no further step; checkpoints
+    carry the accountant, so a resumed run continues its spent budget."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     frozen_checksum = _frozen_checksum(model)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    null_class = model.null_class_id  # a ClassEmbedder's last row, DiT's class 1000; None: no label dropout
-    dropout = args.caption_dropout if null_context is not None else args.label_dropout if null_class is not None else 0
-    loss_fn = DiffusionLoss(
-        noise_scheduler,
-        use_labels=bool(id2label) or null_context is not None,
-        null_class=null_class,
-        label_dropout=dropout,
-        null_context=null_context,
-        random_flip=args.random_flip,
-    )
-    if args.disable_dp:
-        snapshot = [p.detach().clone() for p in trainable]
-        train_without_privacy(args, accelerator, model, trainable, latents, labels, loss_fn, planned_steps)
-        _check_training_moved(trainable, snapshot, model, frozen_checksum)
-        if accelerator.is_main_process:
-            save_outputs(args, pipe, unet, class_embedder, names, id2label, report=None)
-        accelerator.end_training()
-        return
-
     checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if releases and checkpoint is None and accelerator.is_main_process:
-        # ---- DP central images, then the warm-up on them (post-processing); a resumed run has both in its weights
-        # and the release in its accountant. Other ranks get rank 0's weights from DPDDP's broadcast.
-        release_ids = [class_ids[name] for name in names] if names else [0]
-        central = release_private_central_images(
-            args, vae, dataset, image_column, labels, canaries, release_ids, resolution
-        )
-        warm_up(args, vae, model, trainable, loss_fn, central, release_ids, resolution)
-
-    # ---- DP-SGD (opacus) ----
-    if world_size > 1:
+    if budget.releases and checkpoint is None and accelerator.is_main_process:
+        # DP central images, then the warm-up on them (post-processing); a resumed run has both in its weights and
+        # the release in its accountant. Other ranks get rank 0's weights from DPDDP's broadcast.
+        release_ids = [examples.class_ids[name] for name in examples.names] if examples.names else [0]
+        central = release_private_central_images(args, pipe.vae, examples, release_ids)
+        warm_up(args, pipe.vae, model, trainable, loss_fn, central, release_ids, resolution)
+    if accelerator.num_processes > 1:
         model = DPDDP(model)  # opacus' DDP: noise on rank 0, one all-reduce per logical batch
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    dp = make_private(
-        model,
-        optimizer,
-        TensorDataset(latents, labels),
-        budget=budget,
-        max_grad_norm=args.max_grad_norm,
-        noise_multiplicity=args.noise_multiplicity,
-        grad_sample_mode=args.grad_sample_mode,
-        secure_mode=args.secure_mode,
-    )
-    state = PrivateTrainingState(model, dp.optimizer, budget)
-    accelerator.register_for_checkpointing(state)
+    dp = make_private(model, optimizer, data, budget=budget, max_grad_norm=args.max_grad_norm,
+                      noise_multiplicity=args.noise_multiplicity, grad_sample_mode=args.grad_sample_mode,
+                      secure_mode=args.secure_mode)  # fmt: skip
+    accelerator.register_for_checkpointing(PrivateTrainingState(model, dp.optimizer, budget))
     ema = make_ema(args, accelerator, trainable)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -524,20 +375,13 @@ def main(argv=None):
     physical = args.max_physical_batch_size or max(1, 2 * args.batch_size)
     first_snapshot = None
     while budget.can_step():
-        with BatchMemoryManager(
-            data_loader=dp.data_loader, max_physical_batch_size=physical, optimizer=dp.optimizer
-        ) as loader:
-            for batch_latents, batch_labels in loader:
+        with BatchMemoryManager(data_loader=dp.data_loader, max_physical_batch_size=physical,
+                                optimizer=dp.optimizer) as loader:  # fmt: skip
+            for batch in loader:
                 steps_before = budget.steps
                 if first_snapshot is None:
                     first_snapshot = [p.detach().clone() for p in trainable]
-                loss = private_backward(
-                    dp.model,
-                    dp.optimizer,
-                    loss_fn,
-                    batch_latents.to(accelerator.device),
-                    batch_labels.to(accelerator.device),
-                )
+                loss = private_backward(dp.model, dp.optimizer, loss_fn, *(t.to(accelerator.device) for t in batch))
                 dp.optimizer.step()
                 dp.optimizer.zero_grad(set_to_none=True)
                 if budget.steps == steps_before:
@@ -557,46 +401,18 @@ def main(argv=None):
                 if not budget.can_step():
                     break
     progress.close()
-
-    # ---- outputs: adapter, report, samples ----
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(trainable)
-    epsilon = budget.record()
-    if target_epsilon is not None and epsilon > target_epsilon:
-        raise RuntimeError(f"epsilon {epsilon} exceeds the target {target_epsilon}: refusing to write the adapter.")
-    if accelerator.is_main_process:
-        report = build_dp_report(
-            budget,
-            max_grad_norm=args.max_grad_norm,
-            noise_multiplicity=args.noise_multiplicity,
-            dataset_size=n,
-            batch_size=args.batch_size,
-            world_size=world_size,
-            trainable_parameters=trainable_parameters,
-            lora_rank=args.lora_rank,
-            lora_alpha=lora_config.lora_alpha,
-            adapted_modules=adapted_modules,
-            base_model=args.pretrained_model_name_or_path,
-            trained_class_embedding=args.train_class_embedding,
-            grad_sample_mode=args.grad_sample_mode,
-            ema_decay=args.ema_decay,
-            num_canaries=args.num_canaries or None,
-            mixed_precision=args.mixed_precision,
-            gradient_checkpointing=args.gradient_checkpointing,
-            random_flip=args.random_flip,
-            other_releases=[central_images_record(args, budget, vae, resolution)] if releases else [],
-        )
-        logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
-        save_outputs(args, pipe, unet, class_embedder, names, id2label, report)
-    accelerator.end_training()
 
 
-def train_without_privacy(args, accelerator, model, trainable, latents, labels, loss_fn, steps: int) -> None:
+def train_without_privacy(args, accelerator, model, data, loss_fn, steps: int) -> None:
     """``--disable_dp``: the same LoRA, loss, noise multiplicity, batch size and number of steps as the DP run,
     with shuffled batches, no clipping and no noise (not checkpointed: a reference run, minutes long)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    snapshot, frozen_checksum = [p.detach().clone() for p in trainable], _frozen_checksum(model)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    loader = DataLoader(TensorDataset(latents, labels), batch_size=args.batch_size, shuffle=True, drop_last=True)
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ema = make_ema(args, accelerator, trainable)
     on_step = None if ema is None else (lambda: ema.step(trainable))
@@ -604,6 +420,7 @@ def train_without_privacy(args, accelerator, model, trainable, latents, labels, 
     fit(model, optimizer, loader, loss_fn, steps, k, accelerator.backward, accelerator.log, on_step, show)
     if ema is not None:
         ema.copy_to(trainable)
+    _check_training_moved(trainable, snapshot, model, frozen_checksum)
 
 
 def fit(model, optimizer, loader, loss_fn, steps: int, k: int, backward, log=None, on_step=None, show=True) -> None:
@@ -612,8 +429,8 @@ def fit(model, optimizer, loader, loss_fn, steps: int, k: int, backward, log=Non
     progress = tqdm(total=steps, disable=not show)
     done = 0  # (a disabled tqdm does not count: its n stays 0)
     while done < steps:
-        for batch_latents, batch_labels in loader:
-            loss = loss_fn(model, batch_latents.repeat_interleave(k, 0), batch_labels.repeat_interleave(k, 0)).mean()
+        for batch in loader:
+            loss = loss_fn(model, *(t.repeat_interleave(k, 0) for t in batch)).mean()
             backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -629,16 +446,17 @@ def fit(model, optimizer, loader, loss_fn, steps: int, k: int, backward, log=Non
     progress.close()
 
 
-def release_private_central_images(args, vae, dataset, image_column, labels, canaries, release_ids, resolution):
+def release_private_central_images(args, vae, examples: PrivateExamples, release_ids: list[int]):
     """The one DP release outside DP-SGD (``privacy.release_central_images``, already charged to the budget): the
     mean image of each class in ``release_ids`` (model class ids; unlabelled data: one), over the private images and
     canaries, with secret noise. An example of another class (a canary's random label) takes no part."""
-    size, max_norm = central_image_settings(args, vae, resolution)
+    size, max_norm = central_image_settings(args, vae, examples.resolution)
     positions = {class_id: i for i, class_id in enumerate(release_ids)}
+    labels = examples.labels if examples.labels is not None else torch.zeros(len(examples), dtype=torch.long)
     rows = torch.tensor([positions.get(int(label), -1) for label in labels])
-    parts = [pixel_batches(dataset, size, vae.config.in_channels, image_column, batch_size=256)]
-    if canaries is not None:
-        parts.append([torch.nn.functional.interpolate(canaries, size=(size, size), mode="area")])
+    parts = [pixel_batches(examples.dataset, size, vae.config.in_channels, examples.image_column, batch_size=256)]
+    if examples.canary_pixels is not None:
+        parts.append([torch.nn.functional.interpolate(examples.canary_pixels, size=(size, size), mode="area")])
 
     def batches():
         start = 0
@@ -647,10 +465,8 @@ def release_private_central_images(args, vae, dataset, image_column, labels, can
             start += len(pixels)
             yield pixels[part >= 0], part[part >= 0]
 
-    return release_central_images(
-        batches(), len(release_ids), noise_multiplier=args.central_image_noise_multiplier, max_image_norm=max_norm,
-        generator=secret_generator(),
-    )  # fmt: skip
+    return release_central_images(batches(), len(release_ids), noise_multiplier=args.central_image_noise_multiplier,
+                                  max_image_norm=max_norm, generator=secret_generator())  # fmt: skip
 
 
 def central_image_settings(args, vae, resolution: int) -> tuple[int, float]:
@@ -664,12 +480,13 @@ def warm_up(args, vae, model, trainable, loss_fn, central, release_ids, resoluti
     """``--warmup_steps`` non-private steps on ``--central_image_copies`` augmented copies of each released mean
     (post-processing of the release: no privacy cost), with the DP run's loss and learning rate."""
     pixels = augmented_copies(central.images, args.central_image_copies, resolution, seed=args.seed)
-    latents = encode_latents(vae, pixels, mirrored=args.random_flip)
-    labels = torch.tensor(release_ids).repeat_interleave(args.central_image_copies)
+    columns = [encode_latents(vae, pixels, mirrored=args.random_flip)]
+    if loss_fn.condition_names:  # a class-conditional base: each copy's class id
+        columns.append(torch.tensor(release_ids).repeat_interleave(args.central_image_copies))
     logger.info(f"Warm-up: {args.warmup_steps} steps on {len(pixels)} augmented DP central images")
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    batch = min(args.warmup_batch_size, len(latents))
-    loader = DataLoader(TensorDataset(latents, labels), batch_size=batch, shuffle=True, drop_last=True)
+    loader = DataLoader(TensorDataset(*columns), batch_size=min(args.warmup_batch_size, len(pixels)), shuffle=True,
+                        drop_last=True)  # fmt: skip
     fit(model, optimizer, loader, loss_fn, args.warmup_steps, 1, lambda loss: loss.backward())
 
 
@@ -678,16 +495,11 @@ def central_images_record(args, budget, vae, resolution: int) -> dict:
     size, max_norm = central_image_settings(args, vae, resolution)
     return {
         "mechanism": "DP central images (per-class mean images by the Gaussian mechanism; DP-FETA's warm-up)",
-        "noise_multiplier": args.central_image_noise_multiplier,
-        "sample_rate": 1.0,
-        "max_image_norm": max_norm,
-        "sensitivity": central_image_sensitivity(max_norm),
-        "resolution": size,
-        "epsilon_alone": budget.release_epsilon(),
-        "warmup_steps": args.warmup_steps,
-        "warmup_batch_size": args.warmup_batch_size,
-        "copies_per_image": args.central_image_copies,
-    }
+        "noise_multiplier": args.central_image_noise_multiplier, "sample_rate": 1.0, "max_image_norm": max_norm,
+        "sensitivity": central_image_sensitivity(max_norm), "resolution": size,
+        "epsilon_alone": budget.release_epsilon(), "warmup_steps": args.warmup_steps,
+        "warmup_batch_size": args.warmup_batch_size, "copies_per_image": args.central_image_copies,
+    }  # fmt: skip
 
 
 def make_ema(args, accelerator, trainable) -> EMAModel | None:
@@ -699,29 +511,33 @@ def make_ema(args, accelerator, trainable) -> EMAModel | None:
     return ema
 
 
-def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: DPReport | None) -> None:
-    """Adapter, its config, the class embedding or DiT class rows if trained, ``dp_report.json`` (DP runs only),
-    samples, then
-    ``--evaluate``'s metrics.json, the model card and ``--push_to_hub``. Main process only."""
+# ---- outputs ----
+
+
+def save_outputs(args, pipe, examples: PrivateExamples, report: DPReport | None) -> None:
+    """Adapter (the base pipeline's standard LoRA file), its config, trained class rows, ``dp_report.json`` (DP runs
+    only), samples, then ``--evaluate``'s metrics.json, the model card and ``--push_to_hub``. Main process only."""
     out = Path(args.output_dir)
-    weights = save_lora_weights(unet, out)
+    weights = save_lora_weights(pipe.unet, out, pipe.family)
+    trained_embedder = args.train_class_embedding and pipe.class_embedder is not None
     adapter_config = DPLoRAConfig(
         base_model=args.pretrained_model_name_or_path,
         revision=args.revision,
         base_family=pipe.base_family,
         lora_weights=weights.name,
-        class_embedder=CLASS_EMBEDDER_FOLDER if args.train_class_embedding and class_embedder is not None else None,
+        class_embedder=CLASS_EMBEDDER_FOLDER if trained_embedder else None,
         class_rows=CLASS_ROWS_FOLDER if pipe.class_rows is not None else None,
-        id2label=id2label or None,
+        id2label=examples.id2label or None,
         # The examples trained on (the audit's members): the whole train split, or --max_train_samples' subset.
         train_subset=None if args.max_train_samples is None else {"max_samples": args.max_train_samples,
                                                                    "seed": args.seed},  # fmt: skip
-        canaries=_canaries_record(args, pipe),
-        caption_column=args.caption_column if pipe.is_text_to_image else None,
-        caption_template=args.caption_template if pipe.is_text_to_image else None,
-        validation_prompts=args.validation_prompt if pipe.is_text_to_image else None,
+        canaries={"num_canaries": args.num_canaries, "seed": args.seed, "resolution": examples.resolution}
+        if args.num_canaries else None,
+        caption_column=args.caption_column,
+        caption_template=args.caption_template,
+        validation_prompts=args.validation_prompt,
     )
-    trained = {CLASS_EMBEDDER_FOLDER: class_embedder, CLASS_ROWS_FOLDER: pipe.class_rows}
+    trained = {CLASS_EMBEDDER_FOLDER: pipe.class_embedder, CLASS_ROWS_FOLDER: pipe.class_rows}
     for folder, module in trained.items():
         if folder in (adapter_config.class_embedder, adapter_config.class_rows):
             module.save_pretrained(out / folder)
@@ -733,14 +549,13 @@ def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: DPRe
     elif (out / DP_REPORT_NAME).exists():
         (out / DP_REPORT_NAME).unlink()  # a stale report must not lend this run a guarantee
     logger.info(f"Adapter in {out}")
-    prompts = args.validation_prompt if pipe.is_text_to_image else None  # public prompts only, never captions
-    if args.samples_per_class > 0 and (prompts or not pipe.is_text_to_image):
-        pipe.class_embedder = class_embedder
-        pipe.set_progress_bar_config(disable=True)
-        if args.scheduler is not None:
-            pipe.set_scheduler(args.scheduler)
-        shown = names[:10] if id2label else None  # None: one row of unconditional samples
-        grid = sample_grid(pipe, shown, args.samples_per_class, args.num_inference_steps, args.seed, prompts)
+    pipe.set_progress_bar_config(disable=True)
+    if args.scheduler is not None:
+        pipe.set_scheduler(args.scheduler)
+    # public prompts only, never captions: a text model without --validation_prompt draws no samples
+    grid = sample_grid(pipe, examples.names[:10] if examples.id2label else None, args.samples_per_class,
+                       args.num_inference_steps, args.seed, args.validation_prompt)  # fmt: skip
+    if grid is not None:
         grid.save(out / SAMPLES_NAME)
     elif (out / SAMPLES_NAME).exists():
         (out / SAMPLES_NAME).unlink()  # a stale grid would show another run's model
@@ -752,23 +567,13 @@ def save_outputs(args, pipe, unet, class_embedder, names, id2label, report: DPRe
     card = write_model_card(out, repo_id=args.hub_model_id)
     logger.info(f"Model card: {card}")
     if args.push_to_hub:
-        repo_id = args.hub_model_id or out.resolve().name
-        url = push_to_hub(out, repo_id, token=args.hub_token, private=args.hub_private_repo)
+        url = push_to_hub(out, args.hub_model_id or out.resolve().name, token=args.hub_token,
+                          private=args.hub_private_repo)  # fmt: skip
         logger.info(f"Pushed to {url}")
 
 
-def _canaries_record(args, pipe) -> dict | None:
-    """What rebuilds the run's canaries: their number, seed and the resolution they were drawn at (which
-    --resolution may set apart from the autoencoder's)."""
-    if not args.num_canaries:
-        return None
-    return {"num_canaries": args.num_canaries, "seed": args.seed,
-            "resolution": args.resolution or pipe.vae.config.sample_size}  # fmt: skip
-
-
 def _init_flag(value: str):
-    lowered = value.lower()
-    return {"true": True, "false": False}.get(lowered, value)
+    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _frozen_checksum(model) -> float:
@@ -783,6 +588,54 @@ def _check_training_moved(trainable, snapshot, model, frozen_checksum):
         )
     if _frozen_checksum(model) != frozen_checksum:
         raise RuntimeError("The frozen base weights changed during DP-LoRA training.")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)  # --mixed_precision casts the frozen base's weights (build_model): no autocast
+    set_seed(args.seed, device_specific=True)
+    pipe, resolution = load_base(args)
+    examples = load_private_examples(args, pipe, resolution)
+    n = len(examples)
+    if args.disable_dp:
+        logger.warning("--disable_dp: training WITHOUT differential privacy; the adapter claims no guarantee.")
+    else:
+        budget, releases = plan_privacy(args, n)
+    model, lora_config, adapted_modules = build_model(args, pipe, accelerator)
+    latents, conditions = encode_examples(args, pipe, examples, accelerator)
+    data = TensorDataset(latents, *conditions.values())
+    loss_fn = make_loss(args, pipe, conditions)
+    if args.disable_dp:
+        train_without_privacy(args, accelerator, model, data, loss_fn, planned_steps(args, n))
+        if accelerator.is_main_process:
+            save_outputs(args, pipe, examples, report=None)
+        accelerator.end_training()
+        return
+
+    trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"{n} private examples, q={budget.sample_rate:.4g}, sigma={budget.noise_multiplier:.4f}, "
+                f"C={args.max_grad_norm}, k={args.noise_multiplicity}, {budget.max_steps} steps, "
+                f"{trainable_parameters} trainable parameters")  # fmt: skip
+    train_private(args, accelerator, pipe, model, examples, data, loss_fn, budget, resolution)
+    epsilon = budget.record()
+    if budget.target_epsilon is not None and epsilon > budget.target_epsilon:
+        raise RuntimeError(
+            f"epsilon {epsilon} exceeds the target {budget.target_epsilon}: refusing to write the adapter."
+        )
+    if accelerator.is_main_process:
+        report = build_dp_report(
+            budget, max_grad_norm=args.max_grad_norm, noise_multiplicity=args.noise_multiplicity, dataset_size=n,
+            batch_size=args.batch_size, world_size=accelerator.num_processes,
+            trainable_parameters=trainable_parameters, lora_rank=args.lora_rank, lora_alpha=lora_config.lora_alpha,
+            adapted_modules=adapted_modules, base_model=args.pretrained_model_name_or_path,
+            trained_class_embedding=args.train_class_embedding, grad_sample_mode=args.grad_sample_mode,
+            ema_decay=args.ema_decay, num_canaries=args.num_canaries or None, mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing, random_flip=args.random_flip,
+            other_releases=[central_images_record(args, budget, pipe.vae, resolution)] if releases else [],
+        )  # fmt: skip
+        logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
+        save_outputs(args, pipe, examples, report)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

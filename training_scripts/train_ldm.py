@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from dp_diffusers import ClassEmbedder, DiffusionLoss, DPLDMPipeline, LatentDenoiser
+from dp_diffusers import ClassEmbedder, DiffusionLoss, DPLDMPipeline, LatentDenoiser, NoisePrediction
 from dp_diffusers.data import (
     check_resolution,
     dataset_labels,
@@ -29,6 +29,7 @@ from dp_diffusers.data import (
     label_names,
     resolve_columns,
 )
+from dp_diffusers.families import DPLDMFamily
 from dp_diffusers.presets import get_preset
 from dp_diffusers.training_utils import (
     add_data_args,
@@ -102,7 +103,7 @@ def main(argv=None):
     if labels is None:  # unlabelled data: one class
         labels = torch.zeros(len(latents), dtype=torch.long)
         names = ["image"]
-    model = LatentDenoiser(unet, class_embedder)
+    model = LatentDenoiser(unet, DPLDMFamily, class_embedder)
     noise_scheduler = DDPMScheduler(**preset.scheduler_config())
     ema = EMAModel(model.parameters(), decay=0.999) if args.use_ema else None
 
@@ -124,10 +125,10 @@ def main(argv=None):
     global_step = resume_step(accelerator, args)
 
     loss_fn = DiffusionLoss(
-        noise_scheduler,
-        null_class=class_embedder.null_class_id,
-        label_dropout=args.label_dropout,
-        snr_gamma=args.snr_gamma,
+        NoisePrediction(noise_scheduler, snr_gamma=args.snr_gamma),
+        ("class_labels",),
+        null_condition={"class_labels": torch.tensor([class_embedder.null_class_id])},
+        dropout=args.label_dropout,
     )
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     for _ in range(math.ceil(args.max_train_steps / len(loader))):

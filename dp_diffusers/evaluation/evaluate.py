@@ -21,8 +21,6 @@ from ..constants import METRICS_NAME
 from ..data import (
     DataError,
     canary_captions,
-    caption_contexts,
-    dataset_captions,
     dataset_to_tensors,
     encode_latents,
     label_names,
@@ -31,7 +29,8 @@ from ..data import (
     resolve_columns,
     seeded_subset,
 )
-from ..models import LatentDenoiser, denoising_loss
+from ..families import ConditionOptions
+from ..models import LatentDenoiser
 from .downstream import downstream_accuracy
 from .fid import InceptionWeightsNotFoundError, _resolve_inception_path, compute_fid
 from .membership import audit
@@ -40,16 +39,17 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def generate_labelled(pipe, conditions: list[int] | list[str], per_class: int, num_inference_steps: int, seed: int,
+def generate_labelled(pipe, conditions: dict[str, list], per_class: int, num_inference_steps: int, seed: int,
                       batch: int = 250):  # fmt: skip
-    """``per_class`` samples of each condition: the model's class ids, or a text model's prompts. Images
-    (N, C, H, W) in [-1, 1] and labels (N,) as *positions* in ``conditions`` (the data set's own class order)."""
+    """``per_class`` samples of each condition (``{"class_labels": ids}`` or ``{"prompt": prompts}``: a pipeline
+    call argument, one value per class). Images (N, C, H, W) in [-1, 1] and labels (N,) as *positions* in that
+    list (the data set's own class order)."""
+    (key, values), = conditions.items()
     generator = torch.Generator().manual_seed(seed)
-    positions = torch.arange(len(conditions)).repeat_interleave(per_class)
-    key = "prompt" if conditions and isinstance(conditions[0], str) else "class_labels"
+    positions = torch.arange(len(values)).repeat_interleave(per_class)
     images = []
     for chunk in positions.split(batch):
-        chosen = [conditions[i] for i in chunk.tolist()]
+        chosen = [values[i] for i in chunk.tolist()]
         out = pipe(**{key: chosen}, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
         images.append(out.images * 2 - 1)
     return torch.cat(images).clamp(-1, 1), positions
@@ -82,15 +82,14 @@ def evaluate_from_args(adapter_dir: str | Path, args: argparse.Namespace) -> dic
     )
 
 
-def denoiser_loss_fn(pipe, scheduler=None):
-    """``(latents, labels, timesteps, noise) -> (B,)`` denoising loss of ``pipe``'s model, for the audit."""
-    from diffusers import DDPMScheduler
+def denoiser_loss_fn(pipe):
+    """``(latents, conditions, timesteps, noise) -> (B,)``: the training objective's loss of ``pipe``'s model at
+    given timesteps and noise, for the audit."""
+    model = LatentDenoiser(pipe.unet, pipe.family, pipe.class_embedder, pipe.class_rows).eval()
+    objective = pipe.family.objective(pipe.scheduler)
 
-    model = LatentDenoiser(pipe.unet, pipe.class_embedder, pipe.class_rows).eval()
-    scheduler = scheduler or DDPMScheduler.from_config(pipe.scheduler.config)
-
-    def loss_fn(latents, labels, timesteps, noise):
-        return denoising_loss(model, scheduler, latents, labels, timesteps, noise)
+    def loss_fn(latents, conditions, timesteps, noise):
+        return objective.loss(model, latents, conditions or {}, timesteps, noise)
 
     return loss_fn
 
@@ -158,14 +157,14 @@ def evaluate_adapter(
     adapted = bool(getattr(pipe.unet, "peft_config", None))
     if adapted:
         pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling costs what the base costs
-    vae = pipe.vae
+    family, vae = pipe.family, pipe.vae
     resolution, channels = vae.config.sample_size, vae.config.in_channels
+    options = ConditionOptions(caption_column=config.caption_column, caption_template=config.caption_template) \
+        if config is not None else ConditionOptions()  # fmt: skip
     names = None  # the data set's class names (its test split's), in its own order
-    text = pipe.is_text_to_image
-    template = config.caption_template if config is not None else None
 
     def split(name, subset=None):
-        """(pixels, label positions in ``names`` or None, captions (text models) or None) of a split."""
+        """(examples as the family sees them, pixels, label positions in ``names`` or None) of a split."""
         nonlocal names
         data = load_image_dataset(dataset_name, split=name)
         if subset:
@@ -173,29 +172,26 @@ def evaluate_adapter(
         image_column, label_column = resolve_columns(data)
         names = names or label_names(data, label_column)
         pixels, labels = dataset_to_tensors(data, resolution, channels, image_column, label_column, names)
-        column = config.caption_column if config is not None else None
-        captions = dataset_captions(data, column, template, label_column) if text else None
-        return pixels, labels, captions
+        examples = family.prepare_examples(pipe, data, image_column, label_column, resolution, options)
+        return examples, pixels, labels
 
-    (test_x, test_y, test_c), (train_x, train_y, train_c) = split(test_split), split(train_split)
+    (test, test_x, test_y), (train, train_x, train_y) = split(test_split), split(train_split)
     subset = config.train_subset if config is not None else None
     if audit_reference is not None and (reference_subset := _train_subset(audit_reference)) != subset:
         raise ValueError(
             f"The audit reference {audit_reference} trained on other examples ({reference_subset}) than "
             f"{adapter_dir} ({subset}): its members differ, so its AUC would not be comparable."
         )
-    member_x, member_y, member_c = split(train_split, subset) if subset else (train_x, train_y, train_c)
+    member, member_x, _ = split(train_split, subset) if subset else (train, train_x, train_y)
     sampler = f"{type(pipe.scheduler).__name__}, {num_inference_steps} steps"
     metrics = {}
-    class_ids = None
     # the model's condition for each of the data's classes: class ids by name, or the template's prompts
-    if pipe.num_classes is not None:
-        if names is None:
-            raise DataError(f"{dataset_name!r} has no labels: a class-conditional model is evaluated on labelled data.")
-        class_ids = pipe.get_label_ids(names)
-    conditions = [template.format(label=n) for n in names] if text and template and names else class_ids
-    if conditions is not None:
-        synthetic_x, synthetic_y = generate_labelled(pipe, conditions, samples_per_class, num_inference_steps, seed)
+    class_conditions = family.sampling_conditions(pipe, names, options) if names else None
+    if pipe.num_classes is not None and names is None:
+        raise DataError(f"{dataset_name!r} has no labels: a class-conditional model is evaluated on labelled data.")
+    if class_conditions is not None:
+        synthetic_x, synthetic_y = generate_labelled(pipe, class_conditions, samples_per_class, num_inference_steps,
+                                                     seed)  # fmt: skip
         downstream = downstream_accuracy(
             synthetic_x, synthetic_y, train_x, train_y, test_x, test_y, len(names), seed=seed
         )
@@ -208,32 +204,23 @@ def evaluate_adapter(
             "sampler": sampler,
             "dataset": f"{dataset_name} ({test_split} split, held out)",
         }
-    elif text:  # captions without classes: one image per held-out caption (FID's images), no classifier
+    elif test.captions is not None:  # captions without classes: one image per held-out caption (FID's images)
         logger.warning("Downstream accuracy skipped: the captions carry no classes (no --caption_template).")
-        synthetic_x, _ = generate_labelled(pipe, test_c, 1, num_inference_steps, seed)
+        synthetic_x, _ = generate_labelled(pipe, {"prompt": test.captions}, 1, num_inference_steps, seed)
     else:  # unconditional (CompVis LDMs): no labelled samples to train a classifier on; FID and the audit only
         logger.warning("Downstream accuracy skipped: the model is unconditional, its samples have no labels.")
         synthetic_x = generate_unconditional(
             pipe, samples_per_class * len(names or [None]), num_inference_steps, seed
         )
 
-    def model_conditions(positions: torch.Tensor | None, captions: list[str] | None) -> torch.Tensor | None:
-        """What the model is conditioned on for these examples: each one's caption context (text models), the
-        model's class ids of their label positions, or ``None`` (unconditional)."""
-        if text:
-            return caption_contexts(pipe, captions)
-        return None if positions is None or class_ids is None else torch.tensor(class_ids)[positions]
-
     # Membership audit: every held-out example is a non-member; members are examples the run trained on, at
-    # most as many as the non-members (a random part of a large train split, all of a small subset). A text
-    # model scores each example under its own caption.
+    # most as many as the non-members (a random part of a large train split, all of a small subset). Each example
+    # is scored under its own conditions (its class, or its own caption's encoding).
     members = torch.randperm(len(member_x), generator=torch.Generator().manual_seed(seed))[: len(test_x)]
-    member_latents = encode_latents(vae, member_x[members])
-    member_labels = model_conditions(
-        None if member_y is None else member_y[members], [member_c[i] for i in members.tolist()] if text else None
-    )
-    nonmember_latents, nonmember_labels = encode_latents(vae, test_x), model_conditions(test_y, test_c)
-    sets = (member_latents, member_labels, nonmember_latents, nonmember_labels)
+    chosen = family.prepare_examples(pipe, member.dataset.select(members.tolist()), member.image_column,
+                                     resolve_columns(member.dataset)[1], resolution, options)  # fmt: skip
+    sets = (encode_latents(vae, member_x[members]), family.encode_conditions(pipe, chosen),
+            encode_latents(vae, test_x), family.encode_conditions(pipe, test))  # fmt: skip
     base_loss_fn = None
     if adapted:
         pipe.unfuse_lora()  # the samples are drawn; the audit switches the adapter off for the base's scores
@@ -249,13 +236,15 @@ def evaluate_adapter(
     if canaries:  # the run also trained on canaries: inserted ones are members, never-trained twins non-members
         # the range train_dp_lora.py drew the canaries' labels from (1 for an unconditional base)
         label_range = max(int(k) for k in pipe.config.id2label) + 1 if pipe.config.id2label else 1
-        inserted_x, inserted_y, heldout_x, heldout_y = make_canaries(
-            canaries["num_canaries"], channels, canaries.get("resolution", resolution), label_range, canaries["seed"]
-        )
-        if text:  # their random-word captions, as the run drew them
-            inserted_y, heldout_y = (caption_contexts(pipe, c) for c in canary_captions(canaries["num_canaries"],
-                                                                                         canaries["seed"]))  # fmt: skip
-        canary_sets = (encode_latents(vae, inserted_x), inserted_y, encode_latents(vae, heldout_x), heldout_y)
+        size = canaries.get("resolution", resolution)
+        drawn = make_canaries(canaries["num_canaries"], channels, size, label_range, canaries["seed"])
+        captions = canary_captions(canaries["num_canaries"], canaries["seed"])  # a text model's, as the run drew
+        canary_sets = []
+        for pixels, labels, texts in ((drawn[0], drawn[1], captions[0]), (drawn[2], drawn[3], captions[1])):
+            empty = family.prepare_examples(pipe, test.dataset.select([]), test.image_column,
+                                            resolve_columns(test.dataset)[1], size, options)  # fmt: skip
+            family.add_canaries(empty, pixels, labels, texts)
+            canary_sets += [encode_latents(vae, pixels), family.encode_conditions(pipe, empty)]
         metrics["membership_auc"].update(_canary_audit(denoiser_loss_fn(pipe), canary_sets, seed, base_loss_fn))
     if audit_reference is not None:
         reference = DPLDMPipeline.from_pretrained(audit_reference)

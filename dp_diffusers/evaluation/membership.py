@@ -17,7 +17,7 @@ fine-tune learnt about each example.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,31 +28,41 @@ from sklearn.metrics import roc_auc_score
 DEFAULT_TIMESTEPS = (50, 100, 200, 300)
 ATTACK = "loss-threshold (denoising MSE at fixed timesteps and noise)"
 
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
+#: each example's conditions: an (N, ...) tensor, named (N, ...) tensors (a base family's), or None
+Conditions = torch.Tensor | Mapping[str, torch.Tensor] | None
+LossFn = Callable[[torch.Tensor, Conditions, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _check_inputs(latents: torch.Tensor, labels: torch.Tensor | None, name: str) -> None:
+def _rows(conditions: Conditions, start: int, stop: int) -> Conditions:
+    if isinstance(conditions, Mapping):
+        return {name: value[start:stop] for name, value in conditions.items()}
+    return None if conditions is None else conditions[start:stop]
+
+
+def _check_inputs(latents: torch.Tensor, labels: Conditions, name: str) -> None:
     if latents.ndim < 2 or len(latents) == 0:
         raise ValueError(f"{name} latents must be a non-empty (N, ...) tensor, got shape {tuple(latents.shape)}")
-    if labels is not None and (labels.ndim == 0 or len(labels) != len(latents)):
-        raise ValueError(f"{name}: {len(latents)} latents but labels of shape {tuple(labels.shape)}")
+    values = labels.values() if isinstance(labels, Mapping) else [] if labels is None else [labels]
+    for value in values:
+        if value.ndim == 0 or len(value) != len(latents):
+            raise ValueError(f"{name}: {len(latents)} latents but labels of shape {tuple(value.shape)}")
 
 
 @torch.no_grad()
 def denoising_loss_scores(
     loss_fn: LossFn,
     latents: torch.Tensor,
-    labels: torch.Tensor | None,
+    labels: Conditions,
     timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
     seed: int = 0,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Per-example denoising loss, averaged over ``timesteps``; lower means more member-like.
 
-    ``loss_fn(latents, labels, timesteps, noise)`` (labels: class ids (N,), or a text model's caption contexts
-    (N, L, D), each example's own) returns the per-example loss ``(B,)`` of the model
-    under audit (e.g. the MSE of the UNet's noise prediction); ``timesteps`` is a ``(B,)`` long tensor
-    and ``noise`` has the shape of ``latents``. For each timestep one noise tensor is drawn from a
+    ``loss_fn(latents, labels, timesteps, noise)`` (labels: each example's own conditions, e.g. a base
+    family's named class ids or caption encodings, sliced along with the latents) returns the per-example
+    loss ``(B,)`` of the model under audit (e.g. the MSE of the UNet's noise prediction); ``timesteps`` is a
+    ``(B,)`` long tensor and ``noise`` has the shape of ``latents``. For each timestep one noise tensor is drawn from a
     generator seeded with ``seed`` and shared by all examples. Returns a float CPU tensor ``(N,)``.
     """
     _check_inputs(latents, labels, "input")
@@ -64,7 +74,7 @@ def denoising_loss_scores(
     scores = torch.zeros(len(latents), dtype=torch.float64)
     for start in range(0, len(latents), batch_size):
         x = latents[start : start + batch_size]
-        y = None if labels is None else labels[start : start + batch_size]
+        y = _rows(labels, start, start + batch_size)
         for t, noise in zip(timesteps, noises):
             t_batch = torch.full((len(x),), t, dtype=torch.long, device=x.device)
             loss = loss_fn(x, y, t_batch, noise.to(x.device).expand_as(x).contiguous())
@@ -92,9 +102,9 @@ def membership_auc(member_scores: torch.Tensor | np.ndarray, nonmember_scores: t
 def audit(
     loss_fn: LossFn,
     member_latents: torch.Tensor,
-    member_labels: torch.Tensor | None,
+    member_labels: Conditions,
     nonmember_latents: torch.Tensor,
-    nonmember_labels: torch.Tensor | None,
+    nonmember_labels: Conditions,
     timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
     seed: int = 0,
     batch_size: int = 64,

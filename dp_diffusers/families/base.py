@@ -1,31 +1,102 @@
-"""What a public base family is: how a layout of base pipeline folder loads into ``DPLDMPipeline``.
+"""What a public base family is: one small class per layout of base pipeline folder, owning its whole contract.
 
-A family is chosen from the base's ``model_index.json`` (``_class_name``), never guessed from its
-weights. Loading goes through the family's own diffusers pipeline class, so a base loads exactly as
-diffusers loads it; the family only names which of its components are the autoencoder, the denoiser
-and the scheduler.
+A family is chosen from the base's ``model_index.json`` (``_class_name``), never guessed from its weights, and owns:
+
+* **loading** (:meth:`BaseFamily.components`): the base's own diffusers pipeline class loads it, so a base loads
+  exactly as diffusers loads it; the family names which components are the autoencoder, the denoiser (``unet``,
+  whatever its kind), the scheduler and the frozen public encoders;
+* **each example's condition** (:meth:`~BaseFamily.prepare_examples`, :meth:`~BaseFamily.encode_conditions`):
+  what the frozen public encoders make of its label or caption, named tensors (a class id; a caption's context,
+  pooled embeddings, time ids, ...), and the "no condition" of label or caption
+  dropout (:meth:`~BaseFamily.null_condition`);
+* **the training objective** (:meth:`~BaseFamily.objective`), from the base's scheduler config
+  (``dp_diffusers.models.objectives``, one module all families share);
+* **the denoiser call** (:meth:`~BaseFamily.predict`): how the conditions enter the backbone;
+* **sampling** (:meth:`~BaseFamily.sampling_pipeline`): the base's own diffusers pipeline over the same modules
+  (text-to-image families), or ``DPLDMPipeline``'s own loop (class-conditional and unconditional ones);
+* **its LoRA**: target presets, the key prefix of the adapter file, and saving through the base pipeline's own
+  ``save_lora_weights``, so the adapter is that pipeline's standard LoRA.
+
+Families of one conditioning share a base class (``ClassFamily``, ``UnconditionalFamily``: ``class_conditional.py``;
+``TextFamily``: ``text.py``); a new family is one such class, registered with :func:`register_family`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from diffusers import DiffusionPipeline
+from torch import Tensor
+
+from ..constants import LORA_WEIGHT_NAME
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from ..models.denoiser import LatentDenoiser
+    from ..models.objectives import Objective
 
 
 class UnsupportedBaseError(ValueError):
     """The base model is not a latent diffusion pipeline of a supported family."""
 
 
+@dataclass
+class ConditionOptions:
+    """Where each example's condition comes from (the data flags of ``train_dp_lora.py``)."""
+
+    #: as given; ``None``: ``label`` when the data has it; ``""``: unlabelled
+    label_column: str | None = None
+    #: text families: the captions' column (``None``: ``text``, unless a template is given)
+    caption_column: str | None = None
+    #: text families: captions made from labels, e.g. ``"a photo of a {label}"``
+    caption_template: str | None = None
+    #: text families: public prompts for samples and the model card (never training captions)
+    validation_prompts: list[str] | None = None
+    #: class families: learn rows for classes the base lacks (a class embedding, DiT class rows)
+    train_class_embedding: bool = False
+
+
+@dataclass
+class PrivateExamples:
+    """Examples as a family sees them before encoding: a data set's images at ``resolution`` (center-cropped) and,
+    validated, their labels (model class ids) or captions; audit canaries (``num_canaries`` square images at
+    ``resolution``) come after the data set's rows. Captions are private data: never logged, never written."""
+
+    dataset: Dataset
+    image_column: str
+    resolution: int
+    #: the data's class names in its own order (class families), and the model's class names by id
+    names: list[str] | None = None
+    id2label: dict[int, str] | None = None
+    #: data class name (or a DiT synonym) -> model class id
+    class_ids: dict[str, int] | None = None
+    #: (N,) model class ids, canaries' included (class families)
+    labels: torch.Tensor | None = None
+    #: N captions, canaries' included (text families)
+    captions: list[str] | None = field(default=None, repr=False)
+    #: (num_canaries, C, resolution, resolution) audit canaries in [-1, 1], trained after the data set's rows
+    canary_pixels: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_canaries(self) -> int:
+        return 0 if self.canary_pixels is None else len(self.canary_pixels)
+
+    def __len__(self) -> int:
+        return len(self.dataset) + self.num_canaries
+
+
 class BaseFamily:
-    """One layout of public base. Subclasses set the class attributes and, unless the layout is
-    ``DPLDMPipeline``'s own, :meth:`components`."""
+    """One layout of public base. Subclasses set the class attributes; the conditioning base classes
+    (``ClassFamily``, ``UnconditionalFamily``, ``TextFamily``) implement the rest."""
 
     #: the family's name, recorded in the adapter config
     name: ClassVar[str]
-    #: ``_class_name`` of the base's ``model_index.json``
+    #: ``_class_name`` of the base's ``model_index.json``: the diffusers pipeline class that loads and samples it
     pipeline_class_name: ClassVar[str]
     #: how the denoiser is conditioned: "class" (labels), "text" (captions) or "none"
     conditioning: ClassVar[str]
@@ -33,12 +104,135 @@ class BaseFamily:
     description: ClassVar[str]
     #: ``--lora_target_modules`` presets: name -> module-name suffixes (peft's ``target_modules``)
     lora_target_presets: ClassVar[dict[str, list[str]]]
+    #: the denoiser's component name in the base pipeline, and the key prefix of its LoRA weights
+    lora_prefix: ClassVar[str] = "unet"
+    #: whether the DP central images (per-class means, or one mean unconditionally) can warm this family up
+    supports_central_images: ClassVar[bool] = True
+    #: the ``train_dp_lora.py`` flag with the probability of dropping a row's condition to the null condition
+    dropout_flag: ClassVar[str] = "label_dropout"
+
+    @classmethod
+    def pipeline_class(cls) -> type[DiffusionPipeline]:
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class_name)
+
+    # ---- loading ----
 
     @classmethod
     def components(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> dict[str, Any] | None:
-        """``DPLDMPipeline`` keyword arguments (vae, unet, scheduler, class_embedder, id2label) from the base,
-        loaded by the family's diffusers pipeline with ``kwargs``; ``None``: the layout is DPLDMPipeline's own."""
+        """``DPLDMPipeline`` keyword arguments from the base, loaded by the family's diffusers pipeline with
+        ``kwargs``; ``None``: the layout is DPLDMPipeline's own."""
         return None
+
+    @classmethod
+    def conditioning_of(cls, pipe) -> str:
+        """How a loaded pipeline of this family is conditioned (a family may hold conditional and unconditional
+        bases)."""
+        return cls.conditioning
+
+    @classmethod
+    def num_classes(cls, modules) -> int | None:
+        """Class ids the model takes (``modules``: a pipeline or a ``LatentDenoiser``); ``None``: not
+        class-conditional."""
+        return None
+
+    @classmethod
+    def null_class_id(cls, modules) -> int | None:
+        """The id of "no class" of a class-conditional model; ``None`` if it has none."""
+        return None
+
+    @classmethod
+    def check_training(cls, pipe, options: ConditionOptions) -> None:
+        """Raise ``DataError`` for training flags this family cannot use (before anything is written)."""
+
+    @classmethod
+    def check_resolution(cls, pipe, resolution: int) -> None:
+        """Raise ``DataError`` for a training resolution the base cannot take: by default one its autoencoder
+        cannot downsample evenly."""
+        from ..data import check_resolution
+
+        check_resolution(resolution, pipe.vae)
+
+    # ---- each example's condition ----
+
+    @classmethod
+    def prepare_examples(cls, pipe, dataset: Dataset, image_column: str, label_column: str | None,
+                         resolution: int, options: ConditionOptions) -> PrivateExamples:  # fmt: skip
+        """The examples with their conditions' sources validated (``DataError`` naming the fix otherwise). A class
+        family may give the pipeline rows for new classes here (``--train_class_embedding``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def add_canaries(cls, examples: PrivateExamples, pixels: torch.Tensor, labels: torch.Tensor,
+                     captions: list[str]) -> None:  # fmt: skip
+        """Append audit canaries: their images and what the family conditions on, their random labels
+        (``dp_diffusers.data.make_canaries``) or random-word captions (``canary_captions``)."""
+        examples.canary_pixels = pixels
+
+    @classmethod
+    def sampling_conditions(cls, pipe, names: list[str], options: ConditionOptions) -> dict[str, list] | None:
+        """The pipeline call argument that draws images of each of the data's classes ``names`` (class ids, or
+        prompts from the caption template), for the downstream classifier; ``None`` when the model cannot."""
+        return None
+
+    @classmethod
+    def encode_conditions(cls, pipe, examples: PrivateExamples, cache_dir: str | None = None) -> dict[str, Tensor]:
+        """Named (N, ...) tensors, in the order the encoded data set holds them: what the frozen public encoders
+        make of each example's label or caption (a deterministic per-example pre-processing by public models: no
+        privacy cost)."""
+        return {}
+
+    @classmethod
+    def null_condition(cls, pipe) -> dict[str, torch.Tensor]:
+        """The "no condition" of condition dropout and of classifier-free guidance: one (1, ...) row per dropped
+        name (names left out are kept, e.g. SDXL's time ids); empty when the family has none."""
+        return {}
+
+    # ---- training ----
+
+    @classmethod
+    def objective(cls, scheduler, snr_gamma: float | None = None) -> Objective:
+        """The training objective of the base's noise schedule (``scheduler``: the base's, or any scheduler built
+        from its config): DDPM noising with its betas, the target its ``prediction_type`` names."""
+        from diffusers import DDPMScheduler
+
+        from ..models.objectives import NoisePrediction
+
+        return NoisePrediction(DDPMScheduler.from_config(scheduler.config), snr_gamma=snr_gamma)
+
+    @classmethod
+    def predict(cls, denoiser: LatentDenoiser, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditions: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+        """The denoiser's prediction (the objective's target, latents' shape) under ``conditions``."""
+        raise NotImplementedError
+
+    # ---- sampling and the adapter ----
+
+    @classmethod
+    def sampling_pipeline(cls, pipe) -> DiffusionPipeline | None:
+        """The base's own diffusers pipeline over ``pipe``'s modules (same weights, same loaded adapters);
+        ``None``: ``DPLDMPipeline``'s own loop samples this family."""
+        return None
+
+    @classmethod
+    def lora_loader(cls) -> type:
+        """The diffusers LoRA loader mixin whose file format the adapter has (``lora_state_dict``,
+        ``save_lora_weights``): the base pipeline's own, else Stable Diffusion's."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return StableDiffusionLoraLoaderMixin
+
+    @classmethod
+    def save_lora_weights(cls, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                          metadata: dict[str, Any]) -> Path:  # fmt: skip
+        """Write ``pytorch_lora_weights.safetensors`` through the loader's own ``save_lora_weights`` (keys
+        ``<lora_prefix>.<module>.lora_A.weight``, the ``LoraConfig`` in the file's metadata)."""
+        cls.lora_loader().save_lora_weights(
+            folder, weight_name=LORA_WEIGHT_NAME,
+            **{f"{cls.lora_prefix}_lora_layers": state_dict, f"{cls.lora_prefix}_lora_adapter_metadata": metadata},
+        )  # fmt: skip
+        return Path(folder) / LORA_WEIGHT_NAME
 
 
 #: every supported family, by the pipeline class of its model_index.json
@@ -54,6 +248,7 @@ def family_named(name: str) -> type[BaseFamily]:
 
 
 def register_family(family: type[BaseFamily]) -> type[BaseFamily]:
+    """Make ``family`` the one for bases whose ``model_index.json`` names its ``pipeline_class_name``."""
     FAMILIES[family.pipeline_class_name] = family
     return family
 
@@ -62,6 +257,11 @@ def hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The ``from_pretrained`` options that locate a file on the Hub (for ``load_config``)."""
     names = ("cache_dir", "force_download", "local_files_only", "token", "revision")
     return {k: kwargs[k] for k in names if k in kwargs}
+
+
+def listed_components(index: dict[str, Any]) -> list[str]:
+    """The components a ``model_index.json`` lists with a class (``[library, class]``, not ``[null, null]``)."""
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
 
 
 def _supported() -> str:
@@ -90,8 +290,7 @@ def base_family(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any)
             f"supports. Supported bases: {_supported()}."
         )
     if folder.is_dir():  # a local copy: every component model_index.json lists must be there
-        absent = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]
-                  and not (folder / k).is_dir()]  # fmt: skip
+        absent = [k for k in listed_components(index) if not (folder / k).is_dir()]
         if absent:
             raise FileNotFoundError(
                 f"{name!r} lists the components {absent} in model_index.json but has no such folders: the base is "

@@ -10,21 +10,19 @@ import os
 from typing import Any
 
 from ..lora import LORA_TARGET_PRESETS
-from .base import BaseFamily, register_family
+from .base import register_family
+from .class_conditional import UnconditionalFamily
 
 
 @register_family
-class CompVisLDMFamily(BaseFamily):
+class CompVisLDMFamily(UnconditionalFamily):
     name = "compvis-ldm"
     pipeline_class_name = "LDMPipeline"
-    conditioning = "none"
     description = "CompVis LDMs: VQModel + unconditional UNet2DModel"
     # UNet2DModel's attention blocks have no proj_in / proj_out
     lora_target_presets = {name: LORA_TARGET_PRESETS[name] for name in ("attention", "attention+resnets")}
 
     @classmethod
     def components(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
-        from diffusers import LDMPipeline
-
-        ldm = LDMPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        ldm = cls.pipeline_class().from_pretrained(pretrained_model_name_or_path, **kwargs)
         return {"vae": ldm.vqvae, "unet": ldm.unet, "scheduler": ldm.scheduler}

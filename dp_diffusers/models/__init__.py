@@ -1,6 +1,7 @@
 from .class_embedder import ClassEmbedder
-from .denoiser import DiffusionLoss, LatentDenoiser, denoising_loss
+from .denoiser import LatentDenoiser
 from .dit import DiTClassRows, DiTTransformer2DModelWithLoRA
+from .objectives import DiffusionLoss, NoisePrediction, Objective
 from .unet_2d import UNet2DModelWithLoRA
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "DiTClassRows",
     "DiTTransformer2DModelWithLoRA",
     "LatentDenoiser",
+    "NoisePrediction",
+    "Objective",
     "UNet2DModelWithLoRA",
-    "denoising_loss",
 ]

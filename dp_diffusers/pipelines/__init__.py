@@ -1,3 +1,3 @@
-from .pipeline_dp_ldm import DPLDMPipeline
+from .pipeline_dp_ldm import DPLDMPipeline, scheduler_class
 
-__all__ = ["DPLDMPipeline"]
+__all__ = ["DPLDMPipeline", "scheduler_class"]

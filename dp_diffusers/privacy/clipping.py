@@ -23,23 +23,24 @@ from torch import nn
 
 def per_example_gradient_norms(
     model: nn.Module,
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     latents: torch.Tensor,
-    labels: torch.Tensor | None,
+    *conditions: torch.Tensor | None,
 ) -> torch.Tensor:
     """L2 norm of each example's gradient over the trainable parameters, shape (N,).
 
-    ``loss_fn(model, latents, labels)`` returns the per-example loss (B,) (the same function the
-    private run clips). One example at a time through autograd: exact, and cheap for the few
-    hundred public examples a choice of C needs.
+    ``loss_fn(model, latents, *conditions)`` returns the per-example loss (B,) (the same function the
+    private run clips; ``conditions``: each example's condition tensors, as the private run's data set holds
+    them). One example at a time through autograd: exact, and cheap for the few hundred public examples a choice
+    of C needs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters (add the LoRA adapter first).")
     norms = []
     for i in range(len(latents)):
-        label = labels[i : i + 1] if labels is not None else None
-        loss = loss_fn(model, latents[i : i + 1], label).sum()
+        rows = [column[i : i + 1] if column is not None else None for column in conditions]
+        loss = loss_fn(model, latents[i : i + 1], *rows).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)))
     return torch.stack(norms).detach()

@@ -114,25 +114,25 @@ def make_private(
 def private_backward(
     model: nn.Module,
     optimizer: DPOptimizerWithNoiseMultiplicity,
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     latents: torch.Tensor,
-    labels: torch.Tensor | None,
+    *conditions: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """Forward and backward of one physical batch; per-sample gradients land in ``p.grad_sample``.
 
-    ``loss_fn(model, latents, labels) -> (rows,)`` draws the diffusion noise and timesteps itself.
-    Rows are expanded to ``noise_multiplicity`` copies per example here; the optimizer folds them
-    back before clipping. An empty Poisson batch still makes a (noise-only) step: its per-sample
-    gradients are empty tensors, so opacus clips nothing and adds the noise. Returns the mean loss.
+    ``latents`` and ``conditions`` are the batch's columns (one row per example: its latents, then each of its
+    condition tensors); ``loss_fn(model, latents, *conditions) -> (rows,)`` draws the diffusion noise and timesteps
+    itself. Rows are expanded to ``noise_multiplicity`` copies per example here; the optimizer folds them back
+    before clipping. An empty Poisson batch still makes a (noise-only) step: its per-sample gradients are empty
+    tensors, so opacus clips nothing and adds the noise. Returns the mean loss.
     """
     k = optimizer.noise_multiplicity
     if len(latents) == 0:
         for p in optimizer.params:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
         return None
-    rows_latents = expand_for_noise_multiplicity(latents, k)
-    rows_labels = expand_for_noise_multiplicity(labels, k)
-    loss = loss_fn(model, rows_latents, rows_labels).mean()
+    rows = [expand_for_noise_multiplicity(column, k) for column in (latents, *conditions)]
+    loss = loss_fn(model, *rows).mean()
     loss.backward()
     return loss.detach()
 

@@ -63,7 +63,7 @@ class SpaceModel:
 
     @property
     def text_to_image(self) -> bool:
-        return self.pipe.is_text_to_image
+        return self.pipe.conditioning == "text"
 
     @property
     def class_names(self) -> list[str]:
@@ -72,7 +72,7 @@ class SpaceModel:
 
 def _class_labels(pipe: DPLDMPipeline) -> dict[str, int]:
     """Class name -> id; the ids themselves for a class-conditional model without names; none for text-to-image."""
-    if pipe.is_text_to_image:
+    if pipe.conditioning == "text":
         return {}
     if pipe.num_classes is None:
         raise ValueError("it is unconditional, and this demo samples class-conditional models")

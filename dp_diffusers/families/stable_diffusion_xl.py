@@ -1,0 +1,86 @@
+"""Stable Diffusion XL bases (``stabilityai/stable-diffusion-xl-base-1.0``): diffusers' ``StableDiffusionXLPipeline``.
+
+Components ``vae`` (``AutoencoderKL``; its ``latents_mean`` / ``latents_std`` used when the config has them),
+``text_encoder`` (``CLIPTextModel``) and ``text_encoder_2`` (``CLIPTextModelWithProjection``) with ``tokenizer`` and
+``tokenizer_2``: the frozen public text encoders, ``unet`` (``UNet2DConditionModel`` with ``text_time`` added
+conditioning), ``scheduler``. Each example's condition, as diffusers' SDXL LoRA scripts build it:
+
+* ``encoder_hidden_states``: the caption's (77, 2048) context (both CLIPs' penultimate states) and ``text_embeds``:
+  its pooled (1280) embedding, by ``StableDiffusionXLPipeline.encode_prompt``;
+* ``time_ids``: (original height, width before the resize, crop top, left, the training resolution twice) of that
+  example's own image (center crop, so a mirrored image has the same ids).
+
+The null condition is zeros for the context and pooled embedding (``force_zeros_for_empty_prompt``, the SDXL
+configs' setting, as the pipeline's own unconditional half) or the empty prompt's encoding; time ids are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import DataError, original_sizes
+from ..lora import LORA_TARGET_PRESETS
+from .base import register_family
+from .text import TextFamily
+
+
+def center_crop_time_ids(sizes: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(N, 6) SDXL time ids of images of (height, width) ``sizes`` resized (shorter side) and center-cropped to
+    ``resolution``: ``original_size + crop_top_left + target_size``, the crop as torchvision's ``Resize`` and
+    ``CenterCrop`` (and diffusers' SDXL scripts) compute it."""
+    short, long = sizes.min(1).values, sizes.max(1).values
+    resized_long = (resolution * long.double() / short.double()).long()  # torchvision: int(size * long / short)
+    tall = sizes[:, 0] > sizes[:, 1]
+    height = torch.where(tall, resized_long, torch.full_like(long, resolution))
+    width = torch.where(tall, torch.full_like(long, resolution), resized_long)
+    top = torch.round((height - resolution).double() / 2).long().clamp(min=0)
+    left = torch.round((width - resolution).double() / 2).long().clamp(min=0)
+    target = torch.full_like(top, resolution)
+    return torch.stack([sizes[:, 0], sizes[:, 1], top, left, target, target], dim=1).float()
+
+
+@register_family
+class StableDiffusionXLFamily(TextFamily):
+    name = "stable-diffusion-xl"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    description = "Stable Diffusion XL: AutoencoderKL + two CLIP text encoders + UNet2DConditionModel (text_time)"
+    # diffusers' SDXL LoRA scripts' targets; + the transformer blocks' proj_in / proj_out
+    lora_target_presets = {name: LORA_TARGET_PRESETS[name] for name in ("attention", "attention+proj")}
+    text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    pipeline_options = ("force_zeros_for_empty_prompt",)
+
+    @classmethod
+    def check_resolution(cls, pipe, resolution):
+        """The training resolution is the time ids' target size: one ``StableDiffusionXLPipeline`` samples at (a
+        multiple of 8), and one the autoencoder downsamples evenly."""
+        super().check_resolution(pipe, resolution)
+        if resolution % 8:
+            raise DataError(f"--resolution {resolution}: an SDXL base trains and samples at multiples of 8 (its "
+                            f"time ids' target size); use e.g. {max(8, resolution - resolution % 8)}.")  # fmt: skip
+
+    @classmethod
+    def encode_prompts(cls, pipe, prompts):
+        view = cls.sampling_pipeline(pipe)
+        context, _, pooled, _ = view.encode_prompt(prompts, device=view._execution_device, num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=False)  # fmt: skip
+        return {"encoder_hidden_states": context, "text_embeds": pooled}
+
+    @classmethod
+    def image_conditions(cls, pipe, examples):
+        sizes = original_sizes(examples.dataset, examples.image_column)
+        canaries = torch.full((examples.num_canaries, 2), examples.resolution, dtype=torch.long)  # drawn square
+        return {"time_ids": center_crop_time_ids(torch.cat([sizes, canaries]), examples.resolution)}
+
+    @classmethod
+    def null_condition(cls, pipe):
+        encoded = super().null_condition(pipe)
+        if (pipe.config.base_options or {}).get("force_zeros_for_empty_prompt", True):
+            return {name: torch.zeros_like(value) for name, value in encoded.items()}
+        return encoded
+
+    @classmethod
+    def predict(cls, denoiser, noisy_latents, timesteps, conditions):
+        context, added = conditions["encoder_hidden_states"], {"text_embeds": conditions["text_embeds"],
+                                                               "time_ids": conditions["time_ids"]}  # fmt: skip
+        return denoiser.backbone(noisy_latents, timesteps, encoder_hidden_states=denoiser.cast(context),
+                                 added_cond_kwargs={name: denoiser.cast(value) for name, value in added.items()})

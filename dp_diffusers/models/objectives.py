@@ -1,0 +1,154 @@
+"""What a denoiser is trained to predict, for every base family, and the per-row training loss.
+
+An :class:`Objective` turns clean latents, a timestep and Gaussian noise into the noisy input, the target and a
+per-row loss weight, from the base's own scheduler config (diffusers' training scripts compute the same):
+
+* :class:`NoisePrediction`: DDPM-type bases (``prediction_type`` epsilon, ``v_prediction`` or ``sample``), timesteps
+  uniform over the scheduler's training steps, Min-SNR weights optional (``snr_gamma``).
+
+:class:`DiffusionLoss` is the loss every training path uses (stage 1, the DP stage, the warm-up, the benchmarks):
+it draws each row's randomness (timestep, noise, caption or label dropout, random flip) and returns one loss per
+row. Every draw is per row, so under DP it stays inside that example's clipped gradient (and each
+noise-multiplicity copy draws its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+Conditions = Mapping[str, torch.Tensor]
+
+
+def per_row_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each row, in fp32: shape (rows,)."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+class Objective:
+    """A training objective: ``sample_timesteps`` draws each row's timestep, ``loss`` is the per-row loss of
+    ``model(noisy, timesteps, conditions)`` for given timesteps and noise (fixed draws: the audit, the tests)."""
+
+    def sample_timesteps(self, rows: int, device: torch.device | str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(
+        self, model: nn.Module, latents: torch.Tensor, conditions: Conditions, timesteps: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        raise NotImplementedError
+
+
+class NoisePrediction(Objective):
+    """DDPM-type objective (diffusers' ``train_text_to_image.py``): ``noisy = scheduler.add_noise(x0, noise, t)``,
+    target the noise (``epsilon``), ``scheduler.get_velocity`` (``v_prediction``) or ``x0`` (``sample``), following
+    ``scheduler.config.prediction_type``; ``t`` uniform over ``num_train_timesteps``. ``snr_gamma`` weights rows by
+    Min-SNR (Hang et al. 2023): min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction)."""
+
+    def __init__(self, scheduler, snr_gamma: float | None = None):
+        kind = scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"Unknown prediction_type {kind!r} (epsilon, v_prediction or sample).")
+        self.scheduler = scheduler
+        self.snr_gamma = snr_gamma
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def sample_timesteps(self, rows: int, device: torch.device | str) -> torch.Tensor:
+        return torch.randint(0, self.num_train_timesteps, (rows,), device=device)
+
+    def loss(self, model, latents, conditions, timesteps, noise):
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        prediction = model(noisy, timesteps, conditions)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = latents
+        loss = per_row_mse(prediction, target)
+        if self.snr_gamma is not None:
+            loss = loss * self.min_snr_weights(timesteps)
+        return loss
+
+    def min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, timesteps)
+        weights = snr.clamp(max=self.snr_gamma)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return weights / snr
+        if kind == "v_prediction":
+            return weights / (snr + 1)
+        return weights
+
+
+def drop_conditions(conditions: Conditions, null: Conditions, probability: float) -> dict[str, torch.Tensor]:
+    """Each row's conditions replaced by ``null`` (one row per name, broadcast) with ``probability``, one draw per
+    row for all of its names; names without a null value (SDXL's time ids) are kept."""
+    out = dict(conditions)
+    if probability <= 0 or not null:
+        return out
+    rows = len(next(iter(conditions.values())))
+    device = next(iter(conditions.values())).device
+    drop = torch.rand(rows, device=device) < probability
+    for name, value in null.items():
+        current = conditions[name]
+        mask = drop.view(-1, *[1] * (current.dim() - 1))
+        out[name] = torch.where(mask, value.to(device=current.device, dtype=current.dtype), current)
+    return out
+
+
+class DiffusionLoss:
+    """The per-row training loss of every training path, shape (rows,).
+
+    Called as ``loss(model, latents, *conditions)`` with the conditions in the order of ``condition_names`` (a
+    family's; what a ``TensorDataset`` of the encoded examples yields). Per row: with ``random_flip`` the latents
+    are (rows, 2, c, h, w), an image's and its mirror's, and one of the two is used (diffusers' ``--random_flip``,
+    drawn anew at every step); with ``dropout`` > 0 the conditions become ``null_condition`` with that probability
+    (label dropout or caption dropout, which makes classifier-free guidance work); then the objective's own timestep
+    and Gaussian noise. All of it is per row: a row's draws change only its own loss, so under DP they stay inside
+    that example's clipped gradient.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        condition_names: Sequence[str] = (),
+        *,
+        null_condition: Conditions | None = None,
+        dropout: float = 0.0,
+        random_flip: bool = False,
+    ):
+        if dropout > 0 and not null_condition:
+            raise ValueError("Condition dropout needs a null condition (a null class or an empty prompt) to drop to.")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        unknown = set(null_condition or {}) - set(condition_names)
+        if unknown:
+            raise ValueError(f"null_condition names {sorted(unknown)} are not conditions {list(condition_names)}.")
+        self.objective = objective
+        self.condition_names = tuple(condition_names)
+        self.null_condition = dict(null_condition or {})
+        self.dropout = dropout
+        self.random_flip = random_flip
+
+    def __call__(self, model: nn.Module, latents: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        if len(conditions) != len(self.condition_names):
+            raise ValueError(f"Expected conditions {list(self.condition_names)}, got {len(conditions)} tensors.")
+        rows, device = len(latents), latents.device
+        if self.random_flip:  # (rows, 2, c, h, w): each row's own pick of the image or its mirror
+            pick = torch.randint(0, 2, (rows,), device=device)
+            latents = latents[torch.arange(rows, device=device), pick]
+        named = dict(zip(self.condition_names, conditions))
+        if named:
+            named = drop_conditions(named, self.null_condition, self.dropout)
+        noise = torch.randn_like(latents)
+        timesteps = self.objective.sample_timesteps(rows, device)
+        return self.objective.loss(model, latents, named, timesteps, noise)
