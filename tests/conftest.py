@@ -15,6 +15,7 @@ from helpers import (  # noqa: E402
     save_dit_base,
     save_ldm_base,
     save_sd_base,
+    save_sdxl_base,
     scheduler,
     tiny_cond_unet,
     tiny_vae,
@@ -64,6 +65,12 @@ def tiny_dit_base(tmp_path_factory):
 def tiny_sd_base(tmp_path_factory):
     """A Stable Diffusion base folder (StableDiffusionPipeline layout, CLIP text encoder, random weights)."""
     return save_sd_base(tmp_path_factory.mktemp("tiny-sd-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_base(tmp_path_factory):
+    """An SDXL base folder (StableDiffusionXLPipeline layout, two CLIP text encoders, random weights)."""
+    return save_sdxl_base(tmp_path_factory.mktemp("tiny-sdxl-base"))
 
 
 @pytest.fixture(scope="module")

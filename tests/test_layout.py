@@ -81,3 +81,23 @@ def test_the_dp_report_is_one_type_with_the_contract_s_flat_keys(tmp_path):
         build_dp_report(budget, max_grad_norm=1.0, noise_multiplicity=1, dataset_size=1, batch_size=1, world_size=1,
                         trainable_parameters=1, lora_rank=1, lora_alpha=1.0, adapted_modules=[], base_model="b",
                         sigma_was_tuned=True)  # fmt: skip
+
+
+def test_what_differs_between_base_families_lives_in_the_family_classes():
+    """Outside ``dp_diffusers/families`` no module names a family of a public layout (only the project's own, the
+    default of a hand-built pipeline and what train_ldm.py writes) nor asks whether a model is text-to-image: what
+    differs between bases is a family method (``docs/bases.md``: adding a family is adding a class)."""
+    from dp_diffusers.families import FAMILIES
+
+    public = {family.__name__ for family in FAMILIES.values()} - {"DPLDMFamily"}
+    root = TESTS.parent
+    sources = [*(root / "dp_diffusers").rglob("*.py"), *(root / "training_scripts").glob("*.py"),
+               *(root / "examples").rglob("*.py")]  # fmt: skip
+    for path in sources:
+        if "families" in path.parts:
+            continue
+        names = {node.id for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Name)}
+        names |= {alias.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)
+                  for alias in node.names}  # fmt: skip
+        assert not names & public, f"{path.relative_to(root)} names {names & public}"
+        assert "is_text_to_image" not in path.read_text(), path

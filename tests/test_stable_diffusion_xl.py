@@ -42,11 +42,6 @@ PROMPTS = ["a public prompt", "another one"]
 SIZES = [(24, 16), (16, 40), (16, 16), (33, 21)]
 
 
-@pytest.fixture(scope="module")
-def sdxl_base(tmp_path_factory):
-    return save_sdxl_base(tmp_path_factory.mktemp("tiny-sdxl-base"))
-
-
 def sdxl_images(pipe, prompts=PROMPTS):
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
@@ -64,21 +59,21 @@ def sdxl_args(base, out, data, **flags):
     return base_args(base, out, **{**defaults, **flags})
 
 
-def test_sdxl_base_samples_as_diffusers_stable_diffusion_xl_pipeline(sdxl_base):
-    reference = sdxl_images(StableDiffusionXLPipeline.from_pretrained(sdxl_base))
-    pipe = DPLDMPipeline.from_pretrained(sdxl_base)
+def test_sdxl_base_samples_as_diffusers_stable_diffusion_xl_pipeline(tiny_sdxl_base):
+    reference = sdxl_images(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_base))
+    pipe = DPLDMPipeline.from_pretrained(tiny_sdxl_base)
     assert pipe.base_family == "stable-diffusion-xl" and pipe.conditioning == "text" and pipe.num_classes is None
     np.testing.assert_array_equal(sdxl_images(pipe), reference)
     with pytest.raises(ValueError, match="text-to-image: pass prompt"):
         pipe(class_labels=[0], num_inference_steps=1)
 
 
-def test_sdxl_adapter_is_the_standard_lora_and_no_caption_is_written(sdxl_base, tmp_path):
+def test_sdxl_adapter_is_the_standard_lora_and_no_caption_is_written(tiny_sdxl_base, tmp_path):
     """2 DP steps on captioned images of several sizes; the adapter is StableDiffusionXLPipeline's own LoRA (its
     config, a non-default alpha included, in the file's metadata): load_lora_weights gives exactly the images of
     DPLDMPipeline.from_pretrained(adapter), and they differ from the base's."""
     out = tmp_path / "adapter"
-    train(sdxl_args(sdxl_base, out, captioned(tmp_path), **{"--samples_per_class": 1, "--lora_alpha": 4,
+    train(sdxl_args(tiny_sdxl_base, out, captioned(tmp_path), **{"--samples_per_class": 1, "--lora_alpha": 4,
                                                              "--validation_prompt": PROMPTS[0]}))  # fmt: skip
     report = json.loads((out / DP_REPORT_NAME).read_text())
     assert report["steps"] == 2 and report["dataset_size"] == 24 and report["lora_alpha"] == 4
@@ -89,12 +84,12 @@ def test_sdxl_adapter_is_the_standard_lora_and_no_caption_is_written(sdxl_base, 
         assert all(key.startswith("unet.") for key in weights.keys())
         assert json.loads(weights.metadata()["lora_adapter_metadata"])["unet.lora_alpha"] == 4
 
-    standard = StableDiffusionXLPipeline.from_pretrained(sdxl_base)
+    standard = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_base)
     standard.load_lora_weights(out)
     assert standard.unet.peft_config["default_0"].lora_alpha == 4
     tuned = sdxl_images(DPLDMPipeline.from_pretrained(out))
     np.testing.assert_array_equal(sdxl_images(standard), tuned)
-    assert not np.array_equal(tuned, sdxl_images(StableDiffusionXLPipeline.from_pretrained(sdxl_base)))
+    assert not np.array_equal(tuned, sdxl_images(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_base)))
 
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag == "text-to-image" and "StableDiffusionXLPipeline.from_pretrained" in card.text
@@ -102,17 +97,17 @@ def test_sdxl_adapter_is_the_standard_lora_and_no_caption_is_written(sdxl_base, 
     assert written and not any(SECRET in path.read_text() for path in written)
 
 
-def test_sdxl_trains_on_labelled_images_captioned_from_a_template(sdxl_base, tmp_path):
+def test_sdxl_trains_on_labelled_images_captioned_from_a_template(tiny_sdxl_base, tmp_path):
     out = tmp_path / "adapter"
     data = digit_folder(tmp_path / "digits", ["cat", "dog"], per_class=6)  # grayscale: converted to RGB
-    train(sdxl_args(sdxl_base, out, data, **{"--caption_template": "a photo of a {label}", "--random_flip": True,
+    train(sdxl_args(tiny_sdxl_base, out, data, **{"--caption_template": "a photo of a {label}", "--random_flip": True,
                                              "--noise_multiplicity": 2}))  # fmt: skip
     report = json.loads((out / DP_REPORT_NAME).read_text())
     assert report["steps"] == 2 and report["random_flip"] and report["noise_multiplicity"] == 2
     assert json.loads((out / ADAPTER_CONFIG_NAME).read_text())["caption_template"] == "a photo of a {label}"
 
 
-def test_time_ids_are_each_image_s_own_as_diffusers_sdxl_scripts_compute_them(sdxl_base, tmp_path):
+def test_time_ids_are_each_image_s_own_as_diffusers_sdxl_scripts_compute_them(tiny_sdxl_base, tmp_path):
     """original_size (before the resize), crop_top_left (after the resize, center crop), target_size: what
     diffusers' train_text_to_image_lora_sdxl.py computes per image with torchvision's Resize and CenterCrop."""
     from torchvision import transforms
@@ -127,7 +122,7 @@ def test_time_ids_are_each_image_s_own_as_diffusers_sdxl_scripts_compute_them(sd
         expected.append([height, width, top, left, resolution, resolution])
     torch.testing.assert_close(center_crop_time_ids(torch.tensor(sizes), resolution), torch.tensor(expected).float())
 
-    pipe = DPLDMPipeline.from_pretrained(sdxl_base)
+    pipe = DPLDMPipeline.from_pretrained(tiny_sdxl_base)
     data = load_image_dataset(train_data_dir=str(caption_folder(tmp_path / "d", ["a", "b", "c", "d"], sizes=SIZES)))
     examples = PrivateExamples(data, "image", resolution, captions=list(data["text"]))
     StableDiffusionXLFamily.add_canaries(examples, torch.zeros(2, 3, 16, 16), torch.zeros(2), ["x y", "z w"])
@@ -147,10 +142,10 @@ def test_time_ids_are_each_image_s_own_as_diffusers_sdxl_scripts_compute_them(sd
     torch.testing.assert_close(ordered["text_embeds"], pooled)
 
 
-def test_null_condition_is_the_pipeline_s_unconditional_half(sdxl_base, tmp_path):
+def test_null_condition_is_the_pipeline_s_unconditional_half(tiny_sdxl_base, tmp_path):
     """force_zeros_for_empty_prompt (SDXL's setting): zeros, as the pipeline's negative embeddings; otherwise the
     empty prompt's encoding. Time ids are never dropped."""
-    pipe = DPLDMPipeline.from_pretrained(sdxl_base)
+    pipe = DPLDMPipeline.from_pretrained(tiny_sdxl_base)
     null = StableDiffusionXLFamily.null_condition(pipe)
     assert set(null) == {"encoder_hidden_states", "text_embeds"}
     assert all(not value.any() for value in null.values())
@@ -162,7 +157,7 @@ def test_null_condition_is_the_pipeline_s_unconditional_half(sdxl_base, tmp_path
     torch.testing.assert_close(null["text_embeds"], negative_pooled)
 
 
-def test_caption_dropout_is_a_per_row_draw_inside_the_loss(sdxl_base):
+def test_caption_dropout_is_a_per_row_draw_inside_the_loss(tiny_sdxl_base):
     """Each row (each noise-multiplicity copy too) drops to the null context and pooled embedding on its own; its
     time ids stay its own."""
     seen = []
@@ -173,7 +168,7 @@ def test_caption_dropout_is_a_per_row_draw_inside_the_loss(sdxl_base):
 
     from diffusers import DDPMScheduler
 
-    pipe = DPLDMPipeline.from_pretrained(sdxl_base)
+    pipe = DPLDMPipeline.from_pretrained(tiny_sdxl_base)
     null = StableDiffusionXLFamily.null_condition(pipe)
     rows = 400
     conditions = {"encoder_hidden_states": torch.randn(rows, TEXT_LENGTH, SDXL_CONTEXT_DIM) + 5,
@@ -208,10 +203,10 @@ def test_one_enormous_sdxl_example_moves_the_adapter_by_exactly_lr_c_over_b(k):
     assert bound * 0.99 <= moved <= bound * (1 + 1e-4)
 
 
-def test_latents_use_the_vae_s_own_statistics(sdxl_base):
+def test_latents_use_the_vae_s_own_statistics(tiny_sdxl_base):
     """SDXL-style VAE configs carry per-channel latents_mean / latents_std: latents are
     (z - mean) * scaling_factor / std, as diffusers' SDXL scripts encode and its pipeline decodes."""
-    vae = DPLDMPipeline.from_pretrained(sdxl_base).vae
+    vae = DPLDMPipeline.from_pretrained(tiny_sdxl_base).vae
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         z = vae.encode(pixels).latent_dist.mean
@@ -222,7 +217,7 @@ def test_latents_use_the_vae_s_own_statistics(sdxl_base):
         torch.testing.assert_close(decode_latents(vae, latents), vae.decode(z).sample, rtol=1e-4, atol=1e-5)
 
 
-def test_bad_sdxl_inputs_fail_before_anything_is_written(sdxl_base, tmp_path):
+def test_bad_sdxl_inputs_fail_before_anything_is_written(tiny_sdxl_base, tmp_path):
     data = captioned(tmp_path, n=12)
     labelled = digit_folder(tmp_path / "labelled", ["cat", "dog"])
     no_second_encoder = save_sdxl_base(tmp_path / "no-te2", without=("text_encoder_2",))
@@ -230,12 +225,12 @@ def test_bad_sdxl_inputs_fail_before_anything_is_written(sdxl_base, tmp_path):
     cases = [
         (no_second_encoder, data, {}, UnsupportedBaseError, "without \\['text_encoder_2'\\]"),
         (no_second_tokenizer, data, {}, UnsupportedBaseError, "without \\['tokenizer_2'\\]"),
-        (sdxl_base, data, {"--train_class_embedding": True}, DataError, "no class embedding to train"),
-        (sdxl_base, labelled, {}, DataError, "needs captions.*--caption_template"),
-        (sdxl_base, data, {"--resolution": 12}, DataError, "multiples of 8"),
-        (sdxl_base, data, {"--resolution": 15}, DataError, "not divisible"),
-        (sdxl_base, data, {"--central_image_noise_multiplier": 2.0}, DataError, "no classes to average over"),
-        (sdxl_base, data, {"--pretrained_vae_model_name_or_path": tmp_path / "nowhere"}, OSError, "nowhere"),
+        (tiny_sdxl_base, data, {"--train_class_embedding": True}, DataError, "no class embedding to train"),
+        (tiny_sdxl_base, labelled, {}, DataError, "needs captions.*--caption_template"),
+        (tiny_sdxl_base, data, {"--resolution": 12}, DataError, "multiples of 8"),
+        (tiny_sdxl_base, data, {"--resolution": 15}, DataError, "not divisible"),
+        (tiny_sdxl_base, data, {"--central_image_noise_multiplier": 2.0}, DataError, "no classes to average over"),
+        (tiny_sdxl_base, data, {"--pretrained_vae_model_name_or_path": tmp_path / "nowhere"}, OSError, "nowhere"),
     ]
     for i, (base, folder, flags, error, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -244,20 +239,20 @@ def test_bad_sdxl_inputs_fail_before_anything_is_written(sdxl_base, tmp_path):
         assert not out.exists() or not any(out.iterdir())
 
 
-def test_a_half_precision_safe_vae_encodes_in_the_mixed_precision(sdxl_base, tmp_path, monkeypatch):
+def test_a_half_precision_safe_vae_encodes_in_the_mixed_precision(tiny_sdxl_base, tmp_path, monkeypatch):
     """--pretrained_vae_model_name_or_path (diffusers' flag): that autoencoder encodes, in --mixed_precision; without
     it the base's encodes in fp32 (SDXL's overflows in fp16)."""
     from dp_diffusers import data as data_module
 
-    DPLDMPipeline.from_pretrained(sdxl_base).vae.save_pretrained(tmp_path / "vae-fix")
+    DPLDMPipeline.from_pretrained(tiny_sdxl_base).vae.save_pretrained(tmp_path / "vae-fix")
     dtypes = []
     real = data_module._unscaled_latents
     monkeypatch.setattr(data_module, "_unscaled_latents",
                         lambda vae, *a, **kw: dtypes.append(vae.dtype) or real(vae, *a, **kw))  # fmt: skip
     data = captioned(tmp_path, n=8)
-    train(sdxl_args(sdxl_base, tmp_path / "a", data, **{"--mixed_precision": "bf16", "--batch_size": 4,
+    train(sdxl_args(tiny_sdxl_base, tmp_path / "a", data, **{"--mixed_precision": "bf16", "--batch_size": 4,
                                                          "--pretrained_vae_model_name_or_path": tmp_path / "vae-fix"}))
     assert set(dtypes) == {torch.bfloat16}
     dtypes.clear()
-    train(sdxl_args(sdxl_base, tmp_path / "b", data, **{"--mixed_precision": "bf16", "--batch_size": 4}))
+    train(sdxl_args(tiny_sdxl_base, tmp_path / "b", data, **{"--mixed_precision": "bf16", "--batch_size": 4}))
     assert set(dtypes) == {torch.float32}

@@ -41,7 +41,7 @@ from dp_diffusers.training_utils import (
     save_checkpoint,
 )
 
-logger = get_logger(__name__)
+logger = get_logger(__name__, log_level="INFO")  # shown whatever configured logging first (diffusers scripts)
 
 
 def parse_args(argv=None):
