@@ -11,6 +11,10 @@ Models (random weights, LoRA rank 8 on the attention projections, 64 examples a 
   widths (32, 64, 64, 64), a 64-dim text context of 77 tokens, on 4x16x16 latents; with ``--scale real`` the
   SD-1.5 UNet config (320, 640, 1280, 1280; 768-dim context) on 4x64x64 latents (512x512 images), LoRA on the
   self- and cross-attention projections;
+* ``sdxl``: SDXL's ``UNet2DConditionModel`` layout (no attention at the first level, 1 / 2 / 2 transformer layers
+  at the others, ``text_time`` added conditioning: a pooled embedding and 6 time ids per example) at widths (32, 64,
+  64), a 128-dim context of 77 tokens, on 4x16x16 latents; with ``--scale real`` the SDXL-base UNet config (320, 640,
+  1280; 1 / 2 / 10 transformer layers; 2048-dim context) on 4x128x128 latents (1024x1024 images);
 * ``compvis``: a CompVis-style unconditional ``UNet2DModel`` (64, 128; attention at the second level and in the
   middle block) on 3x8x8 latents; with ``--scale real`` the ``CompVis/ldm-celebahq-256`` UNet config (224, 448,
   672, 896; attention at the three lower levels) on 3x64x64 latents. ``--scale real`` is for a GPU
@@ -34,10 +38,24 @@ import torch
 TARGET = 1.10  # DP / non-private time, fused
 
 
-def build(family: str, rank: int, seed: int, scale: str = "tiny", mixed_precision: str = "no",
+def text_conditions(batch_size: int, context_dim: int, pooled_dim: int | None = None, resolution: int = 0):
+    """Random per-example conditions of a text family, 77-token contexts (SDXL's also a pooled embedding and time
+    ids), and their null (zeros, the SDXL pipeline's empty prompt)."""
+    generator = torch.Generator().manual_seed(4321)
+    conditions = {"encoder_hidden_states": torch.randn(batch_size, 77, context_dim, generator=generator)}
+    if pooled_dim is not None:
+        conditions["text_embeds"] = torch.randn(batch_size, pooled_dim, generator=generator)
+        conditions["time_ids"] = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size,
+                                              dtype=torch.float32)  # fmt: skip
+    null = {name: torch.zeros(1, *value.shape[1:]) for name, value in conditions.items() if name != "time_ids"}
+    return conditions, null
+
+
+def build(family: str, rank: int, seed: int, batch_size: int, scale: str = "tiny", mixed_precision: str = "no",
           gradient_checkpointing: bool = False):  # fmt: skip
-    """(LatentDenoiser with LoRA on attention, latent shape, noise scheduler) of a base of ``family``: small, or
-    at the public checkpoint's configuration (``scale="real"``)."""
+    """(LatentDenoiser with LoRA on attention, latent shape, noise scheduler, per-example conditions and their null,
+    or ``None`` for class labels) of a base of ``family``: small, or at the public checkpoint's configuration
+    (``scale="real"``)."""
     from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
     from diffusers.training_utils import cast_training_params
 
@@ -47,13 +65,14 @@ def build(family: str, rank: int, seed: int, scale: str = "tiny", mixed_precisio
 
     torch.manual_seed(seed)
     real = scale == "real"
+    conditions, null = None, None
     if family == "dit":
         heads, head_dim, layers, size = (16, 72, 28, 32) if real else (4, 32, 4, 16)
         backbone = DiTTransformer2DModel(
             num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=layers,
             sample_size=size, patch_size=2, num_embeds_ada_norm=1000,
         )  # fmt: skip
-        shape, presets = (4, size, size), FAMILIES["DiTPipeline"].lora_target_presets
+        shape, pipeline = (4, size, size), "DiTPipeline"
     elif family == "sd":
         channels, size, heads, context = ((320, 640, 1280, 1280), 64, 8, 768) if real else ((32, 64, 64, 64), 16, 2, 64)
         backbone = UNet2DConditionModel(
@@ -62,7 +81,26 @@ def build(family: str, rank: int, seed: int, scale: str = "tiny", mixed_precisio
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=context,
             attention_head_dim=heads, norm_num_groups=32 if real else 16,
         )  # fmt: skip
-        shape, presets = (4, size, size), FAMILIES["StableDiffusionPipeline"].lora_target_presets
+        shape, pipeline = (4, size, size), "StableDiffusionPipeline"
+        conditions, null = text_conditions(batch_size, context)
+    elif family == "sdxl":
+        # stabilityai/stable-diffusion-xl-base-1.0's UNet config (1024 px: 4x128x128 latents) or a small one
+        if real:
+            channels, size, depth, heads = (320, 640, 1280), 128, (1, 2, 10), (5, 10, 20)
+            context, pooled, time_dim = 2048, 1280, 256
+        else:
+            channels, size, depth, heads = (32, 64, 64), 16, (1, 2, 2), (2, 4, 4)
+            context, pooled, time_dim = 128, 64, 16
+        backbone = UNet2DConditionModel(
+            sample_size=size, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=context,
+            transformer_layers_per_block=depth, attention_head_dim=heads, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + pooled, norm_num_groups=32 if real else 16,
+        )  # fmt: skip
+        shape, pipeline = (4, size, size), "StableDiffusionXLPipeline"
+        conditions, null = text_conditions(batch_size, context, pooled, size * 8)
     else:
         if real:
             channels, size, per_block = (224, 448, 672, 896), 64, 2
@@ -74,8 +112,8 @@ def build(family: str, rank: int, seed: int, scale: str = "tiny", mixed_precisio
         backbone = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=channels,
                                down_block_types=down, up_block_types=up, attention_head_dim=32,
                                layers_per_block=per_block)  # fmt: skip
-        shape, presets = (3, size, size), FAMILIES["LDMPipeline"].lora_target_presets
-    add_lora(backbone, make_lora_config(rank, targets="attention", presets=presets))
+        shape, pipeline, conditions, null = (3, size, size), "LDMPipeline", {}, {}
+    add_lora(backbone, make_lora_config(rank, targets="attention", presets=FAMILIES[pipeline].lora_target_presets))
     with torch.no_grad():  # lora_B starts at 0; give it weights so every path carries gradient
         for name, param in backbone.named_parameters():
             if "lora_B" in name:
@@ -87,13 +125,14 @@ def build(family: str, rank: int, seed: int, scale: str = "tiny", mixed_precisio
     if gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195)
-    return LatentDenoiser(backbone, input_dtype=dtype if dtype != torch.float32 else None), shape, scheduler
+    model = LatentDenoiser(backbone, FAMILIES[pipeline], input_dtype=dtype if dtype != torch.float32 else None)
+    return model, shape, scheduler, conditions, null
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bc.add_common_args(parser)
-    parser.add_argument("--families", default="dit,compvis,sd")
+    parser.add_argument("--families", default="dit,compvis,sd,sdxl")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Fused DP only (and non-private).")
     parser.add_argument("--scale", default="tiny", choices=["tiny", "real"], help="real: the Hub checkpoints' configs.")
@@ -109,12 +148,13 @@ def main(argv=None) -> None:
     for family in args.families.split(","):
         options = dict(scale=args.scale, mixed_precision=args.mixed_precision,
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
-        model, shape, scheduler = build(family, args.rank, args.seed, **options)
-        common = dict(batch_size=args.batch_size, device=args.device, latent_shape=shape, scheduler=scheduler)
+        model, shape, scheduler, conditions, null = build(family, args.rank, args.seed, args.batch_size, **options)
+        common = dict(batch_size=args.batch_size, device=args.device, latent_shape=shape, scheduler=scheduler,
+                      conditions=conditions, null_condition=null)  # fmt: skip
         _, np_step = bc.make_steps(model, grad_sample_mode=None, **common)
         steps = {"non-private": np_step}
         for mode in args.modes.split(","):
-            dp_model, _, _ = build(family, args.rank, args.seed, **options)
+            dp_model = build(family, args.rank, args.seed, args.batch_size, **options)[0]
             steps[mode], _ = bc.make_steps(dp_model, grad_sample_mode=mode, make_nonprivate=False, **common)
         times = bc.interleaved(steps, args.reps, args.warmup, args.device, args.seed)
         trainable = sum(p.numel() for p in bc.trainable(model))

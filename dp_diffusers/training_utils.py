@@ -78,6 +78,32 @@ def make_accelerator(args: argparse.Namespace, mixed_precision: str = "no") -> A
     return accelerator
 
 
+def fit(model, optimizer, loader, loss_fn, steps: int, k: int, backward, log=None, on_step=None, show=True) -> None:
+    """``steps`` plain optimizer steps over ``loader`` (passes over reshuffled data), each row repeated ``k``
+    times like a DP run's noise multiplicity: for data that is not private (the central images' warm-up), or not
+    protected (``--disable_dp``). ``loss_fn(model, *batch) -> (rows,)``."""
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=steps, disable=not show)
+    done = 0  # (a disabled tqdm does not count: its n stays 0)
+    while done < steps:
+        for batch in loader:
+            loss = loss_fn(model, *(t.repeat_interleave(k, 0) for t in batch)).mean()
+            backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step()
+            done += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if log is not None:
+                log({"loss": loss.item()}, step=done)
+            if done >= steps:
+                break
+    progress.close()
+
+
 def resume_step(accelerator: Accelerator, args: argparse.Namespace) -> int:
     """Load ``--resume_from_checkpoint`` into ``accelerator`` (nothing when absent) and return its step."""
     checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)

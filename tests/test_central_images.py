@@ -146,11 +146,15 @@ def test_default_release_size_follows_the_training_resolution_not_the_autoencode
     from argparse import Namespace
     from types import SimpleNamespace
 
-    settings = script("train_dp_lora").central_image_settings
+    def settings(resolution, max_norm):
+        flags = Namespace(central_image_noise_multiplier=2.0, central_image_resolution=resolution,
+                          central_image_max_norm=max_norm)  # fmt: skip
+        chosen = script("train_dp_lora").central_image_settings(flags, vae, 32)
+        return chosen.resolution, chosen.max_image_norm
+
     vae = SimpleNamespace(config=SimpleNamespace(in_channels=3, sample_size=256))
-    flags = Namespace(central_image_resolution=None, central_image_max_norm=None)
-    assert settings(flags, vae, 32) == (16, pytest.approx(0.5 * math.sqrt(3 * 16 * 16)))
-    assert settings(Namespace(central_image_resolution=4, central_image_max_norm=1.5), vae, 32) == (4, 1.5)
+    assert settings(None, None) == (16, pytest.approx(0.5 * math.sqrt(3 * 16 * 16)))
+    assert settings(4, 1.5) == (4, 1.5)
 
 
 CENTRAL = {"--central_image_noise_multiplier": 2.0, "--central_image_copies": 4, "--warmup_steps": 3,
@@ -158,9 +162,11 @@ CENTRAL = {"--central_image_noise_multiplier": 2.0, "--central_image_copies": 4,
 
 
 def test_the_script_charges_the_release_and_reports_it(tiny_base, tmp_path, monkeypatch):
+    from dp_diffusers import warm_up as warm_up_module
+
     module = script("train_dp_lora")
     seen = {}
-    real_release, real_fit = module.release_central_images, module.fit
+    real_release, real_fit = warm_up_module.release_central_images, warm_up_module.fit
 
     def release(batches, num_classes, **kwargs):
         batches = list(batches)
@@ -173,8 +179,8 @@ def test_the_script_charges_the_release_and_reports_it(tiny_base, tmp_path, monk
         seen.setdefault("fits", []).append((steps, len(loader.dataset)))
         return real_fit(model, optimizer, loader, loss_fn, steps, *args, **kwargs)
 
-    monkeypatch.setattr(module, "release_central_images", release)
-    monkeypatch.setattr(module, "fit", fit)
+    monkeypatch.setattr(warm_up_module, "release_central_images", release)
+    monkeypatch.setattr(warm_up_module, "fit", fit)
     out = tmp_path / "central"
     module.main([str(a) for a in base_args(tiny_base, out, **CENTRAL)])
     report = json.loads((out / "dp_report.json").read_text())
@@ -213,7 +219,9 @@ def test_the_script_stops_before_the_target_counting_the_release_and_resumes_wit
         module.main([str(a) for a in argv])
     calls = []
     module = script("train_dp_lora")
-    monkeypatch.setattr(module, "release_central_images", lambda *a, **k: calls.append(1))
+    from dp_diffusers import warm_up as warm_up_module
+
+    monkeypatch.setattr(warm_up_module, "release_central_images", lambda *a, **k: calls.append(1))
     with pytest.raises(PrivacyBudgetError, match="releases"):  # resumed with another release: refused
         other = {**CENTRAL, "--central_image_noise_multiplier": 3.0}
         module.main([str(a) for a in base_args(tiny_base, resumed, **other, **{

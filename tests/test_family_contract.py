@@ -69,8 +69,9 @@ class ToyFamily(ClassFamily):
 def toy_base(tmp_path):
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       attention_head_dim=8, norm_num_groups=8, num_class_embeds=10)  # fmt: skip
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=8,
+                       num_class_embeds=10)  # fmt: skip
     folder = tmp_path / "toy-base"
     ToyLDMPipeline(vqvae=tiny_vq(), unet=unet, scheduler=DDIMScheduler()).save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())

@@ -20,7 +20,6 @@ trains the same LoRA without clipping or noise: the non-private reference of the
 """
 
 import argparse
-import itertools
 import math
 import shutil
 from pathlib import Path
@@ -40,12 +39,10 @@ from dp_diffusers.adapter_config import DPLoRAConfig
 from dp_diffusers.constants import CLASS_EMBEDDER_FOLDER, CLASS_ROWS_FOLDER, DP_REPORT_NAME, SAMPLES_NAME
 from dp_diffusers.data import (
     DataError,
-    augmented_copies,
     canary_captions,
     dataset_latents,
     encode_latents,
     make_canaries,
-    pixel_batches,
     resolve_columns,
 )
 from dp_diffusers.families import ConditionOptions, PrivateExamples
@@ -61,17 +58,15 @@ from dp_diffusers.privacy import (
     Release,
     build_dp_report,
     calibrate_noise_multiplier,
-    central_image_sensitivity,
     check_delta,
     make_private,
     private_backward,
-    release_central_images,
-    secret_generator,
 )
 from dp_diffusers.training_utils import (
     add_data_args,
     add_evaluation_args,
     add_run_args,
+    fit,
     load_training_dataset,
     make_accelerator,
     resolve_dataset_source,
@@ -79,6 +74,7 @@ from dp_diffusers.training_utils import (
     save_checkpoint,
 )
 from dp_diffusers.visualization import sample_grid
+from dp_diffusers.warm_up import CentralImageSettings, release_private_central_images, warm_up
 
 logger = get_logger(__name__, log_level="INFO")  # the script's own lines show whatever configured logging first
 
@@ -355,8 +351,13 @@ def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budge
         # DP central images, then the warm-up on them (post-processing); a resumed run has both in its weights and
         # the release in its accountant. Other ranks get rank 0's weights from DPDDP's broadcast.
         release_ids = [examples.class_ids[name] for name in examples.names] if examples.names else [0]
-        central = release_private_central_images(args, pipe.vae, examples, release_ids)
-        warm_up(args, pipe.vae, model, trainable, loss_fn, central, release_ids, resolution)
+        central = release_private_central_images(examples, pipe.vae.config.in_channels, release_ids,
+                                                  central_image_settings(args, pipe.vae, resolution))  # fmt: skip
+        logger.info(f"Warm-up: {args.warmup_steps} steps on {args.central_image_copies} augmented copies of each of "
+                    f"{len(release_ids)} DP central images")  # fmt: skip
+        warm_up(model, loss_fn, central, release_ids, pipe.vae, resolution, copies=args.central_image_copies,
+                steps=args.warmup_steps, batch_size=args.warmup_batch_size, learning_rate=args.learning_rate,
+                weight_decay=args.adam_weight_decay, seed=args.seed, mirrored=args.random_flip)  # fmt: skip
     if accelerator.num_processes > 1:
         model = DPDDP(model)  # opacus' DDP: noise on rank 0, one all-reduce per logical batch
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -423,83 +424,9 @@ def train_without_privacy(args, accelerator, model, data, loss_fn, steps: int) -
     _check_training_moved(trainable, snapshot, model, frozen_checksum)
 
 
-def fit(model, optimizer, loader, loss_fn, steps: int, k: int, backward, log=None, on_step=None, show=True) -> None:
-    """``steps`` plain optimizer steps over ``loader`` (passes over reshuffled data), each row repeated ``k``
-    times like the DP run's noise multiplicity. For data that is not private, or not protected (--disable_dp)."""
-    progress = tqdm(total=steps, disable=not show)
-    done = 0  # (a disabled tqdm does not count: its n stays 0)
-    while done < steps:
-        for batch in loader:
-            loss = loss_fn(model, *(t.repeat_interleave(k, 0) for t in batch)).mean()
-            backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if on_step is not None:
-                on_step()
-            done += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            if log is not None:
-                log({"loss": loss.item()}, step=done)
-            if done >= steps:
-                break
-    progress.close()
-
-
-def release_private_central_images(args, vae, examples: PrivateExamples, release_ids: list[int]):
-    """The one DP release outside DP-SGD (``privacy.release_central_images``, already charged to the budget): the
-    mean image of each class in ``release_ids`` (model class ids; unlabelled data: one), over the private images and
-    canaries, with secret noise. An example of another class (a canary's random label) takes no part."""
-    size, max_norm = central_image_settings(args, vae, examples.resolution)
-    positions = {class_id: i for i, class_id in enumerate(release_ids)}
-    labels = examples.labels if examples.labels is not None else torch.zeros(len(examples), dtype=torch.long)
-    rows = torch.tensor([positions.get(int(label), -1) for label in labels])
-    parts = [pixel_batches(examples.dataset, size, vae.config.in_channels, examples.image_column, batch_size=256)]
-    if examples.canary_pixels is not None:
-        parts.append([torch.nn.functional.interpolate(examples.canary_pixels, size=(size, size), mode="area")])
-
-    def batches():
-        start = 0
-        for pixels in itertools.chain(*parts):
-            part = rows[start : start + len(pixels)]
-            start += len(pixels)
-            yield pixels[part >= 0], part[part >= 0]
-
-    return release_central_images(batches(), len(release_ids), noise_multiplier=args.central_image_noise_multiplier,
-                                  max_image_norm=max_norm, generator=secret_generator())  # fmt: skip
-
-
-def central_image_settings(args, vae, resolution: int) -> tuple[int, float]:
-    """(side, L2 clipping norm) of the released means: the flags, or half the training resolution and half of
-    sqrt(pixels) (data-independent defaults: choosing them from the private images would leak)."""
-    size = args.central_image_resolution or max(1, resolution // 2)
-    return size, args.central_image_max_norm or 0.5 * math.sqrt(vae.config.in_channels * size * size)
-
-
-def warm_up(args, vae, model, trainable, loss_fn, central, release_ids, resolution) -> None:
-    """``--warmup_steps`` non-private steps on ``--central_image_copies`` augmented copies of each released mean
-    (post-processing of the release: no privacy cost), with the DP run's loss and learning rate."""
-    pixels = augmented_copies(central.images, args.central_image_copies, resolution, seed=args.seed)
-    columns = [encode_latents(vae, pixels, mirrored=args.random_flip)]
-    if loss_fn.condition_names:  # a class-conditional base: each copy's class id
-        columns.append(torch.tensor(release_ids).repeat_interleave(args.central_image_copies))
-    logger.info(f"Warm-up: {args.warmup_steps} steps on {len(pixels)} augmented DP central images")
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    loader = DataLoader(TensorDataset(*columns), batch_size=min(args.warmup_batch_size, len(pixels)), shuffle=True,
-                        drop_last=True)  # fmt: skip
-    fit(model, optimizer, loader, loss_fn, args.warmup_steps, 1, lambda loss: loss.backward())
-
-
-def central_images_record(args, budget, vae, resolution: int) -> dict:
-    """The release's entry in ``dp_report.json``'s ``other_releases``."""
-    size, max_norm = central_image_settings(args, vae, resolution)
-    return {
-        "mechanism": "DP central images (per-class mean images by the Gaussian mechanism; DP-FETA's warm-up)",
-        "noise_multiplier": args.central_image_noise_multiplier, "sample_rate": 1.0, "max_image_norm": max_norm,
-        "sensitivity": central_image_sensitivity(max_norm), "resolution": size,
-        "epsilon_alone": budget.release_epsilon(), "warmup_steps": args.warmup_steps,
-        "warmup_batch_size": args.warmup_batch_size, "copies_per_image": args.central_image_copies,
-    }  # fmt: skip
+def central_image_settings(args, vae, resolution: int) -> CentralImageSettings:
+    return CentralImageSettings.defaults(args.central_image_noise_multiplier, resolution, vae.config.in_channels,
+                                         args.central_image_resolution, args.central_image_max_norm)  # fmt: skip
 
 
 def make_ema(args, accelerator, trainable) -> EMAModel | None:
@@ -631,7 +558,9 @@ def main(argv=None):
             trained_class_embedding=args.train_class_embedding, grad_sample_mode=args.grad_sample_mode,
             ema_decay=args.ema_decay, num_canaries=args.num_canaries or None, mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing, random_flip=args.random_flip,
-            other_releases=[central_images_record(args, budget, pipe.vae, resolution)] if releases else [],
+            other_releases=[central_image_settings(args, pipe.vae, resolution).record(
+                budget.release_epsilon(), warmup_steps=args.warmup_steps, warmup_batch_size=args.warmup_batch_size,
+                copies_per_image=args.central_image_copies)] if releases else [],
         )  # fmt: skip
         logger.info(f"epsilon={epsilon:.3f} (delta={args.target_delta}) after {budget.steps} steps")
         save_outputs(args, pipe, examples, report)
