@@ -385,7 +385,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] of latents made as :func:`encode_latents` makes them (the inverse normalisation)."""
     shift, scale = latent_normalization(vae)
     z = latents / scale.to(latents) + shift.to(latents)
-    return vae.decode(z).sample
+    return vae.decode(z.to(vae.dtype)).sample
 
 
 def latent_scaling_factor(vae, pixels: torch.Tensor, batch_size: int = 256, seed: int = 0) -> float:
@@ -414,7 +414,7 @@ def _dataset_key(dataset: Dataset, resolution: int, image_column: str, vae, mirr
         digest.update(b"mirrored")
     digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     for tensor in vae.state_dict().values():
-        digest.update(tensor.detach().cpu().numpy().tobytes())
+        digest.update(tensor.detach().cpu().float().numpy().tobytes())  # (numpy has no bfloat16)
     return digest.hexdigest()[:16]
 
 

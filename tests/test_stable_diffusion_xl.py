@@ -250,8 +250,9 @@ def test_a_half_precision_safe_vae_encodes_in_the_mixed_precision(tiny_sdxl_base
     monkeypatch.setattr(data_module, "_unscaled_latents",
                         lambda vae, *a, **kw: dtypes.append(vae.dtype) or real(vae, *a, **kw))  # fmt: skip
     data = captioned(tmp_path, n=8)
-    train(sdxl_args(tiny_sdxl_base, tmp_path / "a", data, **{"--mixed_precision": "bf16", "--batch_size": 4,
-                                                         "--pretrained_vae_model_name_or_path": tmp_path / "vae-fix"}))
+    fix = {"--mixed_precision": "bf16", "--batch_size": 4, "--cache_dir": tmp_path / "cache",
+           "--pretrained_vae_model_name_or_path": tmp_path / "vae-fix"}
+    train(sdxl_args(tiny_sdxl_base, tmp_path / "a", data, **fix))
     assert set(dtypes) == {torch.bfloat16}
     dtypes.clear()
     train(sdxl_args(tiny_sdxl_base, tmp_path / "b", data, **{"--mixed_precision": "bf16", "--batch_size": 4}))
