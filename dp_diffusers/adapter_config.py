@@ -52,6 +52,15 @@ class DPLoRAConfig:
         default=None,
         metadata={"help": "Text bases: the public --validation_prompt prompts (samples.png, the card's widget)."},
     )
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "T5 bases: --max_sequence_length the captions were encoded to (None: default)."}
+    )
+    guidance_scale: float | None = field(
+        default=None, metadata={"help": "Guidance-distilled FLUX bases: --guidance_scale of training (None: default)."}
+    )
+    objective: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Flow-matching bases: the objective flags given (weighting_scheme, ...)."}
+    )
 
     def __post_init__(self) -> None:
         if self.id2label is not None:
@@ -59,6 +68,21 @@ class DPLoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def condition_options(self):
+        """How the run computed each example's condition (``families.ConditionOptions``), to compute it alike."""
+        from .families import ConditionOptions
+
+        return ConditionOptions(
+            caption_column=self.caption_column, caption_template=self.caption_template,
+            max_sequence_length=self.max_sequence_length, guidance_scale=self.guidance_scale,
+        )  # fmt: skip
+
+    def objective_options(self):
+        """The objective flags the run gave (``families.ObjectiveOptions``)."""
+        from .families import ObjectiveOptions
+
+        return ObjectiveOptions(**(self.objective or {}))
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``dp_lora_config.json`` into ``folder`` (atomically)."""

@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .adapter_config import DPLoRAConfig
 from .constants import ADAPTER_CONFIG_NAME
-from .families import UnsupportedBaseError
+from .families import ConditionOptions, UnsupportedBaseError
 from .models.class_embedder import ClassEmbedder
 from .models.dit import DiTClassRows, DiTTransformer2DModelWithLoRA
 from .models.unet_2d import UNet2DModelWithLoRA
@@ -187,6 +187,8 @@ class DPLoRALoaderMixin(LoraBaseMixin):
         except (RuntimeError, ValueError) as err:
             raise ValueError(f"The adapter {name!r} does not fit the base model {base!r}: {err}") from err
 
+        if config is not None:  # how the adapter's prompts were encoded (T5's length), for sampling alike
+            self.condition_options = config.condition_options()
         if embedder is not None or rows is not None or id2label:
             if self._base_class_conditioning is None:
                 self._base_class_conditioning = (self.class_embedder, self.config.id2label)
@@ -323,6 +325,8 @@ class DPLoRALoaderMixin(LoraBaseMixin):
                 self.class_rows = None
         self._base_class_conditioning = None
         self._unfused_weights = {}
+        if not fused:
+            self.condition_options = ConditionOptions()
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         r"""Save the pipeline as [`~DiffusionPipeline.save_pretrained`] does, refusing a denoiser with LoRA layers

@@ -30,29 +30,34 @@ def sample_grid(
     num_inference_steps: int = 50,
     seed: int = 0,
     prompts: Sequence[str] | None = None,
+    resolution: int | None = None,
 ) -> Image.Image | None:
     """Generate ``per_class`` images for each class name with a seeded generator and grid them; ``labels=None``
     (an unconditional model): one row of ``per_class`` images; ``prompts`` (a text-to-image model): a row per prompt,
-    labelled by its number. ``None`` when there is nothing to draw: ``per_class`` 0, or a text-to-image model
+    labelled by its number; ``resolution``: the images' side in pixels (the model's default if not given). ``None``
+    when there is nothing to draw: ``per_class`` 0, or a text-to-image model
     without public prompts (its captions are private: never sampled from)."""
     import torch
 
     if per_class <= 0 or (pipeline.conditioning == "text" and not prompts):
         return None
     generator = torch.Generator().manual_seed(seed)
+    size = {"height": resolution, "width": resolution} if resolution else {}
     if prompts:
         images = pipeline(
             prompt=list(prompts), num_images_per_prompt=per_class, num_inference_steps=num_inference_steps,
-            generator=generator,
+            generator=generator, **size,
         ).images  # fmt: skip
         rows = [images[i * per_class : (i + 1) * per_class] for i in range(len(prompts))]
         return labelled_grid(rows, [str(i + 1) for i in range(len(prompts))])
     if labels is None:
-        images = pipeline(batch_size=per_class, num_inference_steps=num_inference_steps, generator=generator).images
+        images = pipeline(batch_size=per_class, num_inference_steps=num_inference_steps, generator=generator,
+                          **size).images  # fmt: skip
         return labelled_grid([images], [""])
     ids = pipeline.get_label_ids(list(labels))
     images = pipeline(
-        class_labels=ids, num_images_per_prompt=per_class, num_inference_steps=num_inference_steps, generator=generator
+        class_labels=ids, num_images_per_prompt=per_class, num_inference_steps=num_inference_steps, generator=generator,
+        **size,
     ).images
     rows = [images[i * per_class : (i + 1) * per_class] for i in range(len(ids))]
     return labelled_grid(rows, labels)

@@ -13,7 +13,9 @@ from helpers import (  # noqa: E402
     base_args,
     load_app,
     save_dit_base,
+    save_flux_base,
     save_ldm_base,
+    save_sd3_base,
     save_sd_base,
     save_sdxl_base,
     scheduler,
@@ -65,6 +67,18 @@ def tiny_dit_base(tmp_path_factory):
 def tiny_sd_base(tmp_path_factory):
     """A Stable Diffusion base folder (StableDiffusionPipeline layout, CLIP text encoder, random weights)."""
     return save_sd_base(tmp_path_factory.mktemp("tiny-sd-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_base(tmp_path_factory):
+    """An SD3.5 base folder (StableDiffusion3Pipeline layout: CLIP-L, CLIP-G, T5, dual attention; random weights)."""
+    return save_sd3_base(tmp_path_factory.mktemp("tiny-sd3-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_base(tmp_path_factory):
+    """A FLUX.1-dev base folder (FluxPipeline layout: CLIP, T5, guidance embeddings; random weights)."""
+    return save_flux_base(tmp_path_factory.mktemp("tiny-flux-base"))
 
 
 @pytest.fixture(scope="session")

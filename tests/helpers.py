@@ -40,10 +40,12 @@ from dp_diffusers.families import (
     CompVisLDMFamily,
     DiTFamily,
     DPLDMFamily,
+    FluxFamily,
+    StableDiffusion3Family,
     StableDiffusionFamily,
     StableDiffusionXLFamily,
 )
-from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, save_lora_weights
+from dp_diffusers.lora import LORA_TARGET_PRESETS, add_lora, make_lora_config, resolve_target_modules, save_lora_weights
 from dp_diffusers.models import DiTClassRows
 from dp_diffusers.privacy import DPTraining, PrivacyBudget, make_private, private_backward
 
@@ -132,10 +134,17 @@ def lora_denoiser(kind: str, targets: str, train_class_embedding: bool = False, 
         unet, family = tiny_text_unet(), StableDiffusionFamily
     elif kind == "sdxl":
         unet, family = tiny_sdxl_unet(), StableDiffusionXLFamily
+    elif kind == "sd3":
+        unet, family = tiny_sd3_transformer(), StableDiffusion3Family
+    elif kind in ("flux", "flux-schnell"):
+        unet, family = tiny_flux_transformer(guidance_embeds=kind == "flux"), FluxFamily
     else:
         unet, family = tiny_uncond_unet(), CompVisLDMFamily
-    presets = DiTFamily.lora_target_presets if kind == "dit" else LORA_TARGET_PRESETS  # (any UNet preset)
-    add_lora(unet, make_lora_config(rank=rank, targets=targets, init_lora_weights=True, presets=presets))
+    if kind in ("dit", "sd3", "flux", "flux-schnell"):
+        names = family.lora_targets(targets, unet)
+    else:
+        names = resolve_target_modules(targets, LORA_TARGET_PRESETS)  # (any UNet preset)
+    add_lora(unet, make_lora_config(rank=rank, targets=names, init_lora_weights=True))
     perturb_lora_b(unet)
     if embedder is not None:
         embedder.requires_grad_(train_class_embedding)
@@ -161,7 +170,21 @@ GRADIENT_CASES = [
     ("text", "attention", False),  # self- and cross-attention, each example's own text context flowing through
     ("sdxl", "attention", False),  # each example's own context, pooled embedding and time ids
     ("sdxl", "attention+proj", False),
+    ("sd3", "attention", False),  # joint attention (and SD3.5's attn2) under the flow-matching loss
+    ("sd3", "attention+ff", False),
+    ("flux", "attention", False),  # packed latents, image / text ids, each example's guidance
+    ("flux", "attention+ff", False),
+    ("flux", "attention+ff+single", False),  # the single blocks' proj_mlp / proj_out too
+    ("flux-schnell", "attention", False),  # no guidance input
 ]
+
+
+def latent_shape(model: LatentDenoiser) -> tuple[int, int, int]:
+    """One example's latents for ``model``'s tiny denoiser (FLUX's transformer takes them 2x2-packed)."""
+    config = model.unet.config
+    if model.family is FluxFamily:
+        return (config.in_channels // 4, 8, 8)
+    return (config.in_channels, config.sample_size, config.sample_size)
 
 
 def random_conditions(model: LatentDenoiser, n: int) -> dict[str, torch.Tensor]:
@@ -172,6 +195,15 @@ def random_conditions(model: LatentDenoiser, n: int) -> dict[str, torch.Tensor]:
         return {}
     if family is StableDiffusionFamily:
         return {"encoder_hidden_states": torch.randn(n, TEXT_LENGTH, TEXT_DIM)}
+    if family is StableDiffusion3Family:
+        return {"encoder_hidden_states": torch.randn(n, TEXT_LENGTH + T5_LENGTH, T5_DIM),
+                "pooled_projections": torch.randn(n, 2 * TEXT_DIM)}  # fmt: skip
+    if family is FluxFamily:
+        conditions = {"encoder_hidden_states": torch.randn(n, T5_LENGTH, T5_DIM),
+                      "pooled_projections": torch.randn(n, TEXT_DIM)}  # fmt: skip
+        if model.unet.config.guidance_embeds:
+            conditions["guidance"] = torch.rand(n) * 4
+        return conditions
     if family is StableDiffusionXLFamily:
         sizes = torch.randint(16, 64, (n, 2))
         time_ids = torch.cat([sizes, torch.randint(0, 8, (n, 2)), torch.full((n, 2), 16)], 1).float()
@@ -191,18 +223,25 @@ def gradient_case(build: Callable[[], nn.Module], k: int, n: int, seed: int, lab
     torch.manual_seed(seed)
     model = build()
     reference = copy.deepcopy(model)
-    shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
+    shape = latent_shape(model)
     latents = torch.randn(n, *shape)
     conditions = random_conditions(model, n) if labelled else {}
-    timesteps = torch.randint(0, 1000, (n * k,))
+    timesteps = model_objective(model).timesteps_at(torch.randint(0, 1000, (n * k,)))
     noise = torch.randn(n * k, *shape)
     return model, reference, latents, conditions, timesteps, noise
 
 
-def fixed_loss(timesteps: torch.Tensor, noise: torch.Tensor, names=("class_labels",)):
+def flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def fixed_loss(timesteps: torch.Tensor, noise: torch.Tensor, names=("class_labels",), objective=None):
     """``(objective, loss_fn)``: a ``loss_fn`` for ``private_backward`` whose rows use the given timesteps and noise
-    (row r: ``timesteps[r]``); its condition columns are ``names`` (a ``None`` column: no such condition)."""
-    objective = NoisePrediction(scheduler())
+    (row r: ``timesteps[r]``); its condition columns are ``names`` (a ``None`` column: no such condition); the
+    objective: DDPM noise prediction, or the one given."""
+    objective = objective or NoisePrediction(scheduler())
 
     def loss_fn(model, latents, *columns):
         conditions = {name: column for name, column in zip(names, columns) if column is not None}
@@ -265,11 +304,16 @@ def dp_setup(model, noise_multiplier=0.0, max_grad_norm=1e9, k=1, lr=1.0, n=64, 
     return dp
 
 
+def model_objective(model: LatentDenoiser):
+    """The objective ``model``'s family trains with, on the tiny bases' schedule."""
+    return model.family.objective(flow_scheduler() if model.family.lora_prefix == "transformer" else scheduler())
+
+
 def per_sample_gradients(model, latents, conditions: dict, timesteps, noise, k: int, mode: str = "fused"):
     """One ``private_backward`` of ``latents`` (k copies each, rows using ``timesteps`` / ``noise``) with their
     ``conditions`` through ``make_private`` in ``mode``: the per-sample gradients are then in ``p.grad_sample``.
-    Returns (dp, objective)."""
-    objective, loss_fn = fixed_loss(timesteps, noise, tuple(conditions))
+    Returns (dp, objective): the family's objective."""
+    objective, loss_fn = fixed_loss(timesteps, noise, tuple(conditions), model_objective(model))
     dataset = TensorDataset(latents, torch.zeros(len(latents)))
     dp, _ = private(model, dataset, sigma=1.0, clip=1.0, batch=len(latents) / 2, k=k, mode=mode, lr=0.1,
                     planned_steps=1)  # fmt: skip
@@ -432,11 +476,11 @@ def tiny_clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
                           bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
 
 
-def tiny_rgb_vae(**config) -> AutoencoderKL:
-    """A 3-channel AutoencoderKL at toy size: 16x16 images, 4x8x8 latents."""
+def tiny_rgb_vae(sample_size: int = 16, **config) -> AutoencoderKL:
+    """A 3-channel AutoencoderKL at toy size: 16x16 images (``sample_size``), 4-channel latents of half the side."""
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=8, sample_size=16, **config)  # fmt: skip
+                         latent_channels=4, norm_num_groups=8, sample_size=sample_size, **config)  # fmt: skip
 
 
 def save_sdxl_base(folder: Path, force_zeros_for_empty_prompt: bool = True, without: tuple[str, ...] = ()) -> Path:
@@ -459,6 +503,102 @@ def save_sdxl_base(folder: Path, force_zeros_for_empty_prompt: bool = True, with
     StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
                               add_watermarker=False).save_pretrained(folder)  # fmt: skip
     shutil.rmtree(folder / "tokenizer-src")
+    return folder
+
+
+#: The tiny T5's width (its SD3 / FLUX transformer's joint_attention_dim) and token length.
+T5_DIM, T5_LENGTH = 64, 24
+
+
+def tiny_t5(folder: Path):
+    """A T5 tokenizer (a Unigram model over printable characters, built with ``tokenizers``: no sentencepiece, no
+    download) saved to ``folder``, and a 2-layer ``T5EncoderModel`` of width ``T5_DIM``."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import Metaspace
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0), *((c, -2.0) for c in chars),
+              *(("\u2581" + c, -1.5) for c in chars)]  # fmt: skip
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer, model.decoder = Metaspace(), decoders.Metaspace()
+    model.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                    model_max_length=T5_LENGTH).save_pretrained(folder)  # fmt: skip
+    tokenizer = T5TokenizerFast.from_pretrained(folder)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=T5_DIM, d_kv=8, d_ff=37, num_layers=2,
+                                      num_heads=4, decoder_start_token_id=0))  # fmt: skip
+    return tokenizer, encoder
+
+
+def tiny_flow_vae(sample_size: int) -> AutoencoderKL:
+    """An SD3 / FLUX-style autoencoder at toy size: latents ``(z - shift_factor) * scaling_factor``."""
+    return tiny_rgb_vae(sample_size, shift_factor=0.1, scaling_factor=1.5)
+
+
+def tiny_sd3_transformer(dual_attention: bool = True):
+    """SD3's transformer at toy size (2 blocks on 4x8x8 latents, patch 1); ``dual_attention``: SD3.5's second
+    attention (``attn2``) in block 0."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=T5_DIM,
+                                 pooled_projection_dim=2 * TEXT_DIM, out_channels=4,
+                                 dual_attention_layers=(0,) if dual_attention else ())  # fmt: skip
+
+
+def tiny_flux_transformer(guidance_embeds: bool = True):
+    """FLUX's transformer at toy size: 1 double and 1 single block on 2x2-packed 4-channel latents (16 features a
+    token); ``guidance_embeds``: FLUX.1-dev's guidance input (schnell has none)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_DIM,
+                                  pooled_projection_dim=TEXT_DIM, axes_dims_rope=[4, 4, 8],
+                                  guidance_embeds=guidance_embeds)  # fmt: skip
+
+
+def save_sd3_base(folder: Path, with_t5: bool = True, without: tuple[str, ...] = ()) -> Path:
+    """An SD3.5 base (``stabilityai/stable-diffusion-3.5-medium``'s layout, dual attention in block 0) with random
+    weights, as ``StableDiffusion3Pipeline.save_pretrained`` writes it: two CLIPTextModelWithProjection encoders with
+    their tokenizers, T5 (``with_t5``) with its tokenizer, ``transformer``, ``vae``, flow-matching ``scheduler``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(folder / "tokenizer-src")
+    t5_tokenizer, t5 = tiny_t5(folder / "t5-src") if with_t5 else (None, None)
+    components = dict(transformer=tiny_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                      vae=tiny_flow_vae(16), text_encoder=CLIPTextModelWithProjection(tiny_clip_config(tokenizer)),
+                      tokenizer=tokenizer, text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(tokenizer)),
+                      tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer)  # fmt: skip
+    components.update({name: None for name in without})
+    StableDiffusion3Pipeline(**components).save_pretrained(folder)
+    for source in ("tokenizer-src", "t5-src"):
+        shutil.rmtree(folder / source, ignore_errors=True)
+    return folder
+
+
+def save_flux_base(folder: Path, guidance_embeds: bool = True, without: tuple[str, ...] = ()) -> Path:
+    """A FLUX.1 base (``-dev``'s layout with ``guidance_embeds``, ``-schnell``'s without) with random weights, as
+    ``FluxPipeline.save_pretrained`` writes it: CLIP and T5 with their tokenizers, ``transformer``, ``vae`` (32x32
+    images: 4x16x16 latents, 8x8 packed tokens), flow-matching ``scheduler``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(folder / "tokenizer-src")
+    t5_tokenizer, t5 = tiny_t5(folder / "t5-src")
+    components = dict(transformer=tiny_flux_transformer(guidance_embeds), vae=tiny_flow_vae(32),
+                      scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                      text_encoder=CLIPTextModel(tiny_clip_config(tokenizer)), tokenizer=tokenizer,
+                      text_encoder_2=t5, tokenizer_2=t5_tokenizer)  # fmt: skip
+    components.update({name: None for name in without})
+    FluxPipeline(**components).save_pretrained(folder)
+    for source in ("tokenizer-src", "t5-src"):
+        shutil.rmtree(folder / source, ignore_errors=True)
     return folder
 
 

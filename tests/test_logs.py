@@ -25,10 +25,11 @@ def long_captions(n: int) -> list[str]:
     return [f"x{i} belongingtopatient zyxwvut diagnosis qqqqkkkk" for i in range(n)]
 
 
-def run_args(base, out, data):
+def run_args(base, out, data, **flags):
     return base_args(base, out, **{"--train_data_dir": data, "--max_train_samples": None, "--batch_size": 6,
                                    "--max_train_steps": 2, "--noise_multiplier": 1.0, "--samples_per_class": 1,
-                                   "--validation_prompt": "a public prompt"})  # fmt: skip
+                                   "--validation_prompt": "a public prompt", "--num_inference_steps": 2,
+                                   **flags})  # fmt: skip
 
 
 @pytest.fixture
@@ -52,14 +53,18 @@ def every_logger_at_debug():
         logging.getLogger(name).setLevel(level)
 
 
-@pytest.mark.parametrize("base", ["tiny_sd_base", "tiny_sdxl_base"])
+@pytest.mark.parametrize("base", ["tiny_sd_base", "tiny_sdxl_base", "tiny_sd3_base", "tiny_flux_base"])
 def test_no_caption_reaches_any_log_at_any_level(base, request, tmp_path, capfd, caplog, every_logger_at_debug):
     data = caption_folder(tmp_path / "data", long_captions(12))
+    flow = base in ("tiny_sd3_base", "tiny_flux_base")  # and T5, which diffusers' encode_prompt also echoes
     with caplog.at_level(logging.DEBUG):
-        train(run_args(request.getfixturevalue(base), tmp_path / "adapter", data))
+        train(run_args(request.getfixturevalue(base), tmp_path / "adapter", data,
+                       **({"--max_sequence_length": 12} if flow else {})))  # fmt: skip
     out, err = capfd.readouterr()
     logged = out + err + caplog.text
     assert "12 of 12 captions are longer than the 16 tokens tokenizer keeps" in logged  # a count, never the text
+    if flow:
+        assert "12 of 12 captions are longer than the 12 tokens tokenizer_" in logged
     assert "DEBUG" in caplog.text  # the loggers really were at DEBUG
     assert not [word for word in SECRET_WORDS if word in logged]
 

@@ -62,6 +62,9 @@ def test_per_sample_gradients_match_microbatch_reference(kind, targets, train_em
         nonzero = [n for n, g in ref[i].items() if g.abs().sum() > 0]
         zero = {n for n in ref[i] if ".attn2.to_q." in n or ".attn2.to_k." in n}
         zero |= {n for n in ref[i] if n.startswith("class_rows.") and i >= new_class_examples}
+        # SD3's last block outputs no context (context_pre_only): the context's queries reach nothing
+        last = len(getattr(model.unet, "transformer_blocks", [])) - 1
+        zero |= {n for n in ref[i] if kind == "sd3" and n.startswith(f"unet.transformer_blocks.{last}.attn.add_q_proj")}
         assert set(ref[i]) - set(nonzero) <= zero
     assert_per_example_close(got, ref, atol=1e-6)
 
@@ -131,7 +134,7 @@ def test_noise_std_is_sigma_c_over_b():
     assert abs(delta.mean().item()) < 4 * expected / delta.numel() ** 0.5
 
 
-@pytest.mark.parametrize("kind", ["cond", "dit"])
+@pytest.mark.parametrize("kind", ["cond", "dit", "sd3", "flux"])
 def test_gradient_checkpointing_gives_exactly_the_per_sample_gradients(kind):
     """--gradient_checkpointing recomputes activations in the backward; the fused per-example gradients (stored in
     the backward, once per layer use) must be those of the plain forward."""
@@ -142,7 +145,7 @@ def test_gradient_checkpointing_gives_exactly_the_per_sample_gradients(kind):
     model.train()
     calls = {"plain": 0, "checkpointed": 0}
     for key, m in (("plain", model), ("checkpointed", reference)):
-        lora_a = next(mod for name, mod in m.named_modules() if name.endswith("attn1.to_q.lora_A.default"))
+        lora_a = next(mod for name, mod in m.named_modules() if name.endswith("to_q.lora_A.default"))
         lora_a.register_forward_pre_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
     per_sample_gradients(model, latents, labels, timesteps, noise, 2)
     per_sample_gradients(reference, latents, labels, timesteps, noise, 2)
@@ -154,10 +157,15 @@ def test_gradient_checkpointing_gives_exactly_the_per_sample_gradients(kind):
         torch.testing.assert_close(checkpointed[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["cond", "dit"])
+@pytest.mark.parametrize("kind", ["cond", "dit", "sd3", "flux", "flux-schnell"])
 def test_bf16_base_gives_the_fp32_per_sample_gradients_within_tolerance(kind):
-    """--mixed_precision bf16: frozen base in bf16, LoRA weights and their per-sample gradients in fp32. Stated
-    tolerance against the fp32 one-example reference: cosine > 0.99 and norm within 5% for every example."""
+    """--mixed_precision bf16: frozen base in bf16, LoRA weights and their per-sample gradients in fp32. They are
+    the one-example autograd gradients of the same bf16 model (cosine > 0.999, norm within 1%: exact up to bf16
+    rounding in batched vs one-example kernels), and near the fp32 model's: cosine > 0.99 and norm within 5% for
+    every example, except the tiny guidance-distilled FLUX, whose bf16 base moves one example's gradient to
+    cosine 0.944 (bf16 rounding of the base, not of the per-example computation; measured, not asserted)."""
+    import copy
+
     from diffusers.training_utils import cast_training_params
 
     build = partial(lora_denoiser, kind, "attention", False)
@@ -165,12 +173,17 @@ def test_bf16_base_gives_the_fp32_per_sample_gradients_within_tolerance(kind):
     model.unet.to(torch.bfloat16)
     cast_training_params(model, torch.float32)
     model.input_dtype = torch.bfloat16
+    same_precision = copy.deepcopy(model)
     _, sched = per_sample_gradients(model, latents, labels, timesteps, noise, 1)
     got = {n: p.grad_sample for n, p in model.named_parameters() if p.requires_grad}
     assert all(g.dtype == torch.float32 for g in got.values())
-    ref = reference_grads(reference, sched, latents, labels, timesteps, noise, 1)
-    for i in range(B):
-        a = torch.cat([got[n][i].flatten() for n in ref[i]])
-        b = torch.cat([g.flatten() for g in ref[i].values()])
-        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99, f"example {i}"
-        assert abs(a.norm() / b.norm() - 1) < 0.05, f"example {i}"
+    references = {"bf16": (reference_grads(same_precision, sched, latents, labels, timesteps, noise, 1), 0.999,
+                           0.01)}  # fmt: skip
+    if kind != "flux":
+        references["fp32"] = (reference_grads(reference, sched, latents, labels, timesteps, noise, 1), 0.99, 0.05)
+    for name, (ref, cosine, norm) in references.items():
+        for i in range(B):
+            a = torch.cat([got[n][i].flatten() for n in ref[i]])
+            b = torch.cat([g.flatten() for g in ref[i].values()])
+            assert torch.nn.functional.cosine_similarity(a, b, dim=0) > cosine, f"example {i} against {name}"
+            assert abs(a.norm() / b.norm() - 1) < norm, f"example {i} against {name}"

@@ -22,6 +22,7 @@ trains the same LoRA without clipping or noise: the non-private reference of the
 import argparse
 import math
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ from dp_diffusers.data import (
     make_canaries,
     resolve_columns,
 )
-from dp_diffusers.families import ConditionOptions, PrivateExamples
+from dp_diffusers.families import ConditionOptions, ObjectiveOptions, PrivateExamples
 from dp_diffusers.hub import push_to_hub, write_model_card
 from dp_diffusers.lora import add_lora, make_lora_config, save_lora_weights
 from dp_diffusers.pipelines import scheduler_class
@@ -119,6 +120,19 @@ def parse_args(argv=None):
     text.add_argument("--validation_prompt", type=str, action="append", default=None,
                       help="A public prompt for samples.png and the card's widget (repeat for several). Never a "
                       "training caption: captions are private data.")  # fmt: skip
+
+    flow = parser.add_argument_group("flow-matching bases (SD3 / SD3.5, FLUX.1): diffusers' flags, per-family defaults")
+    flow.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens per caption (SD3 77, FLUX 512).")
+    flow.add_argument("--guidance_scale", type=float, default=None,
+                      help="Guidance-distilled FLUX bases (-dev): the guidance value in training (default 1).")
+    flow.add_argument("--weighting_scheme", type=str, default=None,
+                      choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+                      help="Timestep density and loss weighting (SD3: logit_normal, FLUX: none).")  # fmt: skip
+    flow.add_argument("--logit_mean", type=float, default=None, help="logit_normal's mean (0).")
+    flow.add_argument("--logit_std", type=float, default=None, help="logit_normal's std (1).")
+    flow.add_argument("--mode_scale", type=float, default=None, help="The mode scheme's scale (1.29).")
+    flow.add_argument("--precondition_outputs", type=int, default=None, choices=[0, 1],
+                      help="Train the output as x0 = output * (-sigma) + noisy (SD3: 1, FLUX: 0).")
 
     dp = parser.add_argument_group("differential privacy")
     dp.add_argument("--disable_dp", action="store_true",
@@ -241,14 +255,19 @@ def load_base(args) -> tuple[DPLDMPipeline, int]:
 
 def condition_options(args) -> ConditionOptions:
     return ConditionOptions(args.label_column, args.caption_column, args.caption_template, args.validation_prompt,
-                            args.train_class_embedding)  # fmt: skip
+                            args.train_class_embedding, args.max_sequence_length, args.guidance_scale)  # fmt: skip
+
+
+def objective_options(args) -> ObjectiveOptions:
+    precondition = None if args.precondition_outputs is None else bool(args.precondition_outputs)
+    return ObjectiveOptions(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, precondition)
 
 
 def load_private_examples(args, pipe, resolution: int) -> PrivateExamples:
     """The private examples with their labels or captions validated by the base's family, and the audit canaries
     (training examples like any other: counted in N, Poisson-sampled, clipped, noised)."""
     family = pipe.family
-    family.check_training(pipe, condition_options(args))
+    family.check_training(pipe, condition_options(args), objective_options(args))
     if args.central_image_noise_multiplier is not None and not family.supports_central_images:
         raise DataError(f"--central_image_noise_multiplier: a {family.name} base has no classes to average over.")
     dataset = load_training_dataset(args)
@@ -294,10 +313,9 @@ def weight_dtype(args) -> torch.dtype:
 def build_model(args, pipe, accelerator):
     """LoRA (peft, the family's presets) in the denoiser, the base frozen in the weight dtype, every trainable
     parameter in fp32 (diffusers' ``cast_training_params``). Returns (model, LoRA config, adapted modules)."""
-    lora_config = make_lora_config(
-        args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
-        _init_flag(args.init_lora_weights), presets=pipe.family.lora_target_presets,
-    )  # fmt: skip
+    targets = pipe.family.lora_targets(args.lora_target_modules, pipe.unet)
+    lora_config = make_lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, targets,
+                                   _init_flag(args.init_lora_weights))  # fmt: skip
     unet, class_embedder, class_rows = pipe.unet, pipe.class_embedder, pipe.class_rows
     adapted_modules = add_lora(unet, lora_config)
     if class_embedder is not None:
@@ -332,10 +350,11 @@ def encode_examples(args, pipe, examples: PrivateExamples, accelerator):
 
 def make_loss(args, pipe, conditions: dict) -> DiffusionLoss:
     """The family's objective with per-row condition dropout to its null condition (label or caption dropout)."""
-    null = pipe.family.null_condition(pipe)
+    null = pipe.family.null_condition(pipe, condition_options(args))
     dropout = getattr(args, pipe.family.dropout_flag) if null else 0.0
-    return DiffusionLoss(pipe.family.objective(pipe.scheduler), tuple(conditions), null_condition=null or None,
-                         dropout=dropout, random_flip=args.random_flip)  # fmt: skip
+    objective = pipe.family.objective(pipe.scheduler, objective_options(args))
+    return DiffusionLoss(objective, tuple(conditions), null_condition=null or None, dropout=dropout,
+                         random_flip=args.random_flip)  # fmt: skip
 
 
 # ---- training ----
@@ -463,6 +482,9 @@ def save_outputs(args, pipe, examples: PrivateExamples, report: DPReport | None)
         caption_column=args.caption_column,
         caption_template=args.caption_template,
         validation_prompts=args.validation_prompt,
+        max_sequence_length=args.max_sequence_length,
+        guidance_scale=args.guidance_scale,
+        objective={k: v for k, v in asdict(objective_options(args)).items() if v is not None} or None,
     )
     trained = {CLASS_EMBEDDER_FOLDER: pipe.class_embedder, CLASS_ROWS_FOLDER: pipe.class_rows}
     for folder, module in trained.items():
@@ -481,7 +503,7 @@ def save_outputs(args, pipe, examples: PrivateExamples, report: DPReport | None)
         pipe.set_scheduler(args.scheduler)
     # public prompts only, never captions: a text model without --validation_prompt draws no samples
     grid = sample_grid(pipe, examples.names[:10] if examples.id2label else None, args.samples_per_class,
-                       args.num_inference_steps, args.seed, args.validation_prompt)  # fmt: skip
+                       args.num_inference_steps, args.seed, args.validation_prompt, examples.resolution)  # fmt: skip
     if grid is not None:
         grid.save(out / SAMPLES_NAME)
     elif (out / SAMPLES_NAME).exists():
@@ -558,6 +580,7 @@ def main(argv=None):
             trained_class_embedding=args.train_class_embedding, grad_sample_mode=args.grad_sample_mode,
             ema_decay=args.ema_decay, num_canaries=args.num_canaries or None, mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing, random_flip=args.random_flip,
+            training_guidance_scale=float(conditions["guidance"][0]) if "guidance" in conditions else None,
             other_releases=[central_image_settings(args, pipe.vae, resolution).record(
                 budget.release_epsilon(), warmup_steps=args.warmup_steps, warmup_batch_size=args.warmup_batch_size,
                 copies_per_image=args.central_image_copies)] if releases else [],

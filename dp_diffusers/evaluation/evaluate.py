@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def generate_labelled(pipe, conditions: dict[str, list], per_class: int, num_inference_steps: int, seed: int,
-                      batch: int = 250):  # fmt: skip
+                      resolution: int | None = None, batch: int = 250):  # fmt: skip
     """``per_class`` samples of each condition (``{"class_labels": ids}`` or ``{"prompt": prompts}``: a pipeline
     call argument, one value per class). Images (N, C, H, W) in [-1, 1] and labels (N,) as *positions* in that
     list (the data set's own class order)."""
@@ -50,19 +50,22 @@ def generate_labelled(pipe, conditions: dict[str, list], per_class: int, num_inf
     images = []
     for chunk in positions.split(batch):
         chosen = [values[i] for i in chunk.tolist()]
-        out = pipe(**{key: chosen}, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
+        out = pipe(**{key: chosen}, num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
+                   height=resolution, width=resolution)  # fmt: skip
         images.append(out.images * 2 - 1)
     return torch.cat(images).clamp(-1, 1), positions
 
 
 @torch.no_grad()
-def generate_unconditional(pipe, num_images: int, num_inference_steps: int, seed: int, batch: int = 250):
+def generate_unconditional(pipe, num_images: int, num_inference_steps: int, seed: int, resolution: int | None = None,
+                           batch: int = 250):  # fmt: skip
     """``num_images`` samples of an unconditional model: images (N, C, H, W) in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, num_images, batch):
         size = min(batch, num_images - start)
-        out = pipe(batch_size=size, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
+        out = pipe(batch_size=size, num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
+                   height=resolution, width=resolution)  # fmt: skip
         images.append(out.images * 2 - 1)
     return torch.cat(images).clamp(-1, 1)
 
@@ -82,14 +85,14 @@ def evaluate_from_args(adapter_dir: str | Path, args: argparse.Namespace) -> dic
     )
 
 
-def denoiser_loss_fn(pipe):
-    """``(latents, conditions, timesteps, noise) -> (B,)``: the training objective's loss of ``pipe``'s model at
-    given timesteps and noise, for the audit."""
+def denoiser_loss_fn(pipe, objective_options=None):
+    """``(latents, conditions, levels, noise) -> (B,)``: the training objective's loss of ``pipe``'s model at given
+    noise levels (in [0, 1000), the objective's timesteps there) and noise, for the audit."""
     model = LatentDenoiser(pipe.unet, pipe.family, pipe.class_embedder, pipe.class_rows).eval()
-    objective = pipe.family.objective(pipe.scheduler)
+    objective = pipe.family.objective(pipe.scheduler, objective_options)
 
-    def loss_fn(latents, conditions, timesteps, noise):
-        return objective.loss(model, latents, conditions or {}, timesteps, noise)
+    def loss_fn(latents, conditions, levels, noise):
+        return objective.loss(model, latents, conditions or {}, objective.timesteps_at(levels), noise)
 
     return loss_fn
 
@@ -159,8 +162,8 @@ def evaluate_adapter(
         pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling costs what the base costs
     family, vae = pipe.family, pipe.vae
     resolution, channels = vae.config.sample_size, vae.config.in_channels
-    options = ConditionOptions(caption_column=config.caption_column, caption_template=config.caption_template) \
-        if config is not None else ConditionOptions()  # fmt: skip
+    options = config.condition_options() if config is not None else ConditionOptions()
+    objective = config.objective_options() if config is not None else None
     names = None  # the data set's class names (its test split's), in its own order
 
     def split(name, subset=None):
@@ -191,7 +194,7 @@ def evaluate_adapter(
         raise DataError(f"{dataset_name!r} has no labels: a class-conditional model is evaluated on labelled data.")
     if class_conditions is not None:
         synthetic_x, synthetic_y = generate_labelled(pipe, class_conditions, samples_per_class, num_inference_steps,
-                                                     seed)  # fmt: skip
+                                                     seed, resolution)  # fmt: skip
         downstream = downstream_accuracy(
             synthetic_x, synthetic_y, train_x, train_y, test_x, test_y, len(names), seed=seed
         )
@@ -206,11 +209,11 @@ def evaluate_adapter(
         }
     elif test.captions is not None:  # captions without classes: one image per held-out caption (FID's images)
         logger.warning("Downstream accuracy skipped: the captions carry no classes (no --caption_template).")
-        synthetic_x, _ = generate_labelled(pipe, {"prompt": test.captions}, 1, num_inference_steps, seed)
+        synthetic_x, _ = generate_labelled(pipe, {"prompt": test.captions}, 1, num_inference_steps, seed, resolution)
     else:  # unconditional (CompVis LDMs): no labelled samples to train a classifier on; FID and the audit only
         logger.warning("Downstream accuracy skipped: the model is unconditional, its samples have no labels.")
         synthetic_x = generate_unconditional(
-            pipe, samples_per_class * len(names or [None]), num_inference_steps, seed
+            pipe, samples_per_class * len(names or [None]), num_inference_steps, seed, resolution
         )
 
     # Membership audit: every held-out example is a non-member; members are examples the run trained on, at
@@ -225,8 +228,8 @@ def evaluate_adapter(
     if adapted:
         pipe.unfuse_lora()  # the samples are drawn; the audit switches the adapter off for the base's scores
         if not (config.class_embedder or config.class_rows):  # (trained class rows may add classes the base lacks)
-            base_loss_fn = _without_adapter(pipe.unet, denoiser_loss_fn(pipe))
-    result = audit(denoiser_loss_fn(pipe), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
+            base_loss_fn = _without_adapter(pipe.unet, denoiser_loss_fn(pipe, objective))
+    result = audit(denoiser_loss_fn(pipe, objective), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
     metrics["membership_auc"] = {"value": result.pop("membership_auc"), **result}
     if base_loss_fn is not None:
         # The public base never saw either set: its AUC is this split's chance level (a few hundred examples
@@ -245,15 +248,16 @@ def evaluate_adapter(
                                             resolve_columns(test.dataset)[1], size, options)  # fmt: skip
             family.add_canaries(empty, pixels, labels, texts)
             canary_sets += [encode_latents(vae, pixels), family.encode_conditions(pipe, empty)]
-        metrics["membership_auc"].update(_canary_audit(denoiser_loss_fn(pipe), canary_sets, seed, base_loss_fn))
+        canary_audit = _canary_audit(denoiser_loss_fn(pipe, objective), canary_sets, seed, base_loss_fn)
+        metrics["membership_auc"].update(canary_audit)
     if audit_reference is not None:
         reference = DPLDMPipeline.from_pretrained(audit_reference)
-        ref = audit(denoiser_loss_fn(reference), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
+        ref = audit(denoiser_loss_fn(reference, objective), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
         metrics["membership_auc"]["reference_nonprivate_auc"] = ref["membership_auc"]
         if base_loss_fn is not None:
             metrics["membership_auc"]["reference_nonprivate_calibrated_auc"] = ref["calibrated_auc"]
         if canaries and getattr(_adapter_config(audit_reference), "canaries", None) == canaries:
-            ref_canaries = _canary_audit(denoiser_loss_fn(reference), canary_sets, seed, base_loss_fn)
+            ref_canaries = _canary_audit(denoiser_loss_fn(reference, objective), canary_sets, seed, base_loss_fn)
             for key in ("canary_auc", "canary_calibrated_auc"):  # (the counts and the base's AUC are the adapter's)
                 if key in ref_canaries:
                     metrics["membership_auc"][f"reference_nonprivate_{key}"] = ref_canaries[key]

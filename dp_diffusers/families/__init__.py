@@ -4,6 +4,7 @@ from .base import (
     FAMILIES,
     BaseFamily,
     ConditionOptions,
+    ObjectiveOptions,
     PrivateExamples,
     UnsupportedBaseError,
     base_family,
@@ -14,7 +15,9 @@ from .class_conditional import ClassFamily, UnconditionalFamily
 from .compvis_ldm import CompVisLDMFamily
 from .dit import DiTFamily
 from .dp_ldm import DPLDMFamily
+from .flux import FluxFamily
 from .stable_diffusion import StableDiffusionFamily
+from .stable_diffusion_3 import StableDiffusion3Family
 from .stable_diffusion_xl import StableDiffusionXLFamily
 from .text import TextFamily, private_text
 
@@ -26,7 +29,10 @@ __all__ = [
     "ConditionOptions",
     "DPLDMFamily",
     "DiTFamily",
+    "FluxFamily",
+    "ObjectiveOptions",
     "PrivateExamples",
+    "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "TextFamily",

@@ -24,7 +24,7 @@ Families of one conditioning share a base class (``ClassFamily``, ``Unconditiona
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -59,6 +59,21 @@ class ConditionOptions:
     validation_prompts: list[str] | None = None
     #: class families: learn rows for classes the base lacks (a class embedding, DiT class rows)
     train_class_embedding: bool = False
+    #: T5 families (SD3, FLUX): the T5 tokens each caption is encoded to (``None``: the family's default)
+    max_sequence_length: int | None = None
+    #: guidance-distilled FLUX bases: the guidance value the transformer is given in training (``None``: default)
+    guidance_scale: float | None = None
+
+
+@dataclass
+class ObjectiveOptions:
+    """Flow-matching settings (diffusers' SD3 / FLUX script flags); ``None``: the family's default."""
+
+    weighting_scheme: str | None = None
+    logit_mean: float | None = None
+    logit_std: float | None = None
+    mode_scale: float | None = None
+    precondition_outputs: bool | None = None
 
 
 @dataclass
@@ -81,6 +96,8 @@ class PrivateExamples:
     captions: list[str] | None = field(default=None, repr=False)
     #: (num_canaries, C, resolution, resolution) audit canaries in [-1, 1], trained after the data set's rows
     canary_pixels: torch.Tensor | None = field(default=None, repr=False)
+    #: where the conditions come from and how they are encoded
+    options: ConditionOptions = field(default_factory=ConditionOptions)
 
     @property
     def num_canaries(self) -> int:
@@ -143,8 +160,24 @@ class BaseFamily:
         return None
 
     @classmethod
-    def check_training(cls, pipe, options: ConditionOptions) -> None:
-        """Raise ``DataError`` for training flags this family cannot use (before anything is written)."""
+    def lora_targets(cls, targets: str, denoiser) -> list[str]:
+        """peft ``target_modules`` of ``--lora_target_modules`` (a preset of the family's, or comma-separated
+        module names) for this denoiser."""
+        from ..lora import resolve_target_modules
+
+        return resolve_target_modules(targets, cls.lora_target_presets)
+
+    @classmethod
+    def check_training(cls, pipe, options: ConditionOptions, objective: ObjectiveOptions | None = None) -> None:
+        """Raise ``DataError`` for training flags this family cannot use (before anything is written): by default
+        the flow-matching and T5 flags of the SD3 / FLUX families."""
+        from ..data import DataError
+
+        flags = {"--max_sequence_length": options.max_sequence_length, "--guidance_scale": options.guidance_scale}
+        given = [flag for flag, value in flags.items() if value is not None]
+        given += [f"--{name}" for name, value in asdict(objective or ObjectiveOptions()).items() if value is not None]
+        if given:
+            raise DataError(f"{', '.join(given)}: flags of the flow-matching bases (SD3, FLUX), not of {cls.name}.")
 
     @classmethod
     def check_resolution(cls, pipe, resolution: int) -> None:
@@ -184,7 +217,7 @@ class BaseFamily:
         return {}
 
     @classmethod
-    def null_condition(cls, pipe) -> dict[str, torch.Tensor]:
+    def null_condition(cls, pipe, options: ConditionOptions | None = None) -> dict[str, torch.Tensor]:
         """The "no condition" of condition dropout and of classifier-free guidance: one (1, ...) row per dropped
         name (names left out are kept, e.g. SDXL's time ids); empty when the family has none."""
         return {}
@@ -192,14 +225,14 @@ class BaseFamily:
     # ---- training ----
 
     @classmethod
-    def objective(cls, scheduler, snr_gamma: float | None = None) -> Objective:
+    def objective(cls, scheduler, options: ObjectiveOptions | None = None) -> Objective:
         """The training objective of the base's noise schedule (``scheduler``: the base's, or any scheduler built
         from its config): DDPM noising with its betas, the target its ``prediction_type`` names."""
         from diffusers import DDPMScheduler
 
         from ..models.objectives import NoisePrediction
 
-        return NoisePrediction(DDPMScheduler.from_config(scheduler.config), snr_gamma=snr_gamma)
+        return NoisePrediction(DDPMScheduler.from_config(scheduler.config))
 
     @classmethod
     def predict(cls, denoiser: LatentDenoiser, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
@@ -214,6 +247,12 @@ class BaseFamily:
         """The base's own diffusers pipeline over ``pipe``'s modules (same weights, same loaded adapters);
         ``None``: ``DPLDMPipeline``'s own loop samples this family."""
         return None
+
+    @classmethod
+    def sampling_kwargs(cls, pipe) -> dict[str, Any]:
+        """Arguments of the sampling pipeline's call that follow from how the model was trained
+        (``pipe.condition_options``: e.g. T5's sequence length)."""
+        return {}
 
     @classmethod
     def lora_loader(cls) -> type:

@@ -44,7 +44,8 @@ class UnconditionalFamily(BaseFamily):
     conditioning = "none"
 
     @classmethod
-    def check_training(cls, pipe, options):
+    def check_training(cls, pipe, options, objective=None):
+        super().check_training(pipe, options, objective)
         _refuse_captions(cls, options)
 
     @classmethod
@@ -73,7 +74,8 @@ class ClassFamily(BaseFamily):
         return "none" if cls.num_classes(pipe) is None else "class"
 
     @classmethod
-    def check_training(cls, pipe, options):
+    def check_training(cls, pipe, options, objective=None):
+        super().check_training(pipe, options, objective)
         _refuse_captions(cls, options)
 
     @classmethod

@@ -59,7 +59,7 @@ class StableDiffusionXLFamily(TextFamily):
                             f"time ids' target size); use e.g. {max(8, resolution - resolution % 8)}.")  # fmt: skip
 
     @classmethod
-    def encode_prompts(cls, pipe, prompts):
+    def encode_prompts(cls, pipe, prompts, options):
         view = cls.sampling_pipeline(pipe)
         context, _, pooled, _ = view.encode_prompt(prompts, device=view._execution_device, num_images_per_prompt=1,
                                                    do_classifier_free_guidance=False)  # fmt: skip
@@ -72,8 +72,8 @@ class StableDiffusionXLFamily(TextFamily):
         return {"time_ids": center_crop_time_ids(torch.cat([sizes, canaries]), examples.resolution)}
 
     @classmethod
-    def null_condition(cls, pipe):
-        encoded = super().null_condition(pipe)
+    def null_condition(cls, pipe, options=None):
+        encoded = super().null_condition(pipe, options)
         if (pipe.config.base_options or {}).get("force_zeros_for_empty_prompt", True):
             return {name: torch.zeros_like(value) for name, value in encoded.items()}
         return encoded

@@ -14,11 +14,14 @@ which or what.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,12 +31,24 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..data import DataError, dataset_captions, rows_to_arrays
-from .base import BaseFamily, UnsupportedBaseError, hub_options, listed_components
+from .base import BaseFamily, ConditionOptions, UnsupportedBaseError, hub_options, listed_components
 
 logger = logging.getLogger(__name__)
 
 #: captions encoded per batch
 ENCODE_BATCH_SIZE = 64
+
+
+def scratch_dir() -> str:
+    """A private temporary folder for this process's encoded captions, removed when the process exits."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = tempfile.mkdtemp(prefix="dp-diffusers-")
+        atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+    return _SCRATCH
+
+
+_SCRATCH: str | None = None
 
 
 @contextlib.contextmanager
@@ -71,6 +86,8 @@ class TextFamily(BaseFamily):
     dropout_flag: ClassVar[str] = "caption_dropout"
     #: the frozen public text encoders and tokenizers the base needs besides vae, denoiser and scheduler
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
+    #: those it may lack (SD3's T5: diffusers allows ``text_encoder_3=None``)
+    optional_text_components: ClassVar[tuple[str, ...]] = ()
     #: keyword arguments of the base pipeline's ``from_pretrained`` and constructor (e.g. no safety checker)
     pipeline_kwargs: ClassVar[dict[str, Any]] = {}
     #: config entries of the base pipeline kept for its sampling view (e.g. SDXL's force_zeros_for_empty_prompt)
@@ -85,10 +102,18 @@ class TextFamily(BaseFamily):
                 f"{str(pretrained_model_name_or_path)!r} is a {cls.pipeline_class_name} without {missing}: a "
                 "text-to-image base needs its text encoders and tokenizers to encode the captions."
             )
-        base = cls.pipeline_class().from_pretrained(pretrained_model_name_or_path, **cls.pipeline_kwargs, **kwargs)
+        # an optional component the base lacks is passed as None, as diffusers documents for SD3 without T5
+        absent = {name: None for name in cls.optional_text_components if name not in listed_components(index)}
+        base = cls.pipeline_class().from_pretrained(pretrained_model_name_or_path, **cls.pipeline_kwargs, **absent,
+                                                    **kwargs)  # fmt: skip
         options = {name: base.config[name] for name in cls.pipeline_options if name in base.config}
-        return {"vae": base.vae, "unet": getattr(base, cls.lora_prefix), "scheduler": base.scheduler,
-                **{name: getattr(base, name) for name in cls.text_components}, "base_options": options}  # fmt: skip
+        text = {name: getattr(base, name) for name in cls.all_text_components()}
+        return {"vae": base.vae, "unet": getattr(base, cls.lora_prefix), "scheduler": base.scheduler, **text,
+                "base_options": options}  # fmt: skip
+
+    @classmethod
+    def all_text_components(cls) -> tuple[str, ...]:
+        return cls.text_components + cls.optional_text_components
 
     @classmethod
     def sampling_pipeline(cls, pipe) -> DiffusionPipeline:
@@ -96,7 +121,7 @@ class TextFamily(BaseFamily):
         diffusers does it (same weights, same loaded LoRA adapters)."""
         view = cls.pipeline_class()(
             vae=pipe.vae, scheduler=pipe.scheduler, **{cls.lora_prefix: pipe.unet},
-            **{name: getattr(pipe, name) for name in cls.text_components}, **cls.pipeline_kwargs,
+            **{name: getattr(pipe, name) for name in cls.all_text_components()}, **cls.pipeline_kwargs,
             **(pipe.config.base_options or {}),
         )  # fmt: skip
         view.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
@@ -107,7 +132,8 @@ class TextFamily(BaseFamily):
         return cls.pipeline_class()
 
     @classmethod
-    def check_training(cls, pipe, options):
+    def check_training(cls, pipe, options, objective=None):
+        super().check_training(pipe, options, objective)
         if options.train_class_embedding:
             raise DataError("--train_class_embedding: a text-to-image base has no class embedding to train.")
 
@@ -116,7 +142,7 @@ class TextFamily(BaseFamily):
         from .base import PrivateExamples
 
         captions = dataset_captions(dataset, options.caption_column, options.caption_template, label_column)
-        return PrivateExamples(dataset, image_column, resolution, captions=captions)
+        return PrivateExamples(dataset, image_column, resolution, captions=captions, options=options)
 
     @classmethod
     def add_canaries(cls, examples, pixels, labels, captions):
@@ -132,14 +158,15 @@ class TextFamily(BaseFamily):
     # ---- captions -> conditions ----
 
     @classmethod
-    def max_lengths(cls, pipe) -> dict[str, int]:
-        """Tokens each tokenizer keeps (its ``model_max_length``: CLIP's 77)."""
-        return {name: getattr(pipe, name).model_max_length for name in cls.text_components if "tokenizer" in name}
+    def max_lengths(cls, pipe, options: ConditionOptions) -> dict[str, int]:
+        """Tokens each of the base's tokenizers keeps (CLIP's ``model_max_length``, 77)."""
+        return {name: getattr(pipe, name).model_max_length for name in cls.all_text_components()
+                if "tokenizer" in name and getattr(pipe, name) is not None}  # fmt: skip
 
     @classmethod
-    def encode_prompts(cls, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The named conditions of ``prompts`` by the pipeline's own ``encode_prompt`` (no guidance half), fp32 on
-        the CPU. Called inside :func:`private_text`."""
+    def encode_prompts(cls, pipe, prompts: list[str], options: ConditionOptions) -> dict[str, torch.Tensor]:
+        """The named conditions of ``prompts`` by the pipeline's own ``encode_prompt`` (no guidance half). Called
+        inside :func:`private_text`."""
         raise NotImplementedError
 
     @classmethod
@@ -148,11 +175,13 @@ class TextFamily(BaseFamily):
         return {}
 
     @classmethod
-    def _cache_key(cls, pipe, captions: Sequence[str]) -> str:
+    def _cache_key(cls, pipe, captions: Sequence[str], options: ConditionOptions) -> str:
         """The captions, the family, the tokenizers' vocabularies and lengths, the text encoders' weights."""
-        digest = hashlib.sha256(json.dumps([cls.name, list(captions), cls.max_lengths(pipe)]).encode())
-        for name in cls.text_components:
+        digest = hashlib.sha256(json.dumps([cls.name, list(captions), cls.max_lengths(pipe, options)]).encode())
+        for name in cls.all_text_components():
             component = getattr(pipe, name)
+            if component is None:
+                continue
             if "tokenizer" in name:
                 digest.update(json.dumps(component.get_vocab(), sort_keys=True).encode())
             else:
@@ -163,36 +192,39 @@ class TextFamily(BaseFamily):
     @classmethod
     @torch.no_grad()
     def encode_captions(cls, pipe, captions: Sequence[str], cache_dir: str | None = None,
+                        options: ConditionOptions | None = None,
                         batch_size: int = ENCODE_BATCH_SIZE) -> dict[str, torch.Tensor]:  # fmt: skip
         """The named (N, ...) fp32 conditions of ``captions``, ``batch_size`` at a time, silently
-        (:func:`private_text`); with ``cache_dir`` memory-mapped ``latents-text-<key>-<name>.npy`` files (private
-        data in encoded form: the Hub upload excludes them). Logs how many captions each tokenizer truncated."""
-        counts = truncation_counts(
-            {name: getattr(pipe, name) for name in cls.max_lengths(pipe)}, cls.max_lengths(pipe), captions
-        )
+        (:func:`private_text`), as memory-mapped ``latents-text-<key>-<name>.npy`` files in ``cache_dir`` (a
+        temporary folder, removed at exit, without one): never all in memory (a FLUX context is 512 x 4096 values
+        per caption). Private data in encoded form: the Hub upload excludes them. Logs how many captions each
+        tokenizer truncated."""
+        options = options or ConditionOptions()
+        lengths = cls.max_lengths(pipe, options)
+        counts = truncation_counts({name: getattr(pipe, name) for name in lengths}, lengths, captions)
         for name, count in counts.items():
             if count:
-                logger.warning(f"{count} of {len(captions)} captions are longer than the {cls.max_lengths(pipe)[name]} "
-                               f"tokens {name} keeps: their ends are cut (the texts are not logged).")  # fmt: skip
-        prefix = None
-        if cache_dir is not None:
-            prefix = Path(cache_dir) / f"latents-text-{cls._cache_key(pipe, captions)}"
+                logger.warning(f"{count} of {len(captions)} captions are longer than the {lengths[name]} tokens "
+                               f"{name} keeps: their ends are cut (the texts are not logged).")  # fmt: skip
+        prefix = Path(cache_dir or scratch_dir()) / f"latents-text-{cls._cache_key(pipe, captions, options)}"
 
         def batches():
             for start in range(0, len(captions), batch_size):
                 with private_text():
-                    encoded = cls.encode_prompts(pipe, list(captions[start : start + batch_size]))
+                    encoded = cls.encode_prompts(pipe, list(captions[start : start + batch_size]), options)
                 yield {name: value.float().cpu().numpy() for name, value in encoded.items()}
 
         return rows_to_arrays(batches(), len(captions), prefix)
 
     @classmethod
     def encode_conditions(cls, pipe, examples, cache_dir=None):
-        return {**cls.encode_captions(pipe, examples.captions, cache_dir), **cls.image_conditions(pipe, examples)}
+        captions = cls.encode_captions(pipe, examples.captions, cache_dir, examples.options)
+        return {**captions, **cls.image_conditions(pipe, examples)}
 
     @classmethod
     @torch.no_grad()
-    def null_condition(cls, pipe):
+    def null_condition(cls, pipe, options=None):
         """The empty prompt's encoding, as the pipeline's unconditional half of guidance (and caption dropout)."""
         with private_text():
-            return {name: value.float().cpu() for name, value in cls.encode_prompts(pipe, [""]).items()}
+            encoded = cls.encode_prompts(pipe, [""], options or ConditionOptions())
+        return {name: value.float().cpu() for name, value in encoded.items()}

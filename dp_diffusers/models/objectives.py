@@ -4,7 +4,10 @@ An :class:`Objective` turns clean latents, a timestep and Gaussian noise into th
 per-row loss weight, from the base's own scheduler config (diffusers' training scripts compute the same):
 
 * :class:`NoisePrediction`: DDPM-type bases (``prediction_type`` epsilon, ``v_prediction`` or ``sample``), timesteps
-  uniform over the scheduler's training steps, Min-SNR weights optional (``snr_gamma``).
+  uniform over the scheduler's training steps, Min-SNR weights optional (``snr_gamma``);
+* :class:`FlowMatching`: rectified-flow bases (SD3, FLUX): ``(1 - sigma) x0 + sigma noise``, target ``noise - x0``,
+  timesteps and weights by diffusers' own ``compute_density_for_timestep_sampling`` and
+  ``compute_loss_weighting_for_sd3``.
 
 :class:`DiffusionLoss` is the loss every training path uses (stage 1, the DP stage, the warm-up, the benchmarks):
 it draws each row's randomness (timestep, noise, caption or label dropout, random flip) and returns one loss per
@@ -34,6 +37,11 @@ class Objective:
     def sample_timesteps(self, rows: int, device: torch.device | str) -> torch.Tensor:
         raise NotImplementedError
 
+    def timesteps_at(self, levels: torch.Tensor) -> torch.Tensor:
+        """The training timesteps at noise levels ``levels`` in [0, num_train_timesteps) (0: the least noise), the
+        membership audit's fixed timesteps."""
+        raise NotImplementedError
+
     def loss(
         self, model: nn.Module, latents: torch.Tensor, conditions: Conditions, timesteps: torch.Tensor,
         noise: torch.Tensor,
@@ -61,6 +69,9 @@ class NoisePrediction(Objective):
     def sample_timesteps(self, rows: int, device: torch.device | str) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (rows,), device=device)
 
+    def timesteps_at(self, levels: torch.Tensor) -> torch.Tensor:
+        return levels
+
     def loss(self, model, latents, conditions, timesteps, noise):
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         prediction = model(noisy, timesteps, conditions)
@@ -87,6 +98,65 @@ class NoisePrediction(Objective):
         if kind == "v_prediction":
             return weights / (snr + 1)
         return weights
+
+
+class FlowMatching(Objective):
+    """Rectified flow, as diffusers' SD3 and FLUX DreamBooth LoRA scripts train it.
+
+    Each row draws ``u`` from ``compute_density_for_timestep_sampling(weighting_scheme, ...)`` (``logit_normal``:
+    sigmoid of N(logit_mean, logit_std); ``mode``: with ``mode_scale``; otherwise uniform), its timestep is
+    ``scheduler.timesteps[int(u * num_train_timesteps)]`` and its sigma the scheduler's at that timestep (the scripts'
+    ``get_sigmas``, here one vectorised lookup: the draws need no host sync inside the loss); ``noisy = (1 - sigma)
+    x0 + sigma noise``; the target is ``noise - x0``, or with ``precondition_outputs`` (SD3's default) the model's
+    output becomes ``output * (-sigma) + noisy`` against ``x0``; rows are weighted by
+    ``compute_loss_weighting_for_sd3(weighting_scheme, sigma)`` (``sigma_sqrt``, ``cosmap``; otherwise 1). Timesteps
+    run from ``num_train_timesteps`` (pure noise) down; the family's ``predict`` scales them for its transformer.
+    """
+
+    def __init__(self, scheduler, weighting_scheme: str = "none", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29, precondition_outputs: bool = False):  # fmt: skip
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # a copy at its training state
+        self.weighting_scheme = weighting_scheme
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.precondition_outputs = precondition_outputs
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def sample_timesteps(self, rows: int, device: torch.device | str) -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(self.weighting_scheme, rows, logit_mean=self.logit_mean,
+                                                  logit_std=self.logit_std, mode_scale=self.mode_scale)  # fmt: skip
+        indices = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)  # (u = 1 in fp32)
+        return self.scheduler.timesteps[indices].to(device)
+
+    def timesteps_at(self, levels: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.timesteps[self.num_train_timesteps - 1 - levels.cpu()].to(levels.device)
+
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Each row's sigma: the scheduler's at that training timestep (diffusers' scripts' ``get_sigmas``)."""
+        schedule = self.scheduler.timesteps.to(timesteps.device)
+        matches = schedule[None, :] == timesteps[:, None].to(schedule.dtype)
+        if not bool(matches.any(1).all()):
+            raise ValueError("Flow-matching timesteps must be the scheduler's training timesteps.")
+        return self.scheduler.sigmas.to(timesteps.device)[matches.float().argmax(1)]
+
+    def loss(self, model, latents, conditions, timesteps, noise):
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        sigmas = self.sigmas(timesteps).view(-1, *[1] * (latents.dim() - 1))
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        prediction = model(noisy, timesteps, conditions)
+        if self.precondition_outputs:
+            prediction, target = prediction.float() * (-sigmas) + noisy, latents
+        else:
+            target = noise - latents
+        weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas).float()
+        return (weighting * (prediction.float() - target.float()).pow(2)).flatten(1).mean(1)
 
 
 def drop_conditions(conditions: Conditions, null: Conditions, probability: float) -> dict[str, torch.Tensor]:

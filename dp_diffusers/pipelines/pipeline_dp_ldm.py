@@ -12,7 +12,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..data import decode_latents
-from ..families import BaseFamily, DPLDMFamily, base_family
+from ..families import BaseFamily, ConditionOptions, DPLDMFamily, base_family
 from ..loaders import DPLoRALoaderMixin
 from ..models.denoiser import LatentDenoiser
 from ..models.dit import DiTClassRows
@@ -78,6 +78,8 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
         self._base_class_conditioning = None
         #: the base family it was loaded as (dp_diffusers.families); set by from_pretrained
         self.family: type[BaseFamily] = DPLDMFamily
+        #: how prompts are encoded (T5's sequence length): an adapter's training settings, else the family's
+        self.condition_options = ConditionOptions()
 
     def _set_id2label(self, id2label: dict | None) -> None:
         """Class names by id; ``labels`` maps each name to its id, ``label_synonyms`` each comma-separated part of
@@ -165,6 +167,8 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
         return_dict: bool = True,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -181,6 +185,8 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
             prompt, negative_prompt: for text-to-image models, sampled by the base's own diffusers pipeline
                 (``family.sampling_pipeline``) with the other arguments: exactly that pipeline's images.
+            height, width: the images' size in pixels (default: the denoiser's sample size, or the base pipeline's
+                default).
         """
         if isinstance(class_labels, int):
             class_labels = [class_labels]
@@ -189,7 +195,8 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
         if view is not None:
             given = dict(prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                         generator=generator, latents=latents, output_type=output_type)  # fmt: skip
+                         generator=generator, latents=latents, output_type=output_type, height=height, width=width,
+                         **self.family.sampling_kwargs(self))  # fmt: skip
             accepted = inspect.signature(view.__call__).parameters
             images = view(**{k: v for k, v in given.items() if k in accepted}).images
             return ImagePipelineOutput(images=images) if return_dict else (images,)
@@ -208,7 +215,9 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
         if labels is not None:
             conditions["class_labels"] = torch.cat([torch.full_like(labels, null_class), labels]) if use_cfg else labels
 
-        shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        size = self.unet.config.sample_size
+        shape = (n, self.unet.config.in_channels, (height or size * self.vae_scale_factor) // self.vae_scale_factor,
+                 (width or size * self.vae_scale_factor) // self.vae_scale_factor)  # fmt: skip
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma

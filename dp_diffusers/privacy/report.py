@@ -56,6 +56,11 @@ class DPReport:
     mixed_precision: str = field(default="no", metadata=_doc("precision of the frozen base"))
     gradient_checkpointing: bool = field(default=False, metadata=_doc("activations recomputed in the backward"))
     random_flip: bool = field(default=False, metadata=_doc("each row drew the image or its mirror (per example)"))
+    training_guidance_scale: float | None = field(
+        default=None,
+        metadata=_doc("guidance-distilled FLUX bases: the guidance input in training (default 1, as diffusers#11181 "
+                      "and black-forest-labs/flux#79 advise; a public setting)"),
+    )
     other_releases: list[dict[str, Any]] = field(
         default_factory=list,
         metadata=_doc("every other DP release of the run (mechanism, noise, its share of the budget); none so far"),
