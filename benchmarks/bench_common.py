@@ -151,13 +151,15 @@ def make_steps(
     scheduler=None,
     conditions: dict[str, torch.Tensor] | None = None,
     null_condition: dict[str, torch.Tensor] | None = None,
+    objective=None,
 ):
     """(dp_step, nonprivate_step) closures on the same batch. The non-private model is a deep copy
     taken *before* opacus touches the DP one: same weights, same trainable LoRA params, plain AdamW,
     ``loss.mean().backward()``. Either may be None (DP: when ``grad_sample_mode`` is None). The latents'
     shape and the noise schedule are the ``preset``'s, or ``latent_shape`` and ``scheduler`` (other base
     families); each example's ``conditions`` (named (batch_size, ...) tensors, dropped to ``null_condition`` with
-    probability 0.1) default to labels 0..9 and the model's null class when it has one."""
+    probability 0.1) default to labels 0..9 and the model's null class when it has one; the ``objective`` to DDPM
+    noise prediction on that schedule."""
     from torch.utils.data import TensorDataset
 
     from dp_diffusers import DiffusionLoss, NoisePrediction
@@ -170,7 +172,8 @@ def make_steps(
         conditions = {"class_labels": torch.randint(0, 10, (batch_size,), generator=gen)}
         null_condition = model.family.null_condition(model)
     conditions = {name: value.to(device) for name, value in conditions.items()}
-    loss_fn = DiffusionLoss(NoisePrediction(scheduler or scheduler_for(preset)), tuple(conditions),
+    objective = objective or NoisePrediction(scheduler or scheduler_for(preset))
+    loss_fn = DiffusionLoss(objective, tuple(conditions),
                             null_condition=null_condition or None, dropout=0.1 if null_condition else 0.0)  # fmt: skip
     columns = list(conditions.values())
 

@@ -15,6 +15,14 @@ Models (random weights, LoRA rank 8 on the attention projections, 64 examples a 
   at the others, ``text_time`` added conditioning: a pooled embedding and 6 time ids per example) at widths (32, 64,
   64), a 128-dim context of 77 tokens, on 4x16x16 latents; with ``--scale real`` the SDXL-base UNet config (320, 640,
   1280; 1 / 2 / 10 transformer layers; 2048-dim context) on 4x128x128 latents (1024x1024 images);
+* ``sd3``: an ``SD3Transformer2DModel`` (patch 2, dual attention, RMS qk-norm) with LoRA on its joint attention,
+  under the flow-matching loss (logit-normal timesteps, preconditioned outputs): small (hidden 64, 2 blocks, 4x16x16
+  latents, 64-dim contexts of 154 tokens); ``--scale wide`` at SD3.5-medium's widths with 2 blocks (hidden 1536,
+  4096-dim context, 16x32x32 latents: 256 px); ``--scale real`` SD3.5-medium's config (24 blocks, 1024 px);
+* ``flux``: a ``FluxTransformer2DModel`` (guidance embeddings, 2x2-packed latents) with LoRA on its double blocks'
+  joint attention and the single blocks' q/k/v: small (hidden 64, 2 + 2 blocks, 4x16x16 latents, 64-token
+  contexts); ``--scale wide`` at FLUX.1-dev's widths with 1 double + 1 single block (hidden 3072, 4096-dim context of
+  64 tokens, 16x16x16 latents: 128 px); ``--scale real`` FLUX.1-dev's config (19 + 38 blocks, 512 px, 512 tokens);
 * ``compvis``: a CompVis-style unconditional ``UNet2DModel`` (64, 128; attention at the second level and in the
   middle block) on 3x8x8 latents; with ``--scale real`` the ``CompVis/ldm-celebahq-256`` UNet config (224, 448,
   672, 896; attention at the three lower levels) on 3x64x64 latents. ``--scale real`` is for a GPU
@@ -38,25 +46,39 @@ import torch
 TARGET = 1.10  # DP / non-private time, fused
 
 
-def text_conditions(batch_size: int, context_dim: int, pooled_dim: int | None = None, resolution: int = 0):
-    """Random per-example conditions of a text family, 77-token contexts (SDXL's also a pooled embedding and time
-    ids), and their null (zeros, the SDXL pipeline's empty prompt)."""
+def text_conditions(batch_size: int, context_dim: int, pooled_dim: int | None = None, resolution: int = 0,
+                    length: int = 77, pooled_name: str = "text_embeds", guidance: bool = False):  # fmt: skip
+    """Random per-example conditions of a text family, ``length``-token contexts (SDXL's also a pooled embedding and
+    time ids; SD3 / FLUX a pooled embedding, FLUX-dev a guidance value), and their null (zeros)."""
     generator = torch.Generator().manual_seed(4321)
-    conditions = {"encoder_hidden_states": torch.randn(batch_size, 77, context_dim, generator=generator)}
+    conditions = {"encoder_hidden_states": torch.randn(batch_size, length, context_dim, generator=generator,
+                                                       device="cpu")}  # fmt: skip
     if pooled_dim is not None:
-        conditions["text_embeds"] = torch.randn(batch_size, pooled_dim, generator=generator)
+        conditions[pooled_name] = torch.randn(batch_size, pooled_dim, generator=generator, device="cpu")
+    if resolution:
         conditions["time_ids"] = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size,
                                               dtype=torch.float32)  # fmt: skip
-    null = {name: torch.zeros(1, *value.shape[1:]) for name, value in conditions.items() if name != "time_ids"}
+    if guidance:
+        conditions["guidance"] = torch.ones(batch_size)
+    null = {name: torch.zeros(1, *value.shape[1:]) for name, value in conditions.items()
+            if name not in ("time_ids", "guidance")}  # fmt: skip
     return conditions, null
 
 
 def build(family: str, rank: int, seed: int, batch_size: int, scale: str = "tiny", mixed_precision: str = "no",
           gradient_checkpointing: bool = False):  # fmt: skip
     """(LatentDenoiser with LoRA on attention, latent shape, noise scheduler, per-example conditions and their null,
-    or ``None`` for class labels) of a base of ``family``: small, or at the public checkpoint's configuration
-    (``scale="real"``)."""
-    from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+    or ``None`` for class labels, objective) of a base of ``family``: small, at the public checkpoint's configuration
+    (``scale="real"``) or, for the transformers SD3 and FLUX, at its real widths with two blocks (``"wide"``)."""
+    from diffusers import (
+        DDPMScheduler,
+        DiTTransformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+        UNet2DModel,
+    )
     from diffusers.training_utils import cast_training_params
 
     from dp_diffusers import LatentDenoiser
@@ -64,7 +86,7 @@ def build(family: str, rank: int, seed: int, batch_size: int, scale: str = "tiny
     from dp_diffusers.lora import add_lora, make_lora_config
 
     torch.manual_seed(seed)
-    real = scale == "real"
+    real = scale != "tiny"  # (the UNet families have no "wide" scale: it means their real one)
     conditions, null = None, None
     if family == "dit":
         heads, head_dim, layers, size = (16, 72, 28, 32) if real else (4, 32, 4, 16)
@@ -101,6 +123,37 @@ def build(family: str, rank: int, seed: int, batch_size: int, scale: str = "tiny
         )  # fmt: skip
         shape, pipeline = (4, size, size), "StableDiffusionXLPipeline"
         conditions, null = text_conditions(batch_size, context, pooled, size * 8)
+    elif family == "sd3":
+        # stabilityai/stable-diffusion-3.5-medium's transformer (hidden 1536 = 24 x 64, 24 blocks, dual attention in
+        # the first 13, patch 2, 16-channel latents; 1024 px) or its widths with 2 blocks (256 px), or a small one
+        heads, head_dim, layers, latent, size = {"real": (24, 64, 24, 16, 128), "wide": (24, 64, 2, 16, 32),
+                                                 "tiny": (4, 16, 2, 4, 16)}[scale]  # fmt: skip
+        joint, pooled = (4096, 2048) if scale != "tiny" else (64, 64)
+        backbone = SD3Transformer2DModel(
+            sample_size=size, patch_size=2, in_channels=latent, out_channels=latent, num_layers=layers,
+            attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint,
+            caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled, pos_embed_max_size=max(size, 96),
+            qk_norm="rms_norm", dual_attention_layers=tuple(range(min(13, layers))),
+        )  # fmt: skip
+        shape, pipeline = (latent, size, size), "StableDiffusion3Pipeline"
+        conditions, null = text_conditions(batch_size, joint, pooled, length=77 + 77, pooled_name="pooled_projections")
+    elif family == "flux":
+        # black-forest-labs/FLUX.1-dev's transformer (hidden 3072 = 24 x 128, 19 double + 38 single blocks, 16-channel
+        # latents packed 2x2; 512 px) or its widths with 1 + 1 blocks (128 px), or a small one; T5 context 512 tokens
+        # (real), 64 (wide, tiny)
+        heads, head_dim, double, single, latent, size, length = {
+            "real": (24, 128, 19, 38, 16, 64, 512), "wide": (24, 128, 1, 1, 16, 16, 64),
+            "tiny": (2, 32, 2, 2, 4, 16, 64)}[scale]  # fmt: skip
+        joint, pooled = (4096, 768) if scale != "tiny" else (64, 32)
+        backbone = FluxTransformer2DModel(
+            patch_size=1, in_channels=4 * latent, num_layers=double, num_single_layers=single,
+            attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint,
+            pooled_projection_dim=pooled, guidance_embeds=True,
+            axes_dims_rope=[16, 56, 56] if scale != "tiny" else [8, 12, 12],
+        )  # fmt: skip
+        shape, pipeline = (latent, size, size), "FluxPipeline"
+        conditions, null = text_conditions(batch_size, joint, pooled, length=length, pooled_name="pooled_projections",
+                                           guidance=True)  # fmt: skip
     else:
         if real:
             channels, size, per_block = (224, 448, 672, 896), 64, 2
@@ -113,7 +166,7 @@ def build(family: str, rank: int, seed: int, batch_size: int, scale: str = "tiny
                                down_block_types=down, up_block_types=up, attention_head_dim=32,
                                layers_per_block=per_block)  # fmt: skip
         shape, pipeline, conditions, null = (3, size, size), "LDMPipeline", {}, {}
-    add_lora(backbone, make_lora_config(rank, targets="attention", presets=FAMILIES[pipeline].lora_target_presets))
+    add_lora(backbone, make_lora_config(rank, targets=FAMILIES[pipeline].lora_targets("attention", backbone)))
     with torch.no_grad():  # lora_B starts at 0; give it weights so every path carries gradient
         for name, param in backbone.named_parameters():
             if "lora_B" in name:
@@ -124,18 +177,22 @@ def build(family: str, rank: int, seed: int, batch_size: int, scale: str = "tiny
         cast_training_params(backbone, dtype=torch.float32)
     if gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195)
     model = LatentDenoiser(backbone, FAMILIES[pipeline], input_dtype=dtype if dtype != torch.float32 else None)
-    return model, shape, scheduler, conditions, null
+    if family in ("sd3", "flux"):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if family == "sd3" else 1.0)
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195)
+    return model, shape, scheduler, conditions, null, model.family.objective(scheduler)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bc.add_common_args(parser)
-    parser.add_argument("--families", default="dit,compvis,sd,sdxl")
+    parser.add_argument("--families", default="dit,compvis,sd,sdxl,sd3,flux")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Fused DP only (and non-private).")
-    parser.add_argument("--scale", default="tiny", choices=["tiny", "real"], help="real: the Hub checkpoints' configs.")
+    parser.add_argument("--scale", default="tiny", choices=["tiny", "wide", "real"],
+                        help="real: the Hub checkpoints' configs; wide: SD3 / FLUX at real widths with two blocks.")
     parser.add_argument("--modes", default="fused,hooks")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
@@ -148,13 +205,16 @@ def main(argv=None) -> None:
     for family in args.families.split(","):
         options = dict(scale=args.scale, mixed_precision=args.mixed_precision,
                        gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
-        model, shape, scheduler, conditions, null = build(family, args.rank, args.seed, args.batch_size, **options)
+        with torch.device(args.device):  # built where it runs: a 12B-parameter transformer initialises in seconds
+            model, shape, scheduler, conditions, null, objective = build(family, args.rank, args.seed,
+                                                                         args.batch_size, **options)  # fmt: skip
         common = dict(batch_size=args.batch_size, device=args.device, latent_shape=shape, scheduler=scheduler,
-                      conditions=conditions, null_condition=null)  # fmt: skip
+                      conditions=conditions, null_condition=null, objective=objective)  # fmt: skip
         _, np_step = bc.make_steps(model, grad_sample_mode=None, **common)
         steps = {"non-private": np_step}
         for mode in args.modes.split(","):
-            dp_model = build(family, args.rank, args.seed, args.batch_size, **options)[0]
+            with torch.device(args.device):
+                dp_model = build(family, args.rank, args.seed, args.batch_size, **options)[0]
             steps[mode], _ = bc.make_steps(dp_model, grad_sample_mode=mode, make_nonprivate=False, **common)
         times = bc.interleaved(steps, args.reps, args.warmup, args.device, args.seed)
         trainable = sum(p.numel() for p in bc.trainable(model))

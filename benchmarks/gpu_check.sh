@@ -11,6 +11,8 @@
 #      bf16 base, gradient checkpointing, fused DP / non-private step and images/s.
 #   6. SDXL: the SDXL-base UNet config (random weights, 1024 px: 4x128x128 latents, 77x2048 context, pooled
 #      embeddings and time ids), batch 8, bf16 base, gradient checkpointing, fused DP / non-private step, images/s.
+#   7. SD3.5-medium's transformer config (1024 px, 154-token contexts) and 8. FLUX.1-dev's (12B parameters, 512 px,
+#      512-token T5 contexts, guidance), batch 4, bf16 base, gradient checkpointing, fused DP / non-private step.
 # Results land in benchmarks/results/gpu/ (JSON + markdown). Usage: bash benchmarks/gpu_check.sh [python]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,14 +21,18 @@ OUT=benchmarks/results/gpu
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-timeout 150 "$PY" benchmarks/bench_dp_step.py --device cuda --preset celeba64 --batch_size 256 \
+timeout 110 "$PY" benchmarks/bench_dp_step.py --device cuda --preset celeba64 --batch_size 256 \
     --targets attention --modes fused,hooks --ks 1,4 --reps 5 --warmup 2 --out "$OUT/dp_step.json"
-timeout 80 "$PY" benchmarks/bench_sampling.py --device cuda --preset celeba64 --batch_size 64 --steps 50 \
+timeout 55 "$PY" benchmarks/bench_sampling.py --device cuda --preset celeba64 --batch_size 64 --steps 50 \
     --reps 5 --warmup 2 --out "$OUT/sampling.json"
-timeout 90 "$PY" benchmarks/bench_families.py --device cuda --scale real --families dit,compvis --batch_size 32 \
+timeout 65 "$PY" benchmarks/bench_families.py --device cuda --scale real --families dit,compvis --batch_size 32 \
     --reps 5 --warmup 2 \
     --out "$OUT/dp_step_families.json"
-timeout 70 "$PY" benchmarks/bench_families.py --device cuda --scale real --families sd --modes fused --batch_size 32 \
+timeout 50 "$PY" benchmarks/bench_families.py --device cuda --scale real --families sd --modes fused --batch_size 32 \
     --mixed_precision bf16 --gradient_checkpointing --reps 3 --warmup 1 --out "$OUT/dp_step_sd.json"
-timeout 80 "$PY" benchmarks/bench_families.py --device cuda --scale real --families sdxl --modes fused --batch_size 8 \
+timeout 55 "$PY" benchmarks/bench_families.py --device cuda --scale real --families sdxl --modes fused --batch_size 8 \
     --mixed_precision bf16 --gradient_checkpointing --reps 3 --warmup 1 --out "$OUT/dp_step_sdxl.json"
+timeout 55 "$PY" benchmarks/bench_families.py --device cuda --scale real --families sd3 --modes fused --batch_size 4 \
+    --mixed_precision bf16 --gradient_checkpointing --reps 3 --warmup 1 --out "$OUT/dp_step_sd3.json"
+timeout 80 "$PY" benchmarks/bench_families.py --device cuda --scale real --families flux --modes fused --batch_size 4 \
+    --mixed_precision bf16 --gradient_checkpointing --reps 3 --warmup 1 --out "$OUT/dp_step_flux.json"

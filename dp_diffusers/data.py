@@ -419,21 +419,21 @@ def _dataset_key(dataset: Dataset, resolution: int, image_column: str, vae, mirr
 
 
 def _stack_rows(batches: Iterator[dict[str, np.ndarray]], n: int, path_of: Callable[[str], Path] | None):
-    """Stack ``n`` rows of each named array arriving in batches: in memory, or memory-mapped ``.npy`` files at
-    ``path_of(name)``, each written under a temporary name and renamed (a crash never leaves a partial cache), read
-    back lazily."""
+    """Stack ``n`` rows of each named array arriving in batches (in the batches' dtype): in memory, or memory-mapped
+    ``.npy`` files at ``path_of(name)``, each written under a temporary name and renamed (a crash never leaves a
+    partial cache), read back lazily."""
     out, tmp, start = {}, {}, 0
     for rows in batches:
         for name, values in rows.items():
             if name not in out:
                 shape = (n, *values.shape[1:])
                 if path_of is None:
-                    out[name] = np.empty(shape, dtype=np.float32)
+                    out[name] = np.empty(shape, dtype=values.dtype)
                 else:
                     path = path_of(name)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tmp[name] = path.with_suffix(f".{os.getpid()}.tmp.npy")  # one per process: ranks may encode at once
-                    out[name] = np.lib.format.open_memmap(tmp[name], mode="w+", dtype=np.float32, shape=shape)
+                    out[name] = np.lib.format.open_memmap(tmp[name], mode="w+", dtype=values.dtype, shape=shape)
             out[name][start : start + len(values)] = values
         start += len(next(iter(rows.values())))
     if path_of is None:

@@ -251,3 +251,19 @@ def test_guidance_is_each_example_s_training_guidance_and_never_dropped(tiny_flu
         assert conditions["guidance"].tolist() == [expected] * 3
     assert set(FluxFamily.null_condition(pipe, options)) == {"encoder_hidden_states", "pooled_projections"}
     assert math.isclose(FluxFamily.guidance_scale(ConditionOptions()), 1.0)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_expanded_weights_mode_also_gives_the_per_sample_gradients(kind):
+    """opacus' fourth mode (``ew``) on the transformers too (the other three: test_privacy_gradients.py)."""
+    from functools import partial
+
+    from helpers import assert_per_example_close, gradient_case, per_sample_gradients, reference_grads
+
+    from dp_diffusers.privacy import average_over_copies
+
+    model, reference, latents, conditions, timesteps, noise = gradient_case(partial(lora_denoiser, kind, "attention"),
+                                                                            2, 3, seed=1)  # fmt: skip
+    _, objective = per_sample_gradients(model, latents, conditions, timesteps, noise, 2, "ew")
+    got = {n: average_over_copies(p.grad_sample, 2) for n, p in model.named_parameters() if p.requires_grad}
+    assert_per_example_close(got, reference_grads(reference, objective, latents, conditions, timesteps, noise, 2), 1e-6)

@@ -343,7 +343,9 @@ def encode_examples(args, pipe, examples: PrivateExamples, accelerator):
                               mirrored=args.random_flip)  # fmt: skip
     if examples.canary_pixels is not None:
         latents = torch.cat([latents, encode_latents(pipe.vae, examples.canary_pixels, mirrored=args.random_flip)])
-    conditions = pipe.family.encode_conditions(pipe, examples, args.cache_dir)
+    # caption encodings in fp16 for a half-precision base (it takes them so): half the memory-mapped bytes
+    storage = torch.float16 if args.mixed_precision != "no" else torch.float32
+    conditions = pipe.family.encode_conditions(pipe, examples, args.cache_dir, storage)
     examples.captions = None  # nothing below sees the caption texts
     return latents, conditions
 

@@ -210,10 +210,11 @@ class BaseFamily:
         return None
 
     @classmethod
-    def encode_conditions(cls, pipe, examples: PrivateExamples, cache_dir: str | None = None) -> dict[str, Tensor]:
+    def encode_conditions(cls, pipe, examples: PrivateExamples, cache_dir: str | None = None,
+                          dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:  # fmt: skip
         """Named (N, ...) tensors, in the order the encoded data set holds them: what the frozen public encoders
         make of each example's label or caption (a deterministic per-example pre-processing by public models: no
-        privacy cost)."""
+        privacy cost); floating-point ones stored in ``dtype`` (fp16 for a half-precision base)."""
         return {}
 
     @classmethod

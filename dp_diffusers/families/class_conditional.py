@@ -116,10 +116,10 @@ class ClassFamily(BaseFamily):
         return None if cls.num_classes(pipe) is None else {"class_labels": pipe.get_label_ids(names)}
 
     @classmethod
-    def encode_conditions(cls, pipe, examples, cache_dir=None):
+    def encode_conditions(cls, pipe, examples, cache_dir=None, dtype=torch.float32):
         return {} if examples.labels is None else {"class_labels": examples.labels}
 
     @classmethod
-    def null_condition(cls, pipe):
+    def null_condition(cls, pipe, options=None):
         null = cls.null_class_id(pipe)
         return {} if null is None else {"class_labels": torch.tensor([null])}

@@ -39,8 +39,8 @@ class FlowMatchingFamily(TextFamily):
         return FlowMatching(scheduler, **{**asdict(cls.objective_defaults), **given})
 
     @classmethod
-    def max_sequence_length(cls, options: ConditionOptions) -> int:
-        return options.max_sequence_length or cls.default_max_sequence_length
+    def max_sequence_length(cls, options: ConditionOptions | None) -> int:
+        return (options and options.max_sequence_length) or cls.default_max_sequence_length
 
     @classmethod
     def sampling_kwargs(cls, pipe):

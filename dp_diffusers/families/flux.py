@@ -68,7 +68,7 @@ class FluxFamily(FlowMatchingFamily):
         return DEFAULT_GUIDANCE_SCALE if options.guidance_scale is None else options.guidance_scale
 
     @classmethod
-    def encode_prompts(cls, pipe, prompts, options):
+    def encode_prompts(cls, pipe, prompts, options=None):
         view = cls.sampling_pipeline(pipe)
         context, pooled, _ = view.encode_prompt(prompt=prompts, prompt_2=None, device=view._execution_device,
                                                 num_images_per_prompt=1,
@@ -76,8 +76,8 @@ class FluxFamily(FlowMatchingFamily):
         return {"encoder_hidden_states": context, "pooled_projections": pooled}
 
     @classmethod
-    def encode_conditions(cls, pipe, examples, cache_dir=None):
-        conditions = super().encode_conditions(pipe, examples, cache_dir)
+    def encode_conditions(cls, pipe, examples, cache_dir=None, dtype=torch.float32):
+        conditions = super().encode_conditions(pipe, examples, cache_dir, dtype)
         if pipe.unet.config.guidance_embeds:  # a guidance-distilled base: the training guidance, every example
             conditions["guidance"] = torch.full((len(examples),), cls.guidance_scale(examples.options))
         return conditions

@@ -25,7 +25,7 @@ class StableDiffusionFamily(TextFamily):
     pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     @classmethod
-    def encode_prompts(cls, pipe, prompts, options):
+    def encode_prompts(cls, pipe, prompts, options=None):
         view = cls.sampling_pipeline(pipe)
         context, _ = view.encode_prompt(prompts, view._execution_device, num_images_per_prompt=1,
                                         do_classifier_free_guidance=False)  # fmt: skip

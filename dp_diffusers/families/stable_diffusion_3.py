@@ -37,7 +37,7 @@ class StableDiffusion3Family(FlowMatchingFamily):
                                           mode_scale=1.29, precondition_outputs=True)  # fmt: skip
 
     @classmethod
-    def encode_prompts(cls, pipe, prompts, options):
+    def encode_prompts(cls, pipe, prompts, options=None):
         view = cls.sampling_pipeline(pipe)
         context, _, pooled, _ = view.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=view._execution_device, num_images_per_prompt=1,

@@ -59,7 +59,7 @@ class StableDiffusionXLFamily(TextFamily):
                             f"time ids' target size); use e.g. {max(8, resolution - resolution % 8)}.")  # fmt: skip
 
     @classmethod
-    def encode_prompts(cls, pipe, prompts, options):
+    def encode_prompts(cls, pipe, prompts, options=None):
         view = cls.sampling_pipeline(pipe)
         context, _, pooled, _ = view.encode_prompt(prompts, device=view._execution_device, num_images_per_prompt=1,
                                                    do_classifier_free_guidance=False)  # fmt: skip

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
+from torch import Tensor
 
 from ..data import DataError, dataset_captions, rows_to_arrays
 from .base import BaseFamily, ConditionOptions, UnsupportedBaseError, hub_options, listed_components
@@ -164,9 +165,9 @@ class TextFamily(BaseFamily):
                 if "tokenizer" in name and getattr(pipe, name) is not None}  # fmt: skip
 
     @classmethod
-    def encode_prompts(cls, pipe, prompts: list[str], options: ConditionOptions) -> dict[str, torch.Tensor]:
-        """The named conditions of ``prompts`` by the pipeline's own ``encode_prompt`` (no guidance half). Called
-        inside :func:`private_text`."""
+    def encode_prompts(cls, pipe, prompts: list[str], options: ConditionOptions | None = None) -> dict[str, Tensor]:
+        """The named conditions of ``prompts`` by the pipeline's own ``encode_prompt`` (no guidance half), with the
+        run's ``options`` (T5's length). Called inside :func:`private_text`."""
         raise NotImplementedError
 
     @classmethod
@@ -175,9 +176,11 @@ class TextFamily(BaseFamily):
         return {}
 
     @classmethod
-    def _cache_key(cls, pipe, captions: Sequence[str], options: ConditionOptions) -> str:
-        """The captions, the family, the tokenizers' vocabularies and lengths, the text encoders' weights."""
-        digest = hashlib.sha256(json.dumps([cls.name, list(captions), cls.max_lengths(pipe, options)]).encode())
+    def _cache_key(cls, pipe, captions: Sequence[str], options: ConditionOptions, dtype: torch.dtype) -> str:
+        """The captions, the family, the tokenizers' vocabularies and lengths, the storage dtype, the text encoders'
+        weights."""
+        lengths = cls.max_lengths(pipe, options)
+        digest = hashlib.sha256(json.dumps([cls.name, list(captions), lengths, str(dtype)]).encode())
         for name in cls.all_text_components():
             component = getattr(pipe, name)
             if component is None:
@@ -192,9 +195,10 @@ class TextFamily(BaseFamily):
     @classmethod
     @torch.no_grad()
     def encode_captions(cls, pipe, captions: Sequence[str], cache_dir: str | None = None,
-                        options: ConditionOptions | None = None,
-                        batch_size: int = ENCODE_BATCH_SIZE) -> dict[str, torch.Tensor]:  # fmt: skip
-        """The named (N, ...) fp32 conditions of ``captions``, ``batch_size`` at a time, silently
+                        options: ConditionOptions | None = None, batch_size: int = ENCODE_BATCH_SIZE,
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The named (N, ...) conditions of ``captions`` (stored in ``dtype``: fp32, or fp16 for a half-precision
+        base, which takes them in half precision anyway), ``batch_size`` at a time, silently
         (:func:`private_text`), as memory-mapped ``latents-text-<key>-<name>.npy`` files in ``cache_dir`` (a
         temporary folder, removed at exit, without one): never all in memory (a FLUX context is 512 x 4096 values
         per caption). Private data in encoded form: the Hub upload excludes them. Logs how many captions each
@@ -206,19 +210,20 @@ class TextFamily(BaseFamily):
             if count:
                 logger.warning(f"{count} of {len(captions)} captions are longer than the {lengths[name]} tokens "
                                f"{name} keeps: their ends are cut (the texts are not logged).")  # fmt: skip
-        prefix = Path(cache_dir or scratch_dir()) / f"latents-text-{cls._cache_key(pipe, captions, options)}"
+        key = cls._cache_key(pipe, captions, options, dtype)
+        prefix = Path(cache_dir or scratch_dir()) / f"latents-text-{key}"
 
         def batches():
             for start in range(0, len(captions), batch_size):
                 with private_text():
                     encoded = cls.encode_prompts(pipe, list(captions[start : start + batch_size]), options)
-                yield {name: value.float().cpu().numpy() for name, value in encoded.items()}
+                yield {name: value.to(dtype).cpu().numpy() for name, value in encoded.items()}
 
         return rows_to_arrays(batches(), len(captions), prefix)
 
     @classmethod
-    def encode_conditions(cls, pipe, examples, cache_dir=None):
-        captions = cls.encode_captions(pipe, examples.captions, cache_dir, examples.options)
+    def encode_conditions(cls, pipe, examples, cache_dir=None, dtype=torch.float32):
+        captions = cls.encode_captions(pipe, examples.captions, cache_dir, examples.options, dtype=dtype)
         return {**captions, **cls.image_conditions(pipe, examples)}
 
     @classmethod
