@@ -58,6 +58,9 @@ class DPLoRAConfig:
     guidance_scale: float | None = field(
         default=None, metadata={"help": "Guidance-distilled FLUX bases: --guidance_scale of training (None: default)."}
     )
+    privacy_unit: str | None = field(
+        default=None, metadata={"help": "User-level runs: the column of each example's person (the audit's unit)."}
+    )
     objective: dict[str, Any] | None = field(
         default=None, metadata={"help": "Flow-matching bases: the objective flags given (weighting_scheme, ...)."}
     )

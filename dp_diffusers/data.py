@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +80,68 @@ def load_private_digits(split: str = "train", tuning: bool = False) -> Dataset:
     return _digits_dataset(images[chosen], digits.target[chosen])
 
 
+#: the public rule that groups the private digits into "people": seeded sizes 5..15, seeded assignment
+UNIT_SIZES, UNIT_SEED = (5, 15), 2
+
+
+def load_private_digit_units(split: str = "train", tuning: bool = False) -> Dataset:
+    """The private digits with a privacy unit: ``person`` (``"person-017"``), each person owning 5-15 digits, by a
+    fixed public rule (the 1,797 digits shuffled with seed 2 and cut into consecutive runs of seeded sizes:
+    about 180 people). Splits are by person (20 % of the people held out, seed 0), so no person is on both sides;
+    ``tuning=True`` carves the validation people out of the train people the same way (seed 1)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    digits = load_digits()
+    rng = np.random.default_rng(UNIT_SEED)
+    order = rng.permutation(len(digits.images))
+    people, start = [], 0
+    while start < len(order):
+        size = int(rng.integers(UNIT_SIZES[0], UNIT_SIZES[1] + 1))
+        people.append(order[start : start + size])
+        start += size
+    if len(people[-1]) < UNIT_SIZES[0]:  # the remainder joins the person before
+        people[-2:] = [np.concatenate(people[-2:])]
+    ids = np.arange(len(people))
+    train_ids, test_ids = train_test_split(ids, test_size=PRIVATE_HELDOUT_FRACTION, random_state=PRIVATE_SPLIT_SEED)
+    if tuning:
+        train_ids, test_ids = train_test_split(train_ids, test_size=PRIVATE_HELDOUT_FRACTION,
+                                               random_state=PRIVATE_VALIDATION_SEED)  # fmt: skip
+    chosen = sorted(train_ids if split == "train" else test_ids)
+    rows = np.concatenate([np.sort(people[i]) for i in chosen])
+    images = np.rint(digits.images[rows] * (255.0 / 16.0)).clip(0, 255)
+    dataset = _digits_dataset(images, digits.target[rows])
+    owners = [f"person-{i:03d}" for i in chosen for _ in people[i]]
+    return dataset.add_column("person", owners)
+
+
 EMBEDDED_DATASETS = {
     "public-digits": lambda split: load_public_digits(),
     "private-digits": load_private_digits,
     "private-digits-tuning": lambda split: load_private_digits(split, tuning=True),
+    "private-digits-units": load_private_digit_units,
+    "private-digits-units-tuning": lambda split: load_private_digit_units(split, tuning=True),
 }
+
+
+def privacy_unit_members(dataset: Dataset, column: str) -> list[list[int]]:
+    """The example indices of each privacy unit: the rows sharing a value of ``column`` (e.g. ``patient_id``), in
+    order of first appearance. A missing column or an empty id (``None``, blank) is a ``DataError`` naming the
+    columns or the rows, never an id (ids are private data)."""
+    if column not in dataset.column_names:
+        raise DataError(f"--privacy_unit_column {column!r} is not a column of the data set; columns: "
+                        f"{dataset.column_names}.")  # fmt: skip
+    ids = dataset[column]
+    bad = [i for i, value in enumerate(ids) if value is None or (isinstance(value, str) and not value.strip())]
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise DataError(f"Rows {shown} have an empty {column!r}: every example needs its privacy unit.")
+    members: dict = {}
+    for index, value in enumerate(ids):
+        members.setdefault(value, []).append(index)
+    return list(members.values())
 
 
 def _check_image_folder(train_data_dir: str) -> None:
@@ -288,6 +346,36 @@ def augmented_copies(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return torch.stack([affine(image) for image in resized for _ in range(copies)])
+
+
+@dataclass
+class Canaries:
+    """Audit canaries: images (N, C, H, W) in [-1, 1], random labels and random-word captions (a family uses what it
+    conditions on), ``per_unit`` consecutive ones forming one privacy unit (unit-level runs: a canary "person")."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    captions: list[str]
+    per_unit: int = 1
+
+    def unit_members(self, offset: int) -> list[list[int]]:
+        """The canary units' example indices when the canaries follow ``offset`` other examples."""
+        units = len(self.pixels) // self.per_unit
+        return [[offset + u * self.per_unit + j for j in range(self.per_unit)] for u in range(units)]
+
+
+#: images of one canary unit of a unit-level run (at most --max_examples_per_unit)
+CANARY_UNIT_SIZE = 4
+
+
+def audit_canaries(num_canaries: int, channels: int, resolution: int, num_classes: int, seed: int,
+                   per_unit: int = 1) -> tuple[Canaries, Canaries]:  # fmt: skip
+    """``(inserted, held_out)``: ``num_canaries`` canary units of ``per_unit`` images each, trained on and never
+    trained on (:func:`make_canaries`, :func:`canary_captions`); the same arguments rebuild the same canaries."""
+    total = num_canaries * per_unit
+    inserted_x, inserted_y, heldout_x, heldout_y = make_canaries(total, channels, resolution, num_classes, seed)
+    inserted_c, heldout_c = canary_captions(total, seed)
+    return Canaries(inserted_x, inserted_y, inserted_c, per_unit), Canaries(heldout_x, heldout_y, heldout_c, per_unit)
 
 
 def canary_captions(num_canaries: int, seed: int, words: int = 4) -> tuple[list[str], list[str]]:

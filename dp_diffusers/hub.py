@@ -93,6 +93,9 @@ _PRIVACY_TABLE = [
     ("epochs", "Epochs", "passes over the private data"),
     ("noise_multiplicity", "Noise multiplicity", "noise draws averaged per example before clipping"),
     ("ema_decay", "Weight averaging (EMA decay)", "the adapter averages the DP iterates: post-processing, no cost"),
+    ("privacy_unit", "Privacy unit", "the column naming one person: the guarantee is per person"),
+    ("num_privacy_units", "Privacy units", "people in the private fine-tuning set"),
+    ("max_examples_per_unit", "Examples per person and step", "most examples a sampled person contributes (mean)"),
     ("dataset_size", "Training-set size N", "examples in the private fine-tuning set"),
     ("num_canaries", "Audit canaries", "random-pattern examples trained on for the audit, counted in N"),
     ("batch_size", "Batch size", "logical (expected) batch size"),
@@ -287,6 +290,16 @@ def _evaluation(
     return results, rows
 
 
+def _group_privacy_text(report: dict[str, Any] | None) -> str:
+    """``"m = 2: ε 3.7; m = 5: ε 12.3; m = 10: no bound"`` of an example-level report (earlier reports: the rule)."""
+    entries = (report or {}).get("group_privacy") or []
+    if not entries:
+        return "at best (mε, m·e^((m-1)ε)·δ)-DP"
+    parts = [f"m = {e['examples']}: " + (f"ε {e['epsilon']:.3g}" if e.get("epsilon") is not None else "no bound")
+             for e in entries]  # fmt: skip
+    return "; ".join(parts)
+
+
 def build_model_card(
     folder: str | Path,
     repo_id: str | None = None,
@@ -371,6 +384,7 @@ def build_model_card(
         text_to_image=text_to_image,
         pipeline_class=family.pipeline_class_name,
         base_load_target=base_model or "<the base model>",
+        group_privacy=_group_privacy_text(report),
         example_prompt=prompts[0] if prompts else "a photo",
     )
 

@@ -104,6 +104,34 @@ def fit(model, optimizer, loader, loss_fn, steps: int, k: int, backward, log=Non
     progress.close()
 
 
+def weight_dtype(mixed_precision: str):
+    """The frozen base's dtype for ``--mixed_precision`` (no, fp16, bf16)."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def init_lora_weights_flag(value: str) -> bool | str:
+    """peft's ``init_lora_weights`` from the command line: ``true`` / ``false`` or a method name (``gaussian``)."""
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def frozen_checksum(model) -> float:
+    """The sum of every frozen weight (float64): unchanged while only adapters train."""
+    return float(sum(p.double().sum() for p in model.parameters() if not p.requires_grad))
+
+
+def check_training_moved(trainable, snapshot, model, checksum: float) -> None:
+    """Guard against silent no-op training (opacus#820): the adapters moved from ``snapshot``, the frozen base
+    kept its ``checksum``."""
+    import torch
+
+    if all(torch.equal(p.detach(), s) for p, s in zip(trainable, snapshot)):
+        raise RuntimeError("The step left every trainable parameter unchanged: per-sample gradients are not flowing.")
+    if frozen_checksum(model) != checksum:
+        raise RuntimeError("The frozen base weights changed during DP-LoRA training.")
+
+
 def resume_step(accelerator: Accelerator, args: argparse.Namespace) -> int:
     """Load ``--resume_from_checkpoint`` into ``accelerator`` (nothing when absent) and return its step."""
     checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)

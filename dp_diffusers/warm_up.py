@@ -46,11 +46,19 @@ class CentralImageSettings:
 def release_private_central_images(examples: PrivateExamples, channels: int, release_ids: list[int],
                                    settings: CentralImageSettings) -> CentralImages:  # fmt: skip
     """The mean image of each class in ``release_ids`` (model class ids; unlabelled data: one), over the private
-    images and canaries, with secret noise. An example of another class (a canary's random label) takes no part."""
+    images and canaries, with secret noise. An example of another class (a canary's random label) takes no part.
+    Unit-level (``examples.units``): each person's images weigh 1 / their number, one bounded contribution per
+    person (``privacy.central_image_query``)."""
     size = settings.resolution
     positions = {class_id: i for i, class_id in enumerate(release_ids)}
     labels = examples.labels if examples.labels is not None else torch.zeros(len(examples), dtype=torch.long)
     rows = torch.tensor([positions.get(int(label), -1) for label in labels])
+    unit_of, unit_sizes = None, None
+    if examples.units is not None:
+        unit_of = torch.empty(len(examples), dtype=torch.long)
+        for unit, members in enumerate(examples.units):
+            unit_of[members] = unit
+        unit_sizes = torch.tensor([len(members) for members in examples.units])
     parts = [pixel_batches(examples.dataset, size, channels, examples.image_column, batch_size=256)]
     if examples.canary_pixels is not None:
         parts.append([torch.nn.functional.interpolate(examples.canary_pixels, size=(size, size), mode="area")])
@@ -59,11 +67,13 @@ def release_private_central_images(examples: PrivateExamples, channels: int, rel
         start = 0
         for pixels in itertools.chain(*parts):
             part = rows[start : start + len(pixels)]
+            units = [] if unit_of is None else [unit_of[start : start + len(pixels)][part >= 0]]
             start += len(pixels)
-            yield pixels[part >= 0], part[part >= 0]
+            yield pixels[part >= 0], part[part >= 0], *units
 
     return release_central_images(batches(), len(release_ids), noise_multiplier=settings.noise_multiplier,
-                                  max_image_norm=settings.max_image_norm, generator=secret_generator())  # fmt: skip
+                                  max_image_norm=settings.max_image_norm, generator=secret_generator(),
+                                  unit_sizes=unit_sizes)  # fmt: skip
 
 
 def warm_up(model, loss_fn, central: CentralImages, release_ids: list[int], vae, resolution: int, *, copies: int,

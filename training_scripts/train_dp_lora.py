@@ -39,11 +39,12 @@ from dp_diffusers import DiffusionLoss, DPLDMPipeline, LatentDenoiser
 from dp_diffusers.adapter_config import DPLoRAConfig
 from dp_diffusers.constants import CLASS_EMBEDDER_FOLDER, CLASS_ROWS_FOLDER, DP_REPORT_NAME, SAMPLES_NAME
 from dp_diffusers.data import (
+    CANARY_UNIT_SIZE,
     DataError,
-    canary_captions,
+    audit_canaries,
     dataset_latents,
     encode_latents,
-    make_canaries,
+    privacy_unit_members,
     resolve_columns,
 )
 from dp_diffusers.families import ConditionOptions, ObjectiveOptions, PrivateExamples
@@ -55,6 +56,7 @@ from dp_diffusers.privacy import (
     GRAD_SAMPLE_MODES,
     DPReport,
     PrivacyBudget,
+    PrivacyUnits,
     PrivateTrainingState,
     Release,
     build_dp_report,
@@ -67,12 +69,16 @@ from dp_diffusers.training_utils import (
     add_data_args,
     add_evaluation_args,
     add_run_args,
+    check_training_moved,
     fit,
+    frozen_checksum,
+    init_lora_weights_flag,
     load_training_dataset,
     make_accelerator,
     resolve_dataset_source,
     resolve_resume,
     save_checkpoint,
+    weight_dtype,
 )
 from dp_diffusers.visualization import sample_grid
 from dp_diffusers.warm_up import CentralImageSettings, release_private_central_images, warm_up
@@ -157,7 +163,14 @@ def parse_args(argv=None):
                     help="Per-example gradients: fused (in the layers' backward; fastest), or opacus' modes.")
     dp.add_argument("--secure_mode", action="store_true", help="opacus' floating-point-safe noise (slower).")
     dp.add_argument("--batch_size", type=int, default=64, help="Expected logical (Poisson) batch size, all ranks.")
-    dp.add_argument("--max_physical_batch_size", type=int, default=None, help="Examples per forward pass.")
+    dp.add_argument("--max_physical_batch_size", type=int, default=None,
+                    help="Examples (with --privacy_unit_column: units) per forward pass.")
+    dp.add_argument("--privacy_unit_column", type=str, default=None,
+                    help="User-level DP: the column naming each example's person (e.g. patient_id). Steps sample "
+                    "people; each contributes the mean of up to --max_examples_per_unit of its examples, clipped "
+                    "once; epsilon is per person. Default: each example is its own unit.")  # fmt: skip
+    dp.add_argument("--max_examples_per_unit", type=int, default=16,
+                    help="A sampled person's examples per step (a fresh random subset; the privacy holds for any).")
 
     central = parser.add_argument_group(
         "DP central images (DP-FETA's warm-up: per-class mean images released by the Gaussian mechanism, trained on "
@@ -211,6 +224,7 @@ def parse_args(argv=None):
         f"--noise_multiplier must be > 0 (sigma 0 adds no noise: no privacy), got {args.noise_multiplier}":
             args.noise_multiplier is not None and args.noise_multiplier <= 0,
         "--num_canaries must be >= 0": args.num_canaries < 0,
+        f"--max_examples_per_unit must be >= 1, got {args.max_examples_per_unit}": args.max_examples_per_unit < 1,
         f"--ema_decay must be in (0, 1), got {args.ema_decay}":
             args.ema_decay is not None and not 0 < args.ema_decay < 1,
         "--evaluate needs --dataset_name: a data set with a held-out 'test' split to evaluate against.":
@@ -246,7 +260,7 @@ def load_base(args) -> tuple[DPLDMPipeline, int]:
     pipe.ensure_peft_unet()  # CompVis-style UNet2DModel and DiT bases get diffusers' adapter API
     if args.pretrained_vae_model_name_or_path is not None:  # diffusers' flag: a VAE that is safe in half precision
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=args.revision)
-        pipe.register_modules(vae=vae.to(dtype=weight_dtype(args)))
+        pipe.register_modules(vae=vae.to(dtype=weight_dtype(args.mixed_precision)))
     pipe.vae.eval().requires_grad_(False)
     resolution = args.resolution or pipe.vae.config.sample_size
     pipe.family.check_resolution(pipe, resolution)
@@ -273,15 +287,24 @@ def load_private_examples(args, pipe, resolution: int) -> PrivateExamples:
     dataset = load_training_dataset(args)
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
     examples = family.prepare_examples(pipe, dataset, image_column, label_column, resolution, condition_options(args))
+    if args.privacy_unit_column:  # user-level DP: the units' members, canary units added below
+        examples.units = privacy_unit_members(dataset, args.privacy_unit_column)
     if args.num_canaries:
         num_classes = max(examples.id2label) + 1 if examples.id2label else 1
-        pixels, labels, _, _ = make_canaries(args.num_canaries, pipe.vae.config.in_channels, resolution, num_classes,
-                                             args.seed)  # fmt: skip
-        family.add_canaries(examples, pixels, labels, canary_captions(args.num_canaries, args.seed)[0])
-    if len(examples) < args.batch_size:
-        raise DataError(f"The private data set has {len(examples)} examples, fewer than one batch (--batch_size "
+        canaries, _ = audit_canaries(args.num_canaries, pipe.vae.config.in_channels, resolution, num_classes,
+                                     args.seed, canaries_per_unit(args))  # fmt: skip
+        family.add_canaries(examples, canaries.pixels, canaries.labels, canaries.captions)
+        if examples.units is not None:
+            examples.units += canaries.unit_members(len(dataset))
+    unit = "privacy units" if examples.units is not None else "examples"
+    if examples.num_units < args.batch_size:
+        raise DataError(f"The private data set has {examples.num_units} {unit}, fewer than one batch (--batch_size "
                         f"{args.batch_size}).")  # fmt: skip
     return examples
+
+
+def canaries_per_unit(args) -> int:
+    return min(CANARY_UNIT_SIZE, args.max_examples_per_unit) if args.privacy_unit_column else 1
 
 
 def planned_steps(args, n: int) -> int:
@@ -290,10 +313,10 @@ def planned_steps(args, n: int) -> int:
 
 def plan_privacy(args, n: int) -> tuple[PrivacyBudget, list[Release]]:
     """The noise multiplier (calibrated to --target_epsilon over the planned steps and the other releases, or given)
-    and the budget that counts every step and stops before the target."""
+    and the budget that counts every step and stops before the target; ``n`` privacy units (examples or people)."""
     sample_rate, steps = args.batch_size / n, planned_steps(args, n)
     releases = [Release(args.central_image_noise_multiplier)] if args.central_image_noise_multiplier else []
-    check_delta(args.target_delta, n)
+    check_delta(args.target_delta, n, "privacy unit" if args.privacy_unit_column else "example")
     if args.noise_multiplier is None:
         target_epsilon = args.target_epsilon if args.target_epsilon is not None else DEFAULT_TARGET_EPSILON
         sigma = calibrate_noise_multiplier(target_epsilon, args.target_delta, sample_rate, steps, args.accountant,
@@ -306,16 +329,12 @@ def plan_privacy(args, n: int) -> tuple[PrivacyBudget, list[Release]]:
     return budget, releases
 
 
-def weight_dtype(args) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-
-
 def build_model(args, pipe, accelerator):
     """LoRA (peft, the family's presets) in the denoiser, the base frozen in the weight dtype, every trainable
     parameter in fp32 (diffusers' ``cast_training_params``). Returns (model, LoRA config, adapted modules)."""
     targets = pipe.family.lora_targets(args.lora_target_modules, pipe.unet)
     lora_config = make_lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, targets,
-                                   _init_flag(args.init_lora_weights))  # fmt: skip
+                                   init_lora_weights_flag(args.init_lora_weights))  # fmt: skip
     unet, class_embedder, class_rows = pipe.unet, pipe.class_embedder, pipe.class_rows
     adapted_modules = add_lora(unet, lora_config)
     if class_embedder is not None:
@@ -324,11 +343,11 @@ def build_model(args, pipe, accelerator):
         class_rows.requires_grad_(True)  # new DiT classes (only made with --train_class_embedding)
     for module in (unet, class_embedder):  # the base (and its class embedding) in the weight dtype ...
         if module is not None:
-            module.to(dtype=weight_dtype(args))
+            module.to(dtype=weight_dtype(args.mixed_precision))
     cast_training_params([m for m in (unet, class_embedder, class_rows) if m is not None], dtype=torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    input_dtype = weight_dtype(args) if args.mixed_precision != "no" else None
+    input_dtype = weight_dtype(args.mixed_precision) if args.mixed_precision != "no" else None
     model = LatentDenoiser(unet, pipe.family, class_embedder, class_rows, input_dtype).to(accelerator.device)
     logger.info(f"LoRA on {len(adapted_modules)} modules: {adapted_modules}")
     return model, lora_config, adapted_modules
@@ -366,7 +385,7 @@ def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budge
     """DP-SGD (opacus, through ``dp_diffusers.privacy``) until the budget allows no further step; checkpoints
     carry the accountant, so a resumed run continues its spent budget."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    frozen_checksum = _frozen_checksum(model)
+    checksum = frozen_checksum(model)
     checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if budget.releases and checkpoint is None and accelerator.is_main_process:
         # DP central images, then the warm-up on them (post-processing); a resumed run has both in its weights and
@@ -382,9 +401,10 @@ def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budge
     if accelerator.num_processes > 1:
         model = DPDDP(model)  # opacus' DDP: noise on rank 0, one all-reduce per logical batch
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    units = None if examples.units is None else PrivacyUnits(examples.units, args.max_examples_per_unit)
     dp = make_private(model, optimizer, data, budget=budget, max_grad_norm=args.max_grad_norm,
                       noise_multiplicity=args.noise_multiplicity, grad_sample_mode=args.grad_sample_mode,
-                      secure_mode=args.secure_mode)  # fmt: skip
+                      secure_mode=args.secure_mode, units=units)  # fmt: skip
     accelerator.register_for_checkpointing(PrivateTrainingState(model, dp.optimizer, budget))
     ema = make_ema(args, accelerator, trainable)
     if checkpoint is not None:
@@ -403,13 +423,14 @@ def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budge
                 steps_before = budget.steps
                 if first_snapshot is None:
                     first_snapshot = [p.detach().clone() for p in trainable]
-                loss = private_backward(dp.model, dp.optimizer, loss_fn, *(t.to(accelerator.device) for t in batch))
+                *columns, batch_units = [t.to(accelerator.device) for t in batch] + ([] if units else [None])
+                loss = private_backward(dp.model, dp.optimizer, loss_fn, *columns, units=batch_units)
                 dp.optimizer.step()
                 dp.optimizer.zero_grad(set_to_none=True)
                 if budget.steps == steps_before:
                     continue  # a physical part of a logical batch: clipped and accumulated, no step yet
                 if budget.steps == 1 or budget.steps == budget.max_steps:
-                    _check_training_moved(trainable, first_snapshot, model, frozen_checksum)
+                    check_training_moved(trainable, first_snapshot, model, checksum)
                 progress.update(budget.steps - steps_before)
                 if ema is not None:
                     ema.step(trainable)
@@ -432,7 +453,7 @@ def train_without_privacy(args, accelerator, model, data, loss_fn, steps: int) -
     """``--disable_dp``: the same LoRA, loss, noise multiplicity, batch size and number of steps as the DP run,
     with shuffled batches, no clipping and no noise (not checkpointed: a reference run, minutes long)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    snapshot, frozen_checksum = [p.detach().clone() for p in trainable], _frozen_checksum(model)
+    snapshot, checksum = [p.detach().clone() for p in trainable], frozen_checksum(model)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -442,7 +463,7 @@ def train_without_privacy(args, accelerator, model, data, loss_fn, steps: int) -
     fit(model, optimizer, loader, loss_fn, steps, k, accelerator.backward, accelerator.log, on_step, show)
     if ema is not None:
         ema.copy_to(trainable)
-    _check_training_moved(trainable, snapshot, model, frozen_checksum)
+    check_training_moved(trainable, snapshot, model, checksum)
 
 
 def central_image_settings(args, vae, resolution: int) -> CentralImageSettings:
@@ -469,25 +490,20 @@ def save_outputs(args, pipe, examples: PrivateExamples, report: DPReport | None)
     weights = save_lora_weights(pipe.unet, out, pipe.family)
     trained_embedder = args.train_class_embedding and pipe.class_embedder is not None
     adapter_config = DPLoRAConfig(
-        base_model=args.pretrained_model_name_or_path,
-        revision=args.revision,
-        base_family=pipe.base_family,
-        lora_weights=weights.name,
-        class_embedder=CLASS_EMBEDDER_FOLDER if trained_embedder else None,
-        class_rows=CLASS_ROWS_FOLDER if pipe.class_rows is not None else None,
-        id2label=examples.id2label or None,
+        base_model=args.pretrained_model_name_or_path, revision=args.revision, base_family=pipe.base_family,
+        lora_weights=weights.name, class_embedder=CLASS_EMBEDDER_FOLDER if trained_embedder else None,
+        class_rows=CLASS_ROWS_FOLDER if pipe.class_rows is not None else None, id2label=examples.id2label or None,
         # The examples trained on (the audit's members): the whole train split, or --max_train_samples' subset.
         train_subset=None if args.max_train_samples is None else {"max_samples": args.max_train_samples,
-                                                                   "seed": args.seed},  # fmt: skip
-        canaries={"num_canaries": args.num_canaries, "seed": args.seed, "resolution": examples.resolution}
+                                                                   "seed": args.seed},
+        canaries={"num_canaries": args.num_canaries, "seed": args.seed, "resolution": examples.resolution,
+                  **({"per_unit": canaries_per_unit(args)} if args.privacy_unit_column else {})}
         if args.num_canaries else None,
-        caption_column=args.caption_column,
-        caption_template=args.caption_template,
-        validation_prompts=args.validation_prompt,
-        max_sequence_length=args.max_sequence_length,
-        guidance_scale=args.guidance_scale,
+        caption_column=args.caption_column, caption_template=args.caption_template,
+        validation_prompts=args.validation_prompt, max_sequence_length=args.max_sequence_length,
+        guidance_scale=args.guidance_scale, privacy_unit=args.privacy_unit_column,
         objective={k: v for k, v in asdict(objective_options(args)).items() if v is not None} or None,
-    )
+    )  # fmt: skip
     trained = {CLASS_EMBEDDER_FOLDER: pipe.class_embedder, CLASS_ROWS_FOLDER: pipe.class_rows}
     for folder, module in trained.items():
         if folder in (adapter_config.class_embedder, adapter_config.class_rows):
@@ -523,24 +539,6 @@ def save_outputs(args, pipe, examples: PrivateExamples, report: DPReport | None)
         logger.info(f"Pushed to {url}")
 
 
-def _init_flag(value: str):
-    return {"true": True, "false": False}.get(value.lower(), value)
-
-
-def _frozen_checksum(model) -> float:
-    return float(sum(p.double().sum() for p in model.parameters() if not p.requires_grad))
-
-
-def _check_training_moved(trainable, snapshot, model, frozen_checksum):
-    """Guard against silent no-op training (opacus#820): adapters moved, frozen base did not."""
-    if all(torch.equal(p.detach(), s) for p, s in zip(trainable, snapshot)):
-        raise RuntimeError(
-            "The DP step left every trainable parameter unchanged: per-sample gradients are not flowing."
-        )
-    if _frozen_checksum(model) != frozen_checksum:
-        raise RuntimeError("The frozen base weights changed during DP-LoRA training.")
-
-
 def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)  # --mixed_precision casts the frozen base's weights (build_model): no autocast
@@ -551,7 +549,7 @@ def main(argv=None):
     if args.disable_dp:
         logger.warning("--disable_dp: training WITHOUT differential privacy; the adapter claims no guarantee.")
     else:
-        budget, releases = plan_privacy(args, n)
+        budget, releases = plan_privacy(args, examples.num_units)
     model, lora_config, adapted_modules = build_model(args, pipe, accelerator)
     latents, conditions = encode_examples(args, pipe, examples, accelerator)
     data = TensorDataset(latents, *conditions.values())
@@ -564,7 +562,8 @@ def main(argv=None):
         return
 
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(f"{n} private examples, q={budget.sample_rate:.4g}, sigma={budget.noise_multiplier:.4f}, "
+    logger.info(f"{n} private examples ({examples.num_units} privacy units), q={budget.sample_rate:.4g}, "
+                f"sigma={budget.noise_multiplier:.4f}, "
                 f"C={args.max_grad_norm}, k={args.noise_multiplicity}, {budget.max_steps} steps, "
                 f"{trainable_parameters} trainable parameters")  # fmt: skip
     train_private(args, accelerator, pipe, model, examples, data, loss_fn, budget, resolution)
@@ -583,6 +582,8 @@ def main(argv=None):
             ema_decay=args.ema_decay, num_canaries=args.num_canaries or None, mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing, random_flip=args.random_flip,
             training_guidance_scale=float(conditions["guidance"][0]) if "guidance" in conditions else None,
+            privacy_unit=args.privacy_unit_column, num_privacy_units=examples.num_units if examples.units else None,
+            max_examples_per_unit=args.max_examples_per_unit if examples.units else None,
             other_releases=[central_image_settings(args, pipe.vae, resolution).record(
                 budget.release_epsilon(), warmup_steps=args.warmup_steps, warmup_batch_size=args.warmup_batch_size,
                 copies_per_image=args.central_image_copies)] if releases else [],

@@ -14,18 +14,19 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..adapter_config import DPLoRAConfig
 from ..constants import METRICS_NAME
 from ..data import (
     DataError,
-    canary_captions,
+    audit_canaries,
     dataset_to_tensors,
     encode_latents,
     label_names,
     load_image_dataset,
-    make_canaries,
+    privacy_unit_members,
     resolve_columns,
     seeded_subset,
 )
@@ -110,15 +111,30 @@ def _without_adapter(unet, loss_fn):
     return base_loss_fn
 
 
-def _canary_audit(loss_fn, canary_sets, seed: int, base_loss_fn) -> dict:
-    """``canary_auc``: inserted vs held-out canaries; with the public base's loss also its AUC on them (their
-    chance level, ``canary_public_base_auc``) and ``canary_calibrated_auc``."""
-    result = audit(loss_fn, *canary_sets, seed=seed, calibration_loss_fn=base_loss_fn)
+def _canary_audit(loss_fn, canary_sets, seed: int, base_loss_fn, units: dict) -> dict:
+    """``canary_auc``: inserted vs held-out canaries (canary units); with the public base's loss also its AUC on
+    them (their chance level, ``canary_public_base_auc``) and ``canary_calibrated_auc``."""
+    result = audit(loss_fn, *canary_sets, seed=seed, calibration_loss_fn=base_loss_fn, **units)
     out = {"canary_auc": result["membership_auc"], "num_canaries": result["num_members"]}
     if base_loss_fn is not None:
         out["canary_public_base_auc"] = result["calibration_auc"]
         out["canary_calibrated_auc"] = result["calibrated_auc"]
     return out
+
+
+def _audit_members(members, nonmembers, config: DPLoRAConfig | None, seed: int) -> tuple[torch.Tensor, dict]:
+    """(the member examples' indices, ``audit``'s unit arguments): at most as many members as non-members, drawn
+    with ``seed``; for a user-level adapter whole people (its ``privacy_unit`` column), at most as many as the
+    held-out people, and the units of both sides."""
+    generator = torch.Generator().manual_seed(seed)
+    column = config.privacy_unit if config is not None else None
+    if column is None:
+        return torch.randperm(len(members), generator=generator)[: len(nonmembers)], {}
+    people, held_out = privacy_unit_members(members, column), privacy_unit_members(nonmembers, column)
+    chosen = [people[i] for i in torch.randperm(len(people), generator=generator)[: len(held_out)].tolist()]
+    starts = np.cumsum([0] + [len(unit) for unit in chosen])
+    units = [list(range(start, start + len(unit))) for start, unit in zip(starts, chosen)]
+    return torch.tensor([i for unit in chosen for i in unit]), {"member_units": units, "nonmember_units": held_out}
 
 
 def _adapter_config(adapter_dir: str | Path) -> DPLoRAConfig | None:
@@ -218,8 +234,9 @@ def evaluate_adapter(
 
     # Membership audit: every held-out example is a non-member; members are examples the run trained on, at
     # most as many as the non-members (a random part of a large train split, all of a small subset). Each example
-    # is scored under its own conditions (its class, or its own caption's encoding).
-    members = torch.randperm(len(member_x), generator=torch.Generator().manual_seed(seed))[: len(test_x)]
+    # is scored under its own conditions (its class, or its own caption's encoding). A user-level run's audit is of
+    # people: members and non-members are privacy units, each scored by its examples' mean.
+    members, units = _audit_members(member.dataset, test.dataset, config, seed)
     chosen = family.prepare_examples(pipe, member.dataset.select(members.tolist()), member.image_column,
                                      resolve_columns(member.dataset)[1], resolution, options)  # fmt: skip
     sets = (encode_latents(vae, member_x[members]), family.encode_conditions(pipe, chosen),
@@ -229,7 +246,7 @@ def evaluate_adapter(
         pipe.unfuse_lora()  # the samples are drawn; the audit switches the adapter off for the base's scores
         if not (config.class_embedder or config.class_rows):  # (trained class rows may add classes the base lacks)
             base_loss_fn = _without_adapter(pipe.unet, denoiser_loss_fn(pipe, objective))
-    result = audit(denoiser_loss_fn(pipe, objective), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
+    result = audit(denoiser_loss_fn(pipe, objective), *sets, seed=seed, calibration_loss_fn=base_loss_fn, **units)
     metrics["membership_auc"] = {"value": result.pop("membership_auc"), **result}
     if base_loss_fn is not None:
         # The public base never saw either set: its AUC is this split's chance level (a few hundred examples
@@ -240,24 +257,27 @@ def evaluate_adapter(
         # the range train_dp_lora.py drew the canaries' labels from (1 for an unconditional base)
         label_range = max(int(k) for k in pipe.config.id2label) + 1 if pipe.config.id2label else 1
         size = canaries.get("resolution", resolution)
-        drawn = make_canaries(canaries["num_canaries"], channels, size, label_range, canaries["seed"])
-        captions = canary_captions(canaries["num_canaries"], canaries["seed"])  # a text model's, as the run drew
+        drawn = audit_canaries(canaries["num_canaries"], channels, size, label_range, canaries["seed"],
+                               canaries.get("per_unit", 1))  # fmt: skip
         canary_sets = []
-        for pixels, labels, texts in ((drawn[0], drawn[1], captions[0]), (drawn[2], drawn[3], captions[1])):
+        for canary in drawn:  # inserted, then held out
             empty = family.prepare_examples(pipe, test.dataset.select([]), test.image_column,
                                             resolve_columns(test.dataset)[1], size, options)  # fmt: skip
-            family.add_canaries(empty, pixels, labels, texts)
-            canary_sets += [encode_latents(vae, pixels), family.encode_conditions(pipe, empty)]
-        canary_audit = _canary_audit(denoiser_loss_fn(pipe, objective), canary_sets, seed, base_loss_fn)
+            family.add_canaries(empty, canary.pixels, canary.labels, canary.captions)
+            canary_sets += [encode_latents(vae, canary.pixels), family.encode_conditions(pipe, empty)]
+        canary_units = {"member_units": drawn[0].unit_members(0), "nonmember_units": drawn[1].unit_members(0)}
+        canary_audit = _canary_audit(denoiser_loss_fn(pipe, objective), canary_sets, seed, base_loss_fn, canary_units)
         metrics["membership_auc"].update(canary_audit)
     if audit_reference is not None:
         reference = DPLDMPipeline.from_pretrained(audit_reference)
-        ref = audit(denoiser_loss_fn(reference, objective), *sets, seed=seed, calibration_loss_fn=base_loss_fn)
+        ref = audit(denoiser_loss_fn(reference, objective), *sets, seed=seed, calibration_loss_fn=base_loss_fn,
+                    **units)  # fmt: skip
         metrics["membership_auc"]["reference_nonprivate_auc"] = ref["membership_auc"]
         if base_loss_fn is not None:
             metrics["membership_auc"]["reference_nonprivate_calibrated_auc"] = ref["calibrated_auc"]
         if canaries and getattr(_adapter_config(audit_reference), "canaries", None) == canaries:
-            ref_canaries = _canary_audit(denoiser_loss_fn(reference, objective), canary_sets, seed, base_loss_fn)
+            ref_canaries = _canary_audit(denoiser_loss_fn(reference, objective), canary_sets, seed, base_loss_fn,
+                                         canary_units)  # fmt: skip
             for key in ("canary_auc", "canary_calibrated_auc"):  # (the counts and the base's AUC are the adapter's)
                 if key in ref_canaries:
                     metrics["membership_auc"][f"reference_nonprivate_{key}"] = ref_canaries[key]

@@ -109,6 +109,8 @@ def audit(
     seed: int = 0,
     batch_size: int = 64,
     calibration_loss_fn: LossFn | None = None,
+    member_units: Sequence[Sequence[int]] | None = None,
+    nonmember_units: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Loss-threshold membership inference: members (training examples) vs. held-out non-members.
 
@@ -117,6 +119,8 @@ def audit(
     "num_members", "num_nonmembers", "timesteps", "attack"}``; with ``calibration_loss_fn`` (a model
     that saw neither set, scored with the same timesteps and noise) also ``"calibration_auc"`` (its
     own raw AUC: the split's chance level) and ``"calibrated_auc"`` (the difficulty-calibrated attack).
+    With ``member_units`` and ``nonmember_units`` (each unit: the indices of its examples, e.g. one person's images)
+    the members and non-members are units, each scored by the mean of its examples' scores (user-level audit).
     """
     _check_inputs(member_latents, member_labels, "member")
     _check_inputs(nonmember_latents, nonmember_labels, "non-member")
@@ -125,22 +129,24 @@ def audit(
             f"member and non-member latents differ in shape: {tuple(member_latents.shape[1:])} "
             f"vs {tuple(nonmember_latents.shape[1:])}"
         )
-    member_scores = denoising_loss_scores(loss_fn, member_latents, member_labels, timesteps, seed, batch_size)
-    nonmember_scores = denoising_loss_scores(loss_fn, nonmember_latents, nonmember_labels, timesteps, seed, batch_size)
+    def by_unit(scores: torch.Tensor, units) -> torch.Tensor:
+        return scores if units is None else torch.stack([scores[list(members)].mean() for members in units])
+
+    def scores_of(fn: LossFn, latents, labels, units) -> torch.Tensor:
+        return by_unit(denoising_loss_scores(fn, latents, labels, timesteps, seed, batch_size), units)
+
+    member_scores = scores_of(loss_fn, member_latents, member_labels, member_units)
+    nonmember_scores = scores_of(loss_fn, nonmember_latents, nonmember_labels, nonmember_units)
     result = {
         "membership_auc": membership_auc(member_scores, nonmember_scores),
-        "num_members": len(member_latents),
-        "num_nonmembers": len(nonmember_latents),
+        "num_members": len(member_scores),
+        "num_nonmembers": len(nonmember_scores),
         "timesteps": [int(t) for t in timesteps],
         "attack": ATTACK,
     }
     if calibration_loss_fn is not None:
-        member_ref = denoising_loss_scores(
-            calibration_loss_fn, member_latents, member_labels, timesteps, seed, batch_size
-        )
-        nonmember_ref = denoising_loss_scores(
-            calibration_loss_fn, nonmember_latents, nonmember_labels, timesteps, seed, batch_size
-        )
+        member_ref = scores_of(calibration_loss_fn, member_latents, member_labels, member_units)
+        nonmember_ref = scores_of(calibration_loss_fn, nonmember_latents, nonmember_labels, nonmember_units)
         result["calibration_auc"] = membership_auc(member_ref, nonmember_ref)
         result["calibrated_auc"] = membership_auc(member_scores - member_ref, nonmember_scores - nonmember_ref)
     return result

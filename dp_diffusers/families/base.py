@@ -98,6 +98,13 @@ class PrivateExamples:
     canary_pixels: torch.Tensor | None = field(default=None, repr=False)
     #: where the conditions come from and how they are encoded
     options: ConditionOptions = field(default_factory=ConditionOptions)
+    #: unit-level DP: the example indices of each privacy unit (canary units included); ``None``: example-level
+    units: list[list[int]] | None = field(default=None, repr=False)
+
+    @property
+    def num_units(self) -> int:
+        """Privacy units: people with a unit column, examples otherwise."""
+        return len(self) if self.units is None else len(self.units)
 
     @property
     def num_canaries(self) -> int:

@@ -3,9 +3,9 @@ of dp_diffusers).
 
 accounting.py           noise calibration, the budget guard, (epsilon, delta) checks, other releases
 central_images.py       DP per-class mean images (DP-FETA's warm-up data): one Gaussian mechanism
-data_loader.py          Poisson sampling over one or several processes, secret generators
+data_loader.py          Poisson sampling of examples or privacy units over one or several processes, secret generators
 grad_sample/            per-example gradients: the fused engine (one file per layer) and the mode choice
-noise_multiplicity.py   k diffusion draws per example, averaged before the one clip (the optimizers)
+noise_multiplicity.py   k diffusion draws per example (a unit's rows), averaged before the one clip (the optimizers)
 engine.py               make_private / private_backward / PrivateTrainingState: wiring only
 clipping.py             choosing the clipping norm on public data
 report.py               dp_report.json, the DP report type
@@ -23,7 +23,13 @@ from .accounting import (
 )
 from .central_images import CentralImages, central_image_query, central_image_sensitivity, release_central_images
 from .clipping import per_example_gradient_norms, suggest_max_grad_norm
-from .data_loader import DistributedPoissonSampler, poisson_data_loader, secret_generator
+from .data_loader import (
+    DistributedPoissonSampler,
+    PrivacyUnits,
+    poisson_data_loader,
+    secret_generator,
+    unit_poisson_data_loader,
+)
 from .engine import DPTraining, PrivateTrainingState, make_private, private_backward
 from .grad_sample import (
     GRAD_SAMPLE_MODES,
@@ -36,6 +42,7 @@ from .noise_multiplicity import (
     DistributedDPOptimizerWithNoiseMultiplicity,
     DPOptimizerWithNoiseMultiplicity,
     average_over_copies,
+    average_over_groups,
     expand_for_noise_multiplicity,
 )
 from .report import DP_REPORT_NAME, DPReport, build_dp_report
@@ -53,9 +60,11 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "PrivacyBudget",
     "PrivacyBudgetError",
+    "PrivacyUnits",
     "PrivateTrainingState",
     "Release",
     "average_over_copies",
+    "average_over_groups",
     "build_dp_report",
     "calibrate_noise_multiplier",
     "central_image_query",
@@ -72,6 +81,7 @@ __all__ = [
     "private_backward",
     "release_central_images",
     "secret_generator",
+    "unit_poisson_data_loader",
     "suggest_max_grad_norm",
     "train_trainable_layers",
 ]

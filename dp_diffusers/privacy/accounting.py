@@ -11,6 +11,7 @@ with every checkpoint, so a resumed run continues from the budget already spent.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -36,15 +37,56 @@ class Release(NamedTuple):
     count: int = 1
 
 
-def check_delta(delta: float, dataset_size: int) -> None:
-    """delta must be in (0, 1/N): a delta of 1/N allows releasing one whole example."""
+def check_delta(delta: float, dataset_size: int, unit: str = "example") -> None:
+    """delta must be in (0, 1/N), N the number of privacy units (examples, or e.g. people): a delta of 1/N allows
+    releasing one whole unit."""
     if not 0 < delta < 1:
         raise PrivacyBudgetError(f"target_delta must be in (0, 1), got {delta}.")
     if delta >= 1.0 / dataset_size:
         raise PrivacyBudgetError(
-            f"target_delta={delta} is not below 1/N = 1/{dataset_size} = {1.0 / dataset_size:.3g}: such a delta "
-            f"permits leaking a whole training example. Use delta well below 1/N, e.g. {0.1 / dataset_size:.1e}."
+            f"target_delta={delta} is not below 1/N = 1/{dataset_size} = {1.0 / dataset_size:.3g} (N: {unit}s): "
+            f"such a delta permits leaking a whole training {unit}. Use delta well below 1/N, e.g. "
+            f"{0.1 / dataset_size:.1e}."
         )
+
+
+def _log_expm1(x: float) -> float:
+    """log(e^x - 1) for x > 0, without overflow."""
+    return x + math.log(-math.expm1(-x))
+
+
+def group_privacy_epsilon(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, group_size: int,
+    releases: Sequence[Release] = (),
+) -> float:  # fmt: skip
+    """Epsilon at ``delta`` for a group of ``group_size`` examples (a person with m examples) of an example-level
+    run, by group privacy (Vadhan 2017, Lemma 2.2, as TensorFlow Privacy's ``compute_dp_sgd_privacy_statement``
+    computes it over RDP): every (eps, delta_ex) the run satisfies gives (m * eps, delta_ex * (e^{m eps} - 1) /
+    (e^{eps} - 1)) for the group; the smallest m * eps whose group delta is at most ``delta`` (over delta_ex from
+    ``delta`` down to ``delta * e^-300``; ``inf`` when none is). RDP curves over orders 1.1 .. 255."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    history = _history(noise_multiplier, sample_rate, steps, releases)
+    if not history:
+        return 0.0
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 256))
+    rdp = sum(np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders)) for sigma, q, n in history)
+
+    def epsilon(log_delta: float) -> float:
+        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=math.exp(log_delta))[0])
+
+    if group_size == 1:
+        return epsilon(math.log(delta))
+    best = math.inf
+    for log_delta_example in np.linspace(math.log(delta), math.log(delta) - 300.0, 601):
+        eps = epsilon(float(log_delta_example))
+        log_group_delta = log_delta_example + (_log_expm1(group_size * eps) - _log_expm1(eps) if eps > 0 else
+                                               math.log(group_size))  # fmt: skip
+        if log_group_delta <= math.log(delta):
+            best = min(best, group_size * eps)
+    return best
 
 
 def _history(

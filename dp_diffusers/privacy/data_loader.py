@@ -1,18 +1,20 @@
-"""Poisson sampling of the private data and the secret randomness DP rests on.
+"""Poisson sampling of the private data (examples, or privacy units) and the secret randomness DP rests on.
 
-Guarantees: every example is in a logical batch independently with probability ``sample_rate``
-(one process or several: the union of the ranks' batches is that one Poisson batch), every rank
-steps together (empty shares included), and the sampling and the noise draw from generators
-seeded by the operating system, never from the public ``--seed``.
+Guarantees: every example (with privacy units: every unit) is in a logical batch independently with probability
+``sample_rate`` (one process or several: the union of the ranks' batches is that one Poisson batch), every rank
+steps together (empty shares included), and the sampling and the noise draw from generators seeded by the
+operating system, never from the public ``--seed``. A sampled unit brings at most ``max_examples`` of its
+examples, a fresh uniform subset at every step, drawn from a secret generator too.
 """
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import torch
 from opacus.data_loader import DPDataLoader
-from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler
+from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler, UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -60,3 +62,76 @@ def poisson_data_loader(
         return loader
     sampler = DistributedPoissonSampler(total_size=len(dataset), sample_rate=sample_rate, generator=generator)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=loader.collate_fn, generator=generator)
+
+
+@dataclass
+class PrivacyUnits:
+    """The privacy units of a data set (``--privacy_unit_column``: e.g. one per patient): ``members[u]`` holds unit
+    u's example indices; a sampled unit contributes at most ``max_examples`` of them per step."""
+
+    members: list[list[int]]
+    max_examples: int
+
+    def __post_init__(self) -> None:
+        if self.max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {self.max_examples}")
+        if any(not members for members in self.members):
+            raise ValueError("Every privacy unit needs at least one example.")
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+class _UnitExamples(Dataset):
+    """Item u: at most ``units.max_examples`` of unit u's examples, a uniform subset drawn anew at every access from
+    ``generator`` (all of them when the unit has no more), in data set order."""
+
+    def __init__(self, dataset: Dataset, units: PrivacyUnits, generator: torch.Generator):
+        self.dataset, self.units, self.generator = dataset, units, generator
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, unit: int) -> list:
+        members = self.units.members[unit]
+        if len(members) > self.units.max_examples:
+            chosen = torch.randperm(len(members), generator=self.generator)[: self.units.max_examples]
+            members = [members[i] for i in sorted(chosen.tolist())]
+        return [self.dataset[i] for i in members]
+
+
+def _collate_units(example: tuple):
+    """Collate units into the examples' columns plus a last column, each example's unit within the batch
+    (0..U-1, a unit's examples adjacent); an empty batch gives zero-row columns shaped like ``example``'s."""
+
+    def collate(units: list[list[tuple]]) -> tuple[torch.Tensor, ...]:
+        rows = [row for unit in units for row in unit]
+        groups = torch.tensor([u for u, unit in enumerate(units) for _ in unit], dtype=torch.long)
+        if not rows:
+            return (*(torch.zeros((0, *column.shape), dtype=column.dtype) for column in example), groups)
+        return (*(torch.stack(column) for column in zip(*rows)), groups)
+
+    return collate
+
+
+def unit_poisson_data_loader(
+    dataset: Dataset,
+    units: PrivacyUnits,
+    sample_rate: float,
+    *,
+    distributed: bool,
+    generator: torch.Generator | None = None,
+    selection_generator: torch.Generator | None = None,
+) -> DataLoader:
+    """User-level sampling: each step every privacy unit is in the batch independently with probability
+    ``sample_rate`` (opacus' ``UniformWithReplacementSampler``, or ``DistributedPoissonSampler`` over units: ranks
+    are dealt units, not examples), and brings up to ``units.max_examples`` of its examples drawn with
+    ``selection_generator`` (secret by default). Batches are ``(*columns, units)``; ``BatchMemoryManager`` splits
+    them into physical batches of whole units."""
+    selection_generator = selection_generator or secret_generator()
+    examples = _UnitExamples(dataset, units, selection_generator)
+    if distributed:
+        sampler = DistributedPoissonSampler(total_size=len(units), sample_rate=sample_rate, generator=generator)
+    else:
+        sampler = UniformWithReplacementSampler(num_samples=len(units), sample_rate=sample_rate, generator=generator)
+    return DataLoader(examples, batch_sampler=sampler, collate_fn=_collate_units(dataset[0]), generator=generator)

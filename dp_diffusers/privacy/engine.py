@@ -7,12 +7,13 @@ gradients from ``grad_sample/`` (the fused engine, or opacus' hooks / functorch 
 weights), Poisson sampling and the secret generators from ``data_loader.py``, opacus' DP optimizers,
 the accountant in ``accounting.py``. Nothing here computes a gradient, a clip or a noise draw.
 
-Guarantee (per logical step, over the whole global batch): every example is in the batch
-independently with probability ``q``; each private example's gradient (the mean over its k noise
-draws, over *all* trainable parameters: a trained class embedding or DiT class rows included) is
-clipped to ``max_grad_norm``; Gaussian noise of std ``noise_multiplier * max_grad_norm`` is added
-once (on rank 0 with several processes, then summed across ranks) and the sum is divided by the
-expected global batch size ``q * N``; the step is recorded in the accountant with sample rate ``q``.
+Guarantee (per logical step, over the whole global batch): every example (with ``units``: every privacy unit) is
+in the batch independently with probability ``q``; each private example's gradient (the mean over its k noise
+draws; a unit's: the mean over its examples' draws; over *all* trainable parameters: a trained class embedding or
+DiT class rows included) is clipped to ``max_grad_norm``; Gaussian noise of std ``noise_multiplier *
+max_grad_norm`` is added once (on rank 0 with several processes, then summed across ranks) and the sum is divided
+by the expected global batch size ``q * N`` (N examples, or units); the step is recorded in the accountant with
+sample rate ``q``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .accounting import PrivacyBudget
-from .data_loader import poisson_data_loader, secret_generator
+from .data_loader import PrivacyUnits, poisson_data_loader, secret_generator, unit_poisson_data_loader
 from .grad_sample import GRAD_SAMPLE_MODES, prepare_module
 from .noise_multiplicity import (
     DistributedDPOptimizerWithNoiseMultiplicity,
@@ -58,8 +59,14 @@ def make_private(
     secure_mode: bool = False,
     noise_generator: torch.Generator | None = None,
     sampling_generator: torch.Generator | None = None,
+    units: PrivacyUnits | None = None,
 ) -> DPTraining:
     """Wrap ``model`` (optionally already in opacus' ``DPDDP``), ``optimizer`` and ``dataset``.
+
+    With ``units`` (unit-level DP) the privacy unit replaces the example everywhere: units are Poisson-sampled at
+    ``budget.sample_rate`` (over units), each brings up to ``units.max_examples`` of its examples, their rows are
+    averaged and clipped once per unit (``private_backward(..., units=...)``), and the expected batch is
+    ``q * len(units)`` units.
 
     The optimizer must hold exactly the trainable parameters of ``model``; frozen modules get no
     per-sample hooks, the modules owning trainable parameters are put in training mode
@@ -94,14 +101,18 @@ def make_private(
         sampling_generator = secret_generator()
     gsm = prepare_module(model, grad_sample_mode, noise_multiplicity=noise_multiplicity)
 
-    loader = poisson_data_loader(dataset, budget.sample_rate, distributed=distributed, generator=sampling_generator)
+    if units is None:
+        loader = poisson_data_loader(dataset, budget.sample_rate, distributed=distributed, generator=sampling_generator)
+    else:
+        loader = unit_poisson_data_loader(dataset, units, budget.sample_rate, distributed=distributed,
+                                          generator=sampling_generator)  # fmt: skip
     optimizer_class = DistributedDPOptimizerWithNoiseMultiplicity if distributed else DPOptimizerWithNoiseMultiplicity
     dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplicity=noise_multiplicity,
         noise_multiplier=budget.noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=budget.sample_rate * len(dataset) / world_size,
+        expected_batch_size=budget.sample_rate * len(dataset if units is None else units) / world_size,
         loss_reduction="mean",
         generator=noise_generator,
         secure_mode=secure_mode,
@@ -117,20 +128,27 @@ def private_backward(
     loss_fn: Callable[..., torch.Tensor],
     latents: torch.Tensor,
     *conditions: torch.Tensor | None,
+    units: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Forward and backward of one physical batch; per-sample gradients land in ``p.grad_sample``.
 
     ``latents`` and ``conditions`` are the batch's columns (one row per example: its latents, then each of its
     condition tensors); ``loss_fn(model, latents, *conditions) -> (rows,)`` draws the diffusion noise and timesteps
     itself. Rows are expanded to ``noise_multiplicity`` copies per example here; the optimizer folds them back
-    before clipping. An empty Poisson batch still makes a (noise-only) step: its per-sample gradients are empty
-    tensors, so opacus clips nothing and adds the noise. Returns the mean loss.
+    before clipping, one clip per example or, with ``units`` ((examples,) privacy unit of each example in the batch,
+    0..U-1, a unit's examples adjacent: ``unit_poisson_data_loader``'s last column), one clip per unit. An empty
+    Poisson batch still makes a (noise-only) step: its per-sample gradients are empty tensors, so opacus clips
+    nothing and adds the noise. Returns the mean loss.
     """
     k = optimizer.noise_multiplicity
     if len(latents) == 0:
         for p in optimizer.params:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
         return None
+    row_groups = None if units is None else expand_for_noise_multiplicity(units, k)
+    optimizer.row_groups = row_groups
+    if hasattr(model, "set_row_groups"):  # the fused engine folds in the backward
+        model.set_row_groups(row_groups)
     rows = [expand_for_noise_multiplicity(column, k) for column in (latents, *conditions)]
     loss = loss_fn(model, *rows).mean()
     loss.backward()

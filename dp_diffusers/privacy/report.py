@@ -8,6 +8,7 @@ reports of earlier versions that lack the newer fields).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -16,9 +17,12 @@ from typing import Any
 
 from .. import __version__  # importlib.metadata; the package root loads nothing else eagerly
 from ..constants import DP_REPORT_NAME
-from .accounting import PrivacyBudget
+from .accounting import PrivacyBudget, group_privacy_epsilon
 
 __all__ = ["DP_REPORT_NAME", "DPReport", "build_dp_report"]
+
+#: the examples per person an example-level report states the group-privacy epsilon for
+GROUP_SIZES = (2, 5, 10)
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -56,6 +60,18 @@ class DPReport:
     mixed_precision: str = field(default="no", metadata=_doc("precision of the frozen base"))
     gradient_checkpointing: bool = field(default=False, metadata=_doc("activations recomputed in the backward"))
     random_flip: bool = field(default=False, metadata=_doc("each row drew the image or its mirror (per example)"))
+    privacy_unit: str | None = field(
+        default=None, metadata=_doc("the column whose value is one privacy unit (a person); None: each example")
+    )
+    num_privacy_units: int | None = field(default=None, metadata=_doc("privacy units N_units (canary units included)"))
+    max_examples_per_unit: int | None = field(
+        default=None, metadata=_doc("the most examples a sampled unit contributes to one step (their mean, one clip)")
+    )
+    group_privacy: list[dict[str, float | None]] = field(
+        default_factory=list,
+        metadata=_doc("example-level runs: epsilon at delta for a person with m examples (group privacy over RDP; "
+                      "null: no bound)"),
+    )
     training_guidance_scale: float | None = field(
         default=None,
         metadata=_doc("guidance-distilled FLUX bases: the guidance input in training (default 1, as diffusers#11181 "
@@ -106,7 +122,15 @@ def build_dp_report(
 ) -> DPReport:
     """The report of the run ``budget`` accounted. ``epsilon`` is the accountant's value for the steps actually
     taken; ``epochs`` is steps * sample_rate (expected passes over the data); ``settings`` are the optional fields
-    of :class:`DPReport` (an unknown one is a ``TypeError``)."""
+    of :class:`DPReport` (an unknown one is a ``TypeError``). An example-level run also states what its guarantee
+    means for a person with m = 2, 5, 10 examples (``group_privacy``)."""
+    if settings.get("privacy_unit") is None and "group_privacy" not in settings:
+        settings["group_privacy"] = []
+        for m in GROUP_SIZES:  # epsilon null: group privacy gives no bound at this delta
+            eps = group_privacy_epsilon(budget.noise_multiplier, budget.sample_rate, budget.steps, budget.delta, m,
+                                        budget.releases)  # fmt: skip
+            settings["group_privacy"].append({"examples": m, "epsilon": eps if math.isfinite(eps) else None,
+                                              "delta": budget.delta})  # fmt: skip
     return DPReport(
         accountant=budget.accountant_name,
         epsilon=budget.record(),

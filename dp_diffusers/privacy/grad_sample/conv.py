@@ -1,8 +1,8 @@
 """Fused per-example gradients of ``nn.Conv2d`` (LoRA on ``proj_in`` / ``conv_out`` / ResNet convolutions).
 
-The per-example weight gradients are the weight gradient of ONE grouped convolution: the examples
-become groups (channels ``b*C..(b+1)*C`` belong to example b) and the k copies its batch, so an
-example's copies are summed before clipping. opacus unfolds the input instead (a rows x C*kh*kw x
+The per-example (per-group) weight gradients are the weight gradient of ONE grouped convolution: the examples
+become groups (channels ``b*C..(b+1)*C`` belong to example b) and the k copies (a privacy unit's rows) its batch, so
+an example's copies are summed before clipping. opacus unfolds the input instead (a rows x C*kh*kw x
 positions copy, then bmm): 4-12x slower for the UNet's 3x3 LoRA convolutions on CPU (README).
 """
 
@@ -12,15 +12,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import rows_to_examples, store_grad_sample
+from .common import group_scale, grouped_rows, scaled, store_grad_sample
 
 
-def copies_as_batch(t: torch.Tensor, examples: int, k: int) -> torch.Tensor:
-    """``(examples * k, C, H, W)`` rows (example-major) -> ``(k, examples * C, H, W)``: copy j of every example
-    in batch row j, each example's channels side by side (the layout of a convolution with ``examples`` groups)."""
-    if k == 1:
-        return t.reshape(1, examples * t.shape[1], *t.shape[2:])
-    return t.reshape(examples, k, *t.shape[1:]).transpose(0, 1).reshape(k, examples * t.shape[1], *t.shape[2:])
+def copies_as_batch(grouped: torch.Tensor) -> torch.Tensor:
+    """``(G, n, C, H, W)`` grouped rows -> ``(n, G * C, H, W)``: row j of every group in batch row j, each group's
+    channels side by side (the layout of a convolution with G groups)."""
+    groups, n = grouped.shape[:2]
+    return grouped.transpose(0, 1).reshape(n, groups * grouped.shape[2], *grouped.shape[3:])
 
 
 class FusedConv2d(torch.autograd.Function):
@@ -35,7 +34,7 @@ class FusedConv2d(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         conv, state = ctx.conv, ctx.state
-        examples = rows_to_examples(x.shape[0], state.k)
+        scale = group_scale(x.shape[0], state, x.device)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
@@ -43,18 +42,19 @@ class FusedConv2d(torch.autograd.Function):
                 [0, 0], conv.groups, [True, False, False],
             )[0]  # fmt: skip
         if ctx.needs_input_grad[1]:
-            k = state.k
-            grouped_x = copies_as_batch(x.to(grad_out.dtype), examples, k)
-            grouped_g = copies_as_batch(grad_out, examples, k)
-            grouped_weight = weight.new_empty((examples * weight.shape[0], *weight.shape[1:]), dtype=grad_out.dtype)
+            grouped_g = grouped_rows(grad_out, state)
+            groups = grouped_g.shape[0]
+            grouped_x = copies_as_batch(grouped_rows(x.to(grad_out.dtype), state))
+            grouped_weight = weight.new_empty((groups * weight.shape[0], *weight.shape[1:]), dtype=grad_out.dtype)
             gs = torch.ops.aten.convolution_backward(
-                grouped_g, grouped_x, grouped_weight, None, conv.stride, conv.padding, conv.dilation, False,
-                [0, 0], examples, [False, True, False],
+                copies_as_batch(grouped_g), grouped_x, grouped_weight, None, conv.stride, conv.padding, conv.dilation,
+                False, [0, 0], groups, [False, True, False],
             )[1]  # fmt: skip
-            store_grad_sample(state, ctx.generation, ctx.weight_ref, gs.mul_(examples).view(-1, *weight.shape))
+            store_grad_sample(state, ctx.generation, ctx.weight_ref, scaled(gs.view(-1, *weight.shape), scale))
         if ctx.bias_ref is not None and ctx.needs_input_grad[2]:
-            gb = grad_out.reshape(examples, -1, grad_out.shape[1], grad_out[0, 0].numel()).sum((1, 3))
-            store_grad_sample(state, ctx.generation, ctx.bias_ref, gb.mul_(examples))
+            grouped_g = grouped_rows(grad_out, state)
+            gb = grouped_g.reshape(*grouped_g.shape[:3], -1).sum((1, 3))
+            store_grad_sample(state, ctx.generation, ctx.bias_ref, scaled(gb, scale))
         return grad_x, None, None, None, None, None
 
 

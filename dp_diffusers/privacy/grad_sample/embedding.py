@@ -1,7 +1,7 @@
 """Fused per-example gradients of ``nn.Embedding`` (a trained class embedding, DiT's label table).
 
-Per example b: the rows of ``grad_out`` are scattered into that example's own ``(V, D)`` table
-(one ``index_add_`` over ``B * V`` rows); the padding row's gradient is zero, as in autograd.
+Per group b (an example, or a privacy unit): the rows of ``grad_out`` are scattered into that group's own ``(V, D)``
+table (one ``index_add_`` over ``G * V`` rows); the padding row's gradient is zero, as in autograd.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .common import rows_to_examples, store_grad_sample
+from .common import group_scale, grouped_rows, scaled, store_grad_sample
 
 
 class FusedEmbedding(torch.autograd.Function):
@@ -24,14 +24,16 @@ class FusedEmbedding(torch.autograd.Function):
     def backward(ctx, grad_out):
         (indices,) = ctx.saved_tensors
         state, v = ctx.state, ctx.num_embeddings
-        examples = rows_to_examples(indices.shape[0], state.k)
+        scale = group_scale(indices.shape[0], state, indices.device)
         dim = grad_out.shape[-1]
-        idx = indices.reshape(examples, -1)
-        flat = (idx + v * torch.arange(examples, device=idx.device).unsqueeze(1)).reshape(-1)
-        gs = torch.zeros(examples * v, dim, device=grad_out.device, dtype=grad_out.dtype)
-        gs.index_add_(0, flat, grad_out.reshape(-1, dim))
-        gs = gs.view(examples, v, dim)
+        grouped_g = grouped_rows(grad_out, state)  # padding rows carry zero gradient
+        groups = grouped_g.shape[0]
+        idx = grouped_rows(indices, state).reshape(groups, -1)
+        flat = (idx + v * torch.arange(groups, device=idx.device).unsqueeze(1)).reshape(-1)
+        gs = torch.zeros(groups * v, dim, device=grad_out.device, dtype=grad_out.dtype)
+        gs.index_add_(0, flat, grouped_g.reshape(-1, dim))
+        gs = gs.view(groups, v, dim)
         if ctx.padding_idx is not None:
             gs[:, ctx.padding_idx] = 0
-        store_grad_sample(state, ctx.generation, ctx.weight_ref, gs.mul_(examples))
+        store_grad_sample(state, ctx.generation, ctx.weight_ref, scaled(gs, scale))
         return None, None, None, None, None

@@ -3,7 +3,8 @@ computed inside the trainable layers' own backward (``grad_sample_mode="fused"``
 
 Guarantee: after one forward/backward of ``B * k`` example-major rows, every trainable parameter's
 ``p.grad_sample`` is the ``(B, *p.shape)`` per-*example* gradient, the mean over each example's k
-noise-multiplicity rows (exactly opacus' hooks mode followed by ``average_over_copies``; tested
+noise-multiplicity rows (with ``set_row_groups``: the ``(G, *p.shape)`` per-*unit* gradient, the mean over each
+privacy unit's rows) (exactly opacus' hooks mode followed by ``average_over_copies``; tested
 against a one-example-at-a-time autograd reference), and autograd computes no summed ``p.grad``.
 A second backward before the optimizer step raises, as opacus' ``forbid_grad_accumulation`` does.
 ``zero_grad``, ``to_standard_module`` and the attribute clean-up are opacus' own.
@@ -101,6 +102,11 @@ class FusedGradSampleModule(AbstractGradSampleModule):
     @property
     def noise_multiplicity(self) -> int:
         return self._fused_state.k
+
+    def set_row_groups(self, row_groups: torch.Tensor | None) -> None:
+        """The rows' groups for the next backward (unit-level DP: each privacy unit's rows, adjacent, become one
+        per-sample gradient); ``None``: k rows per example."""
+        self._fused_state.row_groups = row_groups
 
     @property
     def patched_modules(self) -> list[nn.Module]:

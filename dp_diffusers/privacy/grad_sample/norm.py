@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import rows_to_examples, store_grad_sample
+from .common import group_scale, grouped_rows, scaled, store_grad_sample
 
 
 class FusedAffine(torch.autograd.Function):
@@ -32,17 +32,18 @@ class FusedAffine(torch.autograd.Function):
     def backward(ctx, grad_out):
         xhat, weight = ctx.saved_tensors
         state = ctx.state
-        examples = rows_to_examples(xhat.shape[0], state.k)
+        scale = group_scale(xhat.shape[0], state, xhat.device)
         grad_xhat = grad_out * weight.view(ctx.shape).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
 
-        def per_example_sum(t):
-            if ctx.channel_dim is None:  # (N, ..., *weight.shape) -> (B, *weight.shape)
-                return t.reshape(examples, -1, *weight.shape).sum(1)
-            c = weight.shape[0]  # (N, C, ...) -> (B, C)
-            return t.reshape(examples, state.k, c, -1).sum((1, 3))
+        def per_group_sum(t):
+            grouped = grouped_rows(t, state)  # (G, n, ...)
+            if ctx.channel_dim is None:  # (G, n, ..., *weight.shape) -> (G, *weight.shape)
+                return grouped.reshape(grouped.shape[0], -1, *weight.shape).sum(1)
+            c = weight.shape[0]  # (G, n, C, ...) -> (G, C)
+            return grouped.reshape(*grouped.shape[:2], c, -1).sum((1, 3))
 
         if ctx.needs_input_grad[1]:
-            store_grad_sample(state, ctx.generation, ctx.weight_ref, per_example_sum(grad_out * xhat).mul_(examples))
+            store_grad_sample(state, ctx.generation, ctx.weight_ref, scaled(per_group_sum(grad_out * xhat), scale))
         if ctx.bias_ref is not None and ctx.needs_input_grad[2]:
-            store_grad_sample(state, ctx.generation, ctx.bias_ref, per_example_sum(grad_out).mul_(examples))
+            store_grad_sample(state, ctx.generation, ctx.bias_ref, scaled(per_group_sum(grad_out), scale))
         return grad_xhat, None, None, None, None, None
