@@ -356,11 +356,12 @@ def build_model_card(
                 value = module_patterns(value)
             if value is not None:
                 privacy_rows.append((label, _format(value), meaning))
-        size = report["dataset_size"]
+        size = report.get("num_privacy_units") or report["dataset_size"]  # N: the privacy units
+        unit = "person" if report.get("privacy_unit") else "training example"
         if _is_number(size) and size > 0 and report["delta"] >= 1 / size:
             delta_note = (
                 f"**δ is not small.** δ = {report['delta']:g} ≥ 1/N = {1 / size:.3g}: a mechanism that "
-                "publishes one random training example outright satisfies such a δ, so this guarantee is "
+                f"publishes one random {unit} outright satisfies such a δ, so this guarantee is "
                 "weak. δ ≪ 1/N is the usual requirement."
             )
 

@@ -4,9 +4,9 @@ Every rank runs the project's own DP wiring, as train_dp_lora.py does: ``DPDDP(m
 ``make_private`` (its distributed optimizer and Poisson loader), ``BatchMemoryManager``,
 ``private_backward``, ``optimizer.step``. Rank 0 writes what the test checks to ``--out``:
 
-* ``equality.pt``: noise off; per logical step, the union of the ranks' batch indices and the
-  update (``p.grad`` after the all-reduce), for each grad_sample_mode and noise multiplicity;
-  the test replays the same global batches in one process;
+* ``equality.pt``: noise off; per logical step, the union of the ranks' batch indices (unit-level: each unit with
+  the examples it brought) and the update (``p.grad`` after the all-reduce), for each grad_sample_mode and noise
+  multiplicity; the test replays the same global batches in one process;
 * ``noise.pt``: noise on, empty batches (zero gradient); the final averaged update of each step;
 * ``checks.json``: the Poisson batch sizes of both ranks over many steps, and whether the ranks
   ended with the same parameters.
@@ -65,6 +65,35 @@ def equality_run(mode: str, k: int) -> dict:
     return {"steps": steps, "ranks_agree": all(torch.equal(f, final) for f in finals)}
 
 
+def unit_equality_run(mode: str, k: int) -> dict:
+    """Two logical steps of unit-level DP (``DIST.units()``), noise off: per step, each unit in the union of the
+    ranks' batches with the examples it brought, and the update."""
+    data = indexed_examples()
+    model = DPDDP(distributed_model())
+    generator = torch.Generator().manual_seed(20 + torch.distributed.get_rank())
+    dp, budget = private(model, indexed(data["latents"]), sigma=0.0, clip=DIST.clip(k), batch=DIST.unit_batch, k=k,
+                         mode=mode, sampling_generator=generator, units=DIST.units())  # fmt: skip
+    loss_fn = indexed_loss(data, k)
+    steps, local = [], []
+    with BatchMemoryManager(
+        data_loader=dp.data_loader, max_physical_batch_size=1, optimizer=dp.optimizer
+    ) as loader:
+        for latents, idx, units in loader:
+            steps_before = budget.steps
+            private_backward(dp.model, dp.optimizer, loss_fn, latents, idx, units=units)
+            dp.optimizer.step()
+            local += [idx[units == u].tolist() for u in units.unique().tolist()]
+            if budget.steps > steps_before:
+                union = [unit for part in _gather(local) for unit in part]
+                steps.append({"units": sorted(union), "update": flat([p.grad for p in dp.optimizer.params])})
+                local = []
+            dp.optimizer.zero_grad(set_to_none=True)
+            if len(steps) == DIST.equality_steps:
+                break
+    final = flat(dp.optimizer.params)
+    return {"steps": steps, "ranks_agree": all(torch.equal(f, final) for f in _gather(final))}
+
+
 def noise_run() -> dict:
     """Noise-only steps (empty batches on both ranks: zero gradient) of the distributed optimizer."""
     model = DPDDP(distributed_model(lora_rank=8))
@@ -105,6 +134,7 @@ def main() -> None:
     torch.manual_seed(state.process_index)  # as set_seed(device_specific=True): the ranks' RNGs differ
 
     equality = {f"{mode}-k{k}": equality_run(mode, k) for mode, k in DIST.equality_cases}
+    equality |= {f"units-{mode}-k{k}": unit_equality_run(mode, k) for mode, k in DIST.unit_cases}
     noise = noise_run()
     poisson = {
         "same_seeded_generators": poisson_run(torch.Generator().manual_seed(7)),

@@ -285,10 +285,11 @@ def private(
     planned_steps: int = 10_000,
     **kw,
 ) -> tuple[DPTraining, PrivacyBudget]:
-    """``make_private`` with plain SGD (lr 1: the update is ``p.grad``) and expected batch ``batch``; sigma 0 is
-    allowed here (no target epsilon), to compare updates without noise."""
+    """``make_private`` with plain SGD (lr 1: the update is ``p.grad``) and expected batch ``batch`` (examples, or
+    with ``units=`` privacy units); sigma 0 is allowed here (no target epsilon), to compare updates without noise."""
     params = [p for p in model.parameters() if p.requires_grad]
-    budget = PrivacyBudget("prv", sigma, batch / len(dataset), 1e-5, planned_steps=planned_steps)
+    population = len(kw["units"]) if kw.get("units") is not None else len(dataset)
+    budget = PrivacyBudget("prv", sigma, batch / population, 1e-5, planned_steps=planned_steps)
     optimizer = torch.optim.SGD(params, lr=lr)
     dp = make_private(
         model, optimizer, dataset, budget=budget, max_grad_norm=clip, noise_multiplicity=k, grad_sample_mode=mode, **kw
@@ -669,6 +670,16 @@ class DistributedChecks:
     poisson_n: int = 40  # with poisson_batch 2: about one example per rank and step, so many empty ones
     poisson_batch: int = 2
     poisson_epochs: int = 50
+    unit_size: int = 3  # unit-level checks: the n examples in units of 3 ...
+    unit_cap: int = 2  # ... each bringing 2 of them a step
+    unit_batch: int = 4  # expected units per logical step
+    unit_cases: tuple = (("fused", 1), ("hooks", 2))
+
+    def units(self):
+        from dp_diffusers.privacy import PrivacyUnits
+
+        members = [list(range(u, u + self.unit_size)) for u in range(0, self.n, self.unit_size)]
+        return PrivacyUnits(members, self.unit_cap)
 
     def clip(self, k: int) -> float:
         return dict(self.clips)[k]

@@ -95,6 +95,30 @@ def test_two_processes_make_the_one_process_update(launched, mode, k):
     ).any()  # both clipped and unclipped examples were in it
 
 
+@pytest.mark.parametrize("mode,k", DIST.unit_cases)
+def test_two_processes_make_the_one_process_update_with_privacy_units(launched, mode, k):
+    """Unit-level DP, noise off: ranks are dealt units (a unit whole on one rank), and replaying each step's units,
+    each with the examples it brought, in one process gives the same update: one clip per unit."""
+    run = torch.load(launched / "equality.pt")[f"units-{mode}-k{k}"]
+    assert run["ranks_agree"] and len(run["steps"]) == DIST.equality_steps
+    data = indexed_examples()
+    units = DIST.units()
+    dp, _ = private(distributed_model(), indexed(data["latents"]), sigma=0.0, clip=DIST.clip(k),
+                    batch=DIST.unit_batch, k=k, mode=mode, units=units)  # fmt: skip
+    loss_fn = indexed_loss(data, k)
+    for step in run["steps"]:
+        owners = [next(u for u, members in enumerate(units.members) if set(chosen) <= set(members))
+                  for chosen in step["units"]]  # fmt: skip
+        assert len(set(owners)) == len(owners) and all(len(c) == DIST.unit_cap for c in step["units"])
+        idx = torch.tensor([i for chosen in step["units"] for i in chosen])
+        groups = torch.tensor([u for u, chosen in enumerate(step["units"]) for _ in chosen])
+        private_backward(dp.model, dp.optimizer, loss_fn, data["latents"][idx], idx, units=groups)
+        dp.optimizer.step()
+        expected = flat([p.grad for p in dp.optimizer.params])
+        torch.testing.assert_close(step["update"], expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+        dp.optimizer.zero_grad(set_to_none=True)
+
+
 def test_noise_is_added_once_with_std_sigma_c_over_the_global_batch(launched):
     """Zero gradient (empty batches on both ranks), noise on: the averaged update is pure noise
     of std sigma*C/(q*N). Noise added on both ranks would give sqrt(2) times that, noise scaled

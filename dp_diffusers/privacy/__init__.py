@@ -19,6 +19,7 @@ from .accounting import (
     calibrate_noise_multiplier,
     check_delta,
     epsilon_for,
+    group_privacy_epsilon,
     max_steps_within_budget,
 )
 from .central_images import CentralImages, central_image_query, central_image_sensitivity, release_central_images
@@ -72,6 +73,7 @@ __all__ = [
     "check_delta",
     "epsilon_for",
     "expand_for_noise_multiplicity",
+    "group_privacy_epsilon",
     "make_conv_inputs_contiguous",
     "make_private",
     "max_steps_within_budget",

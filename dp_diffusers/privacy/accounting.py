@@ -63,7 +63,7 @@ def group_privacy_epsilon(
     run, by group privacy (Vadhan 2017, Lemma 2.2, as TensorFlow Privacy's ``compute_dp_sgd_privacy_statement``
     computes it over RDP): every (eps, delta_ex) the run satisfies gives (m * eps, delta_ex * (e^{m eps} - 1) /
     (e^{eps} - 1)) for the group; the smallest m * eps whose group delta is at most ``delta`` (over delta_ex from
-    ``delta`` down to ``delta * e^-300``; ``inf`` when none is). RDP curves over orders 1.1 .. 255."""
+    ``delta`` down to ``delta * e^-300``; ``inf`` when none is). RDP curves over opacus' orders and 64 .. 255."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     if group_size < 1:
@@ -71,7 +71,9 @@ def group_privacy_epsilon(
     history = _history(noise_multiplier, sample_rate, steps, releases)
     if not history:
         return 0.0
-    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 256))
+    from opacus.accountants import RDPAccountant
+
+    orders = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 256)]  # opacus' orders, and larger ones for small deltas
     rdp = sum(np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders)) for sigma, q, n in history)
 
     def epsilon(log_delta: float) -> float:
