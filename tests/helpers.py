@@ -673,7 +673,7 @@ class DistributedChecks:
     unit_size: int = 3  # unit-level checks: the n examples in units of 3 ...
     unit_cap: int = 2  # ... each bringing 2 of them a step
     unit_batch: int = 4  # expected units per logical step
-    unit_cases: tuple = (("fused", 1), ("hooks", 2))
+    unit_cases: tuple = (("fused", 1), ("hooks", 4))
 
     def units(self):
         from dp_diffusers.privacy import PrivacyUnits
