@@ -562,8 +562,8 @@ def main(argv=None):
         return
 
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(f"{n} private examples ({examples.num_units} privacy units), q={budget.sample_rate:.4g}, "
-                f"sigma={budget.noise_multiplier:.4f}, "
+    people = f" of {examples.num_units} privacy units" if examples.units is not None else ""
+    logger.info(f"{n} private examples{people}, q={budget.sample_rate:.4g}, sigma={budget.noise_multiplier:.4f}, "
                 f"C={args.max_grad_norm}, k={args.noise_multiplicity}, {budget.max_steps} steps, "
                 f"{trainable_parameters} trainable parameters")  # fmt: skip
     train_private(args, accelerator, pipe, model, examples, data, loss_fn, budget, resolution)
