@@ -58,6 +58,15 @@ class DPLoRAConfig:
     guidance_scale: float | None = field(
         default=None, metadata={"help": "Guidance-distilled FLUX bases: --guidance_scale of training (None: default)."}
     )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "The embedded or Hub data set trained on (the evaluation's default data)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration, if any."})
+    local_data: bool = field(
+        default=False, metadata={"help": "Trained on a local imagefolder (its path is never recorded)."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "The data's image column."})
+    label_column: str | None = field(default=None, metadata={"help": "The data's label column, as given."})
     privacy_unit: str | None = field(
         default=None, metadata={"help": "User-level runs: the column of each example's person (the audit's unit)."}
     )
@@ -78,7 +87,8 @@ class DPLoRAConfig:
 
         return ConditionOptions(
             caption_column=self.caption_column, caption_template=self.caption_template,
-            max_sequence_length=self.max_sequence_length, guidance_scale=self.guidance_scale,
+            validation_prompts=self.validation_prompts, max_sequence_length=self.max_sequence_length,
+            guidance_scale=self.guidance_scale,
         )  # fmt: skip
 
     def objective_options(self):

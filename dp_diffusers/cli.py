@@ -4,6 +4,7 @@ dp-diffusers evaluate outputs/dp-lora
 dp-diffusers card outputs/dp-lora --repo_id you/dp-lora-digits
 dp-diffusers push outputs/dp-lora --repo_id you/dp-lora-digits
 dp-diffusers sample outputs/dp-lora --labels 3 7 --out grid.png
+dp-diffusers generate outputs/dp-lora --num_images 1000 --output_dir synthetic [--push_to_hub --repo_id you/data]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from .hub import push_to_hub, write_model_card
 from .pipelines import DPLDMPipeline
-from .training_utils import add_evaluation_args
+from .training_utils import add_data_args, add_evaluation_args
 from .visualization import sample_grid
 
 
@@ -49,10 +50,13 @@ def push_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def evaluate_command(subparsers: argparse._SubParsersAction) -> None:
-    """``evaluate FOLDER [...]``: downstream accuracy, membership audit and FID, written to metrics.json."""
-    parser = subparsers.add_parser("evaluate", help="Downstream accuracy, membership audit, FID -> metrics.json.")
+    """``evaluate FOLDER [--dataset_name D | --train_data_dir DIR] [...]``: downstream accuracy, membership audit,
+    FID and KID, written to metrics.json."""
+    parser = subparsers.add_parser(
+        "evaluate", help="Downstream accuracy, membership audit, FID and KID on held-out data -> metrics.json."
+    )
     parser.add_argument("folder")
-    parser.add_argument("--dataset_name", default="private-digits")
+    add_data_args(parser, default_dataset=None)  # train_dp_lora.py's data flags
     parser.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the pipeline's).")
     parser.add_argument("--seed", type=int, default=0)
     add_evaluation_args(parser)
@@ -95,8 +99,48 @@ def sample_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def generate_command(subparsers: argparse._SubParsersAction) -> None:
+    """``generate ADAPTER --num_images N --output_dir DIR [...]``: a DP synthetic data set (an imagefolder)."""
+    parser = subparsers.add_parser(
+        "generate", help="Sample a synthetic data set (imagefolder + dataset card) from an adapter; resumable."
+    )
+    parser.add_argument("adapter", help="An adapter folder or Hub repo id.")
+    parser.add_argument("--num_images", type=int, required=True)
+    parser.add_argument("--output_dir", required=True, help="The data set's folder (a rerun fills what is missing).")
+    parser.add_argument("--labels", nargs="+", default=None, help="Class names to balance over (default: all).")
+    parser.add_argument("--prompts", nargs="+", default=None, help="Text adapters: prompts to balance over "
+                        "(default: the adapter's validation prompts).")  # fmt: skip
+    parser.add_argument("--batch_size", type=int, default=16, help="Images per sampling call (and per file batch).")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the pipeline's).")
+    parser.add_argument("--resolution", type=int, default=None, help="Image side (default: the model's).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload it as a Hub dataset repo.")
+    parser.add_argument("--repo_id", default=None, help="The Hub dataset repo (with --push_to_hub).")
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--private", action="store_true")
+
+    def run(args: argparse.Namespace) -> None:
+        from .synthetic import generate_dataset, push_dataset
+
+        if args.push_to_hub and not args.repo_id:
+            raise ValueError("--push_to_hub needs --repo_id (the Hub dataset repo).")
+        out = generate_dataset(args.adapter, args.output_dir, args.num_images, labels=args.labels,
+                               prompts=args.prompts, batch_size=args.batch_size,
+                               num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                               scheduler=args.scheduler, seed=args.seed, resolution=args.resolution,
+                               device=args.device)  # fmt: skip
+        print(out)
+        if args.push_to_hub:
+            print(push_dataset(out, args.repo_id, token=args.token, private=args.private))
+
+    parser.set_defaults(func=run)
+
+
 # A subcommand is a function that adds its parser to the subparsers, with the function to run as `func`.
-SUBCOMMANDS = [evaluate_command, card_command, push_command, sample_command]
+SUBCOMMANDS = [evaluate_command, card_command, push_command, sample_command, generate_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

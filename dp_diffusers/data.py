@@ -166,8 +166,9 @@ def load_image_dataset(
     """Load a data set the way diffusers' training scripts do.
 
     ``dataset_name`` is an embedded set (``public-digits``, ``private-digits``) or a Hub data set
-    id / local data set script; ``train_data_dir`` is an ``imagefolder`` directory. Exactly one of
-    the two must be given.
+    id / local data set script; ``train_data_dir`` is an ``imagefolder`` directory (its ``split``: ``train`` is the
+    folder itself or its ``train/`` subfolder, ``test`` its ``test/`` subfolder, the held-out images the evaluation
+    needs). Exactly one of the two must be given.
     """
     if (dataset_name is None) == (train_data_dir is None):
         raise DataError("Give exactly one of --dataset_name and --train_data_dir.")
@@ -177,7 +178,14 @@ def load_image_dataset(
         dataset = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
     else:
         _check_image_folder(train_data_dir)
-        dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+        try:
+            dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
+        except ValueError as err:  # datasets: Unknown split
+            raise DataError(
+                f"--train_data_dir {train_data_dir!r} has no {split!r} split: put held-out images (the evaluation's) "
+                f"in {train_data_dir}/{split}/ and the training images in {train_data_dir}/train/ (datasets' "
+                "imagefolder splits)."
+            ) from err
     if len(dataset) == 0:
         raise DataError(f"The data set {dataset_name or train_data_dir!r} (split {split!r}) is empty.")
     return dataset

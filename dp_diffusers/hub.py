@@ -111,6 +111,7 @@ _PRIVACY_TABLE = [
 # metrics.json key -> (metric type, display name, key that qualifies the name)
 _METRICS = {
     "fid": ("fid", "FID", "feature_extractor"),
+    "kid": ("kid", "KID", "feature_extractor"),
     "downstream_accuracy": ("accuracy", "Downstream accuracy", "classifier"),
     "membership_auc": ("roc_auc", "Membership-inference AUC", "attack"),
 }
@@ -155,8 +156,9 @@ def load_dp_report(folder: str | Path) -> dict[str, Any] | None:
 def load_metrics(folder: str | Path) -> dict[str, dict[str, Any]] | None:
     """Read the folder's `metrics.json`; `None` if there is none.
 
-    Each metric becomes a dict with at least a `"value"` (a bare number is wrapped); metrics without a
-    value are skipped with a warning.
+    Each metric becomes a dict with at least a `"value"` (a bare number is wrapped); a metric recorded as not
+    computed (`"value": null` with a `"not_computed"` reason) is kept; other metrics without a value are skipped
+    with a warning.
     """
     path = Path(folder) / METRICS_NAME
     if not path.is_file():
@@ -165,7 +167,7 @@ def load_metrics(folder: str | Path) -> dict[str, dict[str, Any]] | None:
     for name, metric in _read_json_object(path).items():
         if _is_number(metric):
             metric = {"value": metric}
-        if not isinstance(metric, dict) or metric.get("value") is None:
+        if not isinstance(metric, dict) or (metric.get("value") is None and not metric.get("not_computed")):
             logger.warning("Ignoring metric %r of %s: it has no 'value'.", name, path)
             continue
         metrics[name] = metric
@@ -267,6 +269,9 @@ def _evaluation(
     results, rows = [], []
     for key, metric in metrics.items():
         metric_type, display_name, qualifier_key = _METRICS.get(key, (key, key, None))
+        if metric.get("value") is None:  # not computed (e.g. FID without Inception weights): say why, claim nothing
+            rows.append((display_name, "not computed", str(metric.get("not_computed", ""))))
+            continue
         qualifier = metric.get(qualifier_key) if qualifier_key else None
         metric_name = f"{display_name} ({qualifier})" if qualifier else display_name
         details = {name: value for name, value in metric.items() if name not in ("value", "dataset")}

@@ -22,15 +22,20 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None) 
         type=str,
         default=None,
         help="Embedded set (public-digits, private-digits; private-digits-tuning: a validation split carved from "
-        "private-digits' train split, for choosing hyper-parameters) or a Hub data set id. "
-        f"Default: {default_dataset}.",
+        "private-digits' train split, for choosing hyper-parameters; private-digits-units(-tuning): the digits of "
+        "about 175 people, split by person) or a Hub data set id. "
+        + (f"Default: {default_dataset}." if default_dataset else "Default: the data set the adapter was trained on."),
     )
     group.add_argument("--dataset_config_name", type=str, default=None)
-    group.add_argument("--train_data_dir", type=str, default=None, help="An imagefolder directory.")
+    group.add_argument("--train_data_dir", type=str, default=None,
+                       help="An imagefolder directory (train/ and test/ subfolders: the evaluation's held-out test "
+                       "split).")  # fmt: skip
     group.add_argument("--image_column", type=str, default=None, help="Default: 'image' or the first column.")
     group.add_argument(
         "--label_column", type=str, default=None, help="Default: 'label' when present; '' trains unlabelled."
     )
+    group.add_argument("--caption_column", type=str, default=None,
+                       help="Text-to-image bases: the captions' column (default: 'text').")  # fmt: skip
     group.add_argument("--cache_dir", type=str, default=None, help="datasets / latents cache directory.")
     group.add_argument(
         "--max_train_samples", type=int, default=None, help="Use only the first N examples (debugging, tests)."

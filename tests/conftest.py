@@ -35,6 +35,21 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 SPACE_METRICS = {"downstream_accuracy": {"value": 0.75, "classifier": "logistic-regression"}, "membership_auc": 0.5125}
 
 
+@pytest.fixture(autouse=True)
+def no_inception_download(tmp_path_factory, monkeypatch):
+    """Every test sees an empty clean-fid cache, and clean-fid's Inception download fails the test if it is tried
+    (the tests run offline: FID is computed from a given stand-in file or recorded as not computed)."""
+    import cleanfid.downloads_helper
+
+    from dp_diffusers.evaluation import fid
+
+    def download(*args, **kwargs):
+        pytest.fail("clean-fid's Inception download was attempted in a test")
+
+    monkeypatch.setattr(fid, "CLEAN_FID_CACHE", tmp_path_factory.mktemp("clean-fid-cache"))
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_inception", download)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A class-conditional base folder (random weights) with digit class names."""

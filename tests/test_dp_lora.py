@@ -222,7 +222,8 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
     assert "| Audit canaries | 8 |" in (out / "README.md").read_text()
     card = ModelCard.load(out / "README.md")
     assert card.data.dp_epsilon == json.loads((out / "dp_report.json").read_text())["epsilon"]
-    assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}
+    assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}  # no FID claimed offline
+    assert "| FID | not computed | no Inception weights (offline)" in (out / "README.md").read_text()
     api.create_repo.assert_called_once()
     assert api.create_repo.call_args.args[0] == "me/dp-lora"
     upload = api.upload_folder.call_args.kwargs
@@ -232,8 +233,10 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
     with pytest.raises(SystemExit):  # a typo in the sampler fails before training, not after it
         train(base_args(tiny_base, tmp_path / "typo", **{"--scheduler": "DPMSolverMultistep"}))
     assert not (tmp_path / "typo").exists()
-    with pytest.raises(SystemExit):  # evaluation needs a data set with a held-out split
-        train(base_args(tiny_base, out, **{"--evaluate": True, "--dataset_name": None, "--train_data_dir": tmp_path}))
+    with pytest.raises(DataError, match="test/"):  # evaluation needs held-out images: said before training
+        train(base_args(tiny_base, tmp_path / "no-test", **{"--evaluate": True, "--dataset_name": None,
+                                                             "--train_data_dir": tmp_path}))  # fmt: skip
+    assert not (tmp_path / "no-test").exists()
 
 
 def test_bf16_base_with_gradient_checkpointing_trains_through_the_script(tiny_base, tmp_path):

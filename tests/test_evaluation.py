@@ -330,7 +330,10 @@ def test_evaluate_adapter_writes_metrics_for_a_fused_adapter(tiny_base, tmp_path
     metrics = evaluate_adapter(folder, samples_per_class=2, num_inference_steps=2, audit_reference=folder)
 
     assert json.loads((folder / "metrics.json").read_text()) == metrics
-    assert "fid" not in metrics  # no Inception weights: skipped, not invented
+    for name in ("fid", "kid"):  # offline without Inception weights: recorded as not computed, with how to fix it
+        assert metrics[name]["value"] is None and "offline" in metrics[name]["not_computed"]
+        assert INCEPTION_PATH_ENV in metrics[name]["not_computed"]
+        assert metrics[name]["dataset"] == "private-digits (test split, 360 images)"
     downstream = metrics["downstream_accuracy"]
     assert downstream["num_synthetic"] == 20 and downstream["num_test"] == 360
     assert 0 <= downstream["value"] <= 1 and downstream["real_data_accuracy"] > 0.5

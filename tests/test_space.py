@@ -100,6 +100,24 @@ def test_privacy_summary_shows_the_report_and_what_was_not_measured(app, space_a
     assert f"| ε (epsilon) | {report['epsilon']:.4g} |" in panel and "| FID | not measured |" in panel
     assert f"| Accountant | {report['accountant']} |" in panel and "| Downstream accuracy | 0.75 |" in panel
     assert f"Model card: `{space_adapter / 'README.md'}`" in panel
+    assert f"`dp-diffusers generate {space_adapter} --num_images 1000 --output_dir synthetic-data`" in panel
+
+
+def test_privacy_panel_shows_fid_and_kid_or_why_they_were_not_computed(app, space_adapter, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(space_adapter, tmp_path / "adapter")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "fid": {"value": 41.25, "num_generated": 300},
+                                                     "kid": {"value": 0.0123}}))  # fmt: skip
+    panel = app.summary_markdown(app.privacy_summary(folder))
+    assert "| FID | 41.25 |" in panel and "| KID | 0.0123 |" in panel
+    offline = {"value": None, "not_computed": "no Inception weights (offline). To fix: ..."}
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "fid": offline, "kid": offline}))
+    summary = app.privacy_summary(folder)
+    assert summary["fid"] == summary["kid"] == "not computed"
+    panel = app.summary_markdown(summary)
+    assert "| FID | not computed |" in panel and "| KID | not computed |" in panel
 
 
 def test_unloadable_adapters_are_named_with_the_reason(app, tiny_base, tmp_path):

@@ -44,6 +44,7 @@ from dp_diffusers.data import (
     audit_canaries,
     dataset_latents,
     encode_latents,
+    load_image_dataset,
     privacy_unit_members,
     resolve_columns,
 )
@@ -117,7 +118,6 @@ def parse_args(argv=None):
     lora.add_argument("--label_dropout", type=float, default=0.1, help="Null-class probability (keeps CFG).")
 
     text = parser.add_argument_group("text-to-image bases (Stable Diffusion, SDXL)")
-    text.add_argument("--caption_column", type=str, default=None, help="Captions' column (default: 'text').")
     text.add_argument("--caption_template", type=str, default=None,
                       help="Captions from labels instead, e.g. 'a photo of a {label}' ({label}: the class name).")
     text.add_argument("--caption_dropout", type=float, default=0.1,
@@ -227,8 +227,6 @@ def parse_args(argv=None):
         f"--max_examples_per_unit must be >= 1, got {args.max_examples_per_unit}": args.max_examples_per_unit < 1,
         f"--ema_decay must be in (0, 1), got {args.ema_decay}":
             args.ema_decay is not None and not 0 < args.ema_decay < 1,
-        "--evaluate needs --dataset_name: a data set with a held-out 'test' split to evaluate against.":
-            args.evaluate and args.dataset_name is None,
         "--gradient_checkpointing needs --grad_sample_mode fused: opacus' hooks record each forward's activations, "
         "and the recomputation in the backward would be recorded again.":
             args.gradient_checkpointing and args.grad_sample_mode != "fused" and not args.disable_dp,
@@ -285,6 +283,8 @@ def load_private_examples(args, pipe, resolution: int) -> PrivateExamples:
     if args.central_image_noise_multiplier is not None and not family.supports_central_images:
         raise DataError(f"--central_image_noise_multiplier: a {family.name} base has no classes to average over.")
     dataset = load_training_dataset(args)
+    if args.evaluate and args.train_data_dir:  # the evaluation needs held-out images: check before training
+        load_image_dataset(None, args.train_data_dir, split="test")
     image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column)
     examples = family.prepare_examples(pipe, dataset, image_column, label_column, resolution, condition_options(args))
     if args.privacy_unit_column:  # user-level DP: the units' members, canary units added below
@@ -501,7 +501,9 @@ def save_outputs(args, pipe, examples: PrivateExamples, report: DPReport | None)
         if args.num_canaries else None,
         caption_column=args.caption_column, caption_template=args.caption_template,
         validation_prompts=args.validation_prompt, max_sequence_length=args.max_sequence_length,
-        guidance_scale=args.guidance_scale, privacy_unit=args.privacy_unit_column,
+        guidance_scale=args.guidance_scale, privacy_unit=args.privacy_unit_column, dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name, local_data=args.train_data_dir is not None,
+        image_column=args.image_column, label_column=args.label_column,
         objective={k: v for k, v in asdict(objective_options(args)).items() if v is not None} or None,
     )  # fmt: skip
     trained = {CLASS_EMBEDDER_FOLDER: pipe.class_embedder, CLASS_ROWS_FOLDER: pipe.class_rows}

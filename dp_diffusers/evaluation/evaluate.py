@@ -1,14 +1,15 @@
 """Evaluate an adapter folder and write ``metrics.json`` next to its ``dp_report.json``.
 
-Downstream accuracy (class-conditional models: the data's classes, by name) and the membership audit
-always run; FID runs when the Inception weights
-file is available (``inception_path`` or ``DP_DIFFUSERS_FID_INCEPTION``). The held-out split is
-only read here, never trained on.
+Downstream accuracy (class-conditional models: the data's classes, by name) and the membership audit always
+run; FID and KID (clean-fid) whenever Inception weights are available (the file given, ``DP_DIFFUSERS_FID_INCEPTION``,
+or clean-fid's own, downloaded unless offline), else they are recorded as not computed, with why and how to fix it.
+The held-out split is only read here, never trained on.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from ..data import (
 from ..families import ConditionOptions
 from ..models import LatentDenoiser
 from .downstream import downstream_accuracy
-from .fid import InceptionWeightsNotFoundError, _resolve_inception_path, compute_fid
+from .fid import InceptionWeightsNotFoundError, compute_fid
 from .membership import audit
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,16 @@ def generate_unconditional(pipe, num_images: int, num_inference_steps: int, seed
 
 
 def evaluate_from_args(adapter_dir: str | Path, args: argparse.Namespace) -> dict:
-    """:func:`evaluate_adapter` with the flags of :func:`add_evaluation_args` (and ``--dataset_name``,
-    ``--scheduler``, ``--seed``)."""
+    """:func:`evaluate_adapter` with the flags of :func:`add_evaluation_args`, the data flags of ``add_data_args``
+    (the training script's) and ``--scheduler``, ``--seed``."""
     return evaluate_adapter(
         adapter_dir,
         dataset_name=args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        dataset_config_name=args.dataset_config_name,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        caption_column=args.caption_column,
         samples_per_class=args.eval_samples_per_class,
         num_inference_steps=args.eval_inference_steps,
         scheduler=args.scheduler,
@@ -150,7 +156,12 @@ def _train_subset(adapter_dir: str | Path) -> dict | None:
 
 def evaluate_adapter(
     adapter_dir: str | Path,
-    dataset_name: str = "private-digits",
+    dataset_name: str | None = None,
+    train_data_dir: str | None = None,
+    dataset_config_name: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    caption_column: str | None = None,
     train_split: str = "train",
     test_split: str = "test",
     samples_per_class: int = 100,
@@ -162,13 +173,29 @@ def evaluate_adapter(
 ) -> dict:
     """Evaluate the adapter (or base) in ``adapter_dir`` against the private data set's splits.
 
-    ``audit_reference``: a non-private fine-tune on the same data, whose audit AUC is
+    The data: ``dataset_name`` (an embedded or Hub data set) or ``train_data_dir`` (an imagefolder whose ``test/``
+    split holds the held-out images), with the training script's column flags; by default the data set the adapter
+    records (an embedded or Hub one; a local folder is never recorded: its adapter asks for ``--train_data_dir``),
+    else ``private-digits``. ``audit_reference``: a non-private fine-tune on the same data, whose audit AUC is
     reported next to the DP one. Returns the metrics dict it writes to ``metrics.json``.
     """
     from ..pipelines import DPLDMPipeline
 
     adapter_dir = Path(adapter_dir)
     config = _adapter_config(adapter_dir)
+    if dataset_name is None and train_data_dir is None:
+        if config is not None and config.local_data:
+            raise DataError(f"{adapter_dir} was trained on a local imagefolder (its path is not recorded): pass it "
+                            "with --train_data_dir (held-out images in its test/ subfolder).")  # fmt: skip
+        recorded = config.dataset_name if config is not None else None
+        dataset_name = recorded or "private-digits"
+        if recorded:
+            dataset_config_name = dataset_config_name or config.dataset_config_name
+    if config is not None:  # the columns as the run was given them (names, never paths)
+        image_column = config.image_column if image_column is None else image_column
+        label_column = config.label_column if label_column is None else label_column
+        caption_column = config.caption_column if caption_column is None else caption_column
+    data_name = dataset_name or "the local imagefolder"
     pipe = DPLDMPipeline.from_pretrained(adapter_dir)
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
@@ -179,19 +206,20 @@ def evaluate_adapter(
     family, vae = pipe.family, pipe.vae
     resolution, channels = vae.config.sample_size, vae.config.in_channels
     options = config.condition_options() if config is not None else ConditionOptions()
+    options = dataclasses.replace(options, label_column=label_column, caption_column=caption_column)
     objective = config.objective_options() if config is not None else None
     names = None  # the data set's class names (its test split's), in its own order
 
     def split(name, subset=None):
         """(examples as the family sees them, pixels, label positions in ``names`` or None) of a split."""
         nonlocal names
-        data = load_image_dataset(dataset_name, split=name)
+        data = load_image_dataset(dataset_name, train_data_dir, dataset_config_name, split=name)
         if subset:
             data = seeded_subset(data, subset["max_samples"], subset["seed"])
-        image_column, label_column = resolve_columns(data)
-        names = names or label_names(data, label_column)
-        pixels, labels = dataset_to_tensors(data, resolution, channels, image_column, label_column, names)
-        examples = family.prepare_examples(pipe, data, image_column, label_column, resolution, options)
+        images, labels_column = resolve_columns(data, image_column, label_column)
+        names = names or label_names(data, labels_column)
+        pixels, labels = dataset_to_tensors(data, resolution, channels, images, labels_column, names)
+        examples = family.prepare_examples(pipe, data, images, labels_column, resolution, options)
         return examples, pixels, labels
 
     (test, test_x, test_y), (train, train_x, train_y) = split(test_split), split(train_split)
@@ -207,7 +235,7 @@ def evaluate_adapter(
     # the model's condition for each of the data's classes: class ids by name, or the template's prompts
     class_conditions = family.sampling_conditions(pipe, names, options) if names else None
     if pipe.num_classes is not None and names is None:
-        raise DataError(f"{dataset_name!r} has no labels: a class-conditional model is evaluated on labelled data.")
+        raise DataError(f"{data_name!r} has no labels: a class-conditional model is evaluated on labelled data.")
     if class_conditions is not None:
         synthetic_x, synthetic_y = generate_labelled(pipe, class_conditions, samples_per_class, num_inference_steps,
                                                      seed, resolution)  # fmt: skip
@@ -221,7 +249,7 @@ def evaluate_adapter(
             "num_synthetic": downstream["num_synthetic"],
             "num_test": downstream["num_test"],
             "sampler": sampler,
-            "dataset": f"{dataset_name} ({test_split} split, held out)",
+            "dataset": f"{data_name} ({test_split} split, held out)",
         }
     elif test.captions is not None:  # captions without classes: one image per held-out caption (FID's images)
         logger.warning("Downstream accuracy skipped: the captions carry no classes (no --caption_template).")
@@ -238,7 +266,7 @@ def evaluate_adapter(
     # people: members and non-members are privacy units, each scored by its examples' mean.
     members, units = _audit_members(member.dataset, test.dataset, config, seed)
     chosen = family.prepare_examples(pipe, member.dataset.select(members.tolist()), member.image_column,
-                                     resolve_columns(member.dataset)[1], resolution, options)  # fmt: skip
+                                     resolve_columns(member.dataset, image_column, label_column)[1], resolution, options)  # fmt: skip
     sets = (encode_latents(vae, member_x[members]), family.encode_conditions(pipe, chosen),
             encode_latents(vae, test_x), family.encode_conditions(pipe, test))  # fmt: skip
     base_loss_fn = None
@@ -262,7 +290,7 @@ def evaluate_adapter(
         canary_sets = []
         for canary in drawn:  # inserted, then held out
             empty = family.prepare_examples(pipe, test.dataset.select([]), test.image_column,
-                                            resolve_columns(test.dataset)[1], size, options)  # fmt: skip
+                                            resolve_columns(test.dataset, image_column, label_column)[1], size, options)  # fmt: skip
             family.add_canaries(empty, canary.pixels, canary.labels, canary.captions)
             canary_sets += [encode_latents(vae, canary.pixels), family.encode_conditions(pipe, empty)]
         canary_units = {"member_units": drawn[0].unit_members(0), "nonmember_units": drawn[1].unit_members(0)}
@@ -282,15 +310,20 @@ def evaluate_adapter(
                 if key in ref_canaries:
                     metrics["membership_auc"][f"reference_nonprivate_{key}"] = ref_canaries[key]
 
+    reference_set = f"{data_name} ({test_split} split, {len(test_x)} images)"
+    to_uint8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).squeeze(-1).numpy()  # noqa: E731
     try:
-        _resolve_inception_path(inception_path)
-    except InceptionWeightsNotFoundError as err:
-        logger.warning(f"FID skipped: {err}")
+        scores = compute_fid(to_uint8(synthetic_x), to_uint8(test_x), inception_path=inception_path, seed=seed)
+    except InceptionWeightsNotFoundError as err:  # the rest of the evaluation stands; the card says why
+        logger.warning(f"FID and KID not computed: {err}")
+        for name in ("fid", "kid"):
+            metrics[name] = {"value": None, "not_computed": str(err), "dataset": reference_set}
     else:
-        to_uint8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).squeeze(-1).numpy()  # noqa: E731
-        fid = compute_fid(to_uint8(synthetic_x), to_uint8(test_x), inception_path=inception_path)
-        metrics["fid"] = {"value": fid.pop("fid"), **fid, "sampler": sampler,
-                          "dataset": f"{dataset_name} ({test_split} split)"}  # fmt: skip
+        common = {key: scores[key] for key in ("num_generated", "num_reference", "feature_extractor", "mode")}
+        common.update(sampler=sampler, dataset=reference_set)
+        metrics["fid"] = {"value": scores["fid"], **common}
+        metrics["kid"] = {"value": scores["kid"], "subsets": scores["kid_subsets"],
+                          "subset_size": scores["kid_subset_size"], **common}  # fmt: skip
 
     path = adapter_dir / METRICS_NAME
     tmp = path.with_suffix(".tmp")

@@ -1,16 +1,20 @@
-"""Frechet Inception Distance through clean-fid (``mode="clean"``), from a local Inception file.
+"""Frechet Inception Distance and Kernel Inception Distance through clean-fid (``mode="clean"``).
 
-clean-fid downloads its Inception weights to a fixed path on first use. Here the TorchScript file
-is always given explicitly (argument or ``DP_DIFFUSERS_FID_INCEPTION``): nothing is downloaded and
-nothing is written next to clean-fid. Images go through clean-fid's own pipeline (PIL bicubic
-resize to 299x299 without quantisation, the same normalisation as its ``InceptionV3W`` wrapper,
-``fid_from_feats``), so scores are comparable to clean-fid's published ``mode="clean"`` numbers.
+The Inception weights: the file given (argument or ``DP_DIFFUSERS_FID_INCEPTION``), else clean-fid's own
+(``inception-2015-12-05.pt`` in its cache folder, downloaded there by clean-fid's ``check_download_inception`` on
+first use, as clean-fid users expect). Offline (``HF_HUB_OFFLINE``, the tests' setting) nothing is downloaded: without
+a local file the evaluation records "not computed" and says how to fix it. Images go through clean-fid's own
+pipeline (PIL bicubic resize to 299x299 without quantisation, the same normalisation as its ``InceptionV3W``
+wrapper, ``fid_from_feats``, ``kernel_distance``), so scores are comparable to clean-fid's ``mode="clean"`` numbers.
+KID is reported next to FID because FID is biased at the few hundred samples small private sets allow.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import tempfile
+import urllib.error
 import warnings
 from collections.abc import Sequence
 from glob import glob
@@ -25,6 +29,8 @@ from PIL import Image
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILENAME}"
 INCEPTION_PATH_ENV = "DP_DIFFUSERS_FID_INCEPTION"
+#: where clean-fid's ``feature_extractor`` keeps (and downloads) its Inception file
+CLEAN_FID_CACHE = Path("./" if platform.system() == "Windows" else "/tmp")
 FEATURE_DIM = 2048
 CLEAN_FID_EXTRACTOR = "inception-v3 (clean-fid, mode=clean)"
 
@@ -53,29 +59,49 @@ class CleanFIDInception(torch.nn.Module):
         return self.layers.forward((x - 128) / 128).view(x.shape[0], FEATURE_DIM)
 
 
-def _resolve_inception_path(path: str | os.PathLike | None) -> Path:
+def offline() -> bool:
+    """Whether downloads are off (``HF_HUB_OFFLINE``, as for every Hub download of the project)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _resolve_inception_path(path: str | os.PathLike | None, download: bool = True) -> Path:
+    """The Inception file: ``path``, ``$DP_DIFFUSERS_FID_INCEPTION``, or clean-fid's own (downloaded by clean-fid
+    into its cache folder when missing, unless offline or ``download`` is False)."""
     how = (
-        f"Download {INCEPTION_FILENAME} (the Inception-v3 TorchScript file clean-fid and StyleGAN2 use) "
-        f"from {INCEPTION_URL} and pass its path with --fid_inception_path or the environment "
-        f"variable {INCEPTION_PATH_ENV}."
+        f"run once online (clean-fid downloads {INCEPTION_FILENAME} to {CLEAN_FID_CACHE}), or download it from "
+        f"{INCEPTION_URL} and pass its path with --fid_inception_path or the environment variable "
+        f"{INCEPTION_PATH_ENV}."
     )
     path = path if path is not None else os.environ.get(INCEPTION_PATH_ENV)
-    if not path:
-        raise InceptionWeightsNotFoundError(f"FID needs the Inception weights file {INCEPTION_FILENAME}. {how}")
-    resolved = Path(path).expanduser()
-    if not resolved.is_file():
-        raise InceptionWeightsNotFoundError(f"Inception weights file not found: {resolved}. {how}")
-    return resolved
+    if path:
+        resolved = Path(path).expanduser()
+        if not resolved.is_file():
+            raise InceptionWeightsNotFoundError(f"Inception weights file not found: {resolved}. To fix: {how}")
+        return resolved
+    cached = CLEAN_FID_CACHE / INCEPTION_FILENAME
+    if cached.is_file():
+        return cached
+    if offline() or not download:
+        raise InceptionWeightsNotFoundError(f"no Inception weights (offline). To fix: {how}")
+    from cleanfid.downloads_helper import check_download_inception
+
+    try:
+        return Path(check_download_inception(fpath=str(CLEAN_FID_CACHE)))
+    except (urllib.error.URLError, OSError) as error:
+        message = f"no Inception weights (clean-fid's download failed: {error}). To fix: {how}"
+        raise InceptionWeightsNotFoundError(message) from error
 
 
 def load_inception_feature_extractor(
     path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> CleanFIDInception:
-    """Load the Inception TorchScript file as a clean-fid ``custom_feat_extractor`` (no download).
+    """Load the Inception TorchScript file as a clean-fid ``custom_feat_extractor``.
 
-    ``path`` defaults to ``$DP_DIFFUSERS_FID_INCEPTION``. The file must be clean-fid's
-    ``inception-2015-12-05.pt`` or a TorchScript module with the same interface (a ``layers``
-    submodule mapping images normalised to [-1, 1] to 2048 features). Raises
+    ``path`` defaults to ``$DP_DIFFUSERS_FID_INCEPTION``, then clean-fid's own file (downloaded unless offline).
+    The file must be clean-fid's ``inception-2015-12-05.pt`` or a TorchScript module with the same interface (a
+    ``layers`` submodule mapping images normalised to [-1, 1] to 2048 features). Raises
     :class:`InceptionWeightsNotFoundError` (a ``FileNotFoundError``) saying where to get the file.
     """
     resolved = _resolve_inception_path(path)
@@ -154,15 +180,20 @@ def compute_fid(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    kid_subsets: int = 100,
+    seed: int = 0,
 ) -> dict:
-    """FID between two image sets with clean-fid (``mode="clean"``); lower is better.
+    """FID and KID between two image sets with clean-fid (``mode="clean"``); lower is better for both.
 
     Each set is a folder of images (searched recursively) or a sequence/array of images: uint8
     ``HxW``, ``HxWx1``, ``HxWx3`` arrays, an ``(N, H, W[, C])`` uint8 array, or PIL images.
     Grayscale is converted to RGB. Warns when a set has fewer than 2048 images: the 2048x2048
-    feature covariance is then singular and FID is biased upwards (report the sample sizes).
+    feature covariance is then singular and FID is biased upwards (report the sample sizes); KID
+    (clean-fid's ``kernel_distance``: ``kid_subsets`` subsets of up to 1,000 of each set, drawn from ``seed``) is
+    unbiased, which is why it is reported next to FID for small sets.
 
-    Returns ``{"fid", "num_generated", "num_reference", "feature_extractor", "mode"}``.
+    Returns ``{"fid", "kid", "kid_subsets", "kid_subset_size", "num_generated", "num_reference",
+    "feature_extractor", "mode"}``. Raises :class:`InceptionWeightsNotFoundError` without Inception weights.
     """
     device = torch.device(device)
     resolved = _resolve_inception_path(inception_path)
@@ -178,9 +209,18 @@ def compute_fid(
                 "singular and FID is biased upwards; compare only FIDs computed with equal sample sizes",
                 stacklevel=2,
             )
+    state = np.random.get_state()  # clean-fid's kernel_distance draws its subsets from numpy's global generator
+    np.random.seed(seed)
+    try:
+        kid = float(cleanfid_fid.kernel_distance(feats_gen, feats_ref, num_subsets=kid_subsets))
+    finally:
+        np.random.set_state(state)
     extractor_name = CLEAN_FID_EXTRACTOR if resolved.name == INCEPTION_FILENAME else resolved.name
     return {
         "fid": float(cleanfid_fid.fid_from_feats(feats_gen, feats_ref)),
+        "kid": kid,
+        "kid_subsets": kid_subsets,
+        "kid_subset_size": min(len(feats_gen), len(feats_ref), 1000),
         "num_generated": len(feats_gen),
         "num_reference": len(feats_ref),
         "feature_extractor": extractor_name,

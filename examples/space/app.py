@@ -37,6 +37,7 @@ EPSILON_ELEM_ID = "dp-epsilon"
 # metrics.json key -> name shown in the privacy panel
 METRICS_SHOWN = {
     "fid": "FID",
+    "kid": "KID",
     "downstream_accuracy": "Downstream accuracy",
     "membership_auc": "Membership-inference audit AUC",
 }
@@ -173,15 +174,20 @@ def privacy_summary(source: str | os.PathLike) -> dict[str, Any]:
     """The adapter's guarantee (``dp_report.json``), its evaluation (``metrics.json``) and model card.
 
     Keys: ``epsilon``, ``delta``, ``accountant``, ``noise_multiplier`` (``None`` without a report), one per
-    ``METRICS_SHOWN`` key (``None`` when not measured), and ``model_card`` (a URL or path; ``None`` if missing).
+    ``METRICS_SHOWN`` key (``None`` when not measured, ``"not computed"`` when the evaluation could not compute it,
+    e.g. FID offline without Inception weights), ``model_card`` (a URL or path; ``None`` if missing) and
+    ``generate_command`` (the command line that samples a synthetic data set from this adapter).
     """
     folder, url = _adapter_files(str(source))
     report = load_dp_report(folder) or {}
     metrics = load_metrics(folder) or {}
     card = url or (str(folder / CARD_NAME) if (folder / CARD_NAME).is_file() else None)
     summary = {key: report.get(key) for key in ("epsilon", "delta", "accountant", "noise_multiplier")}
-    summary.update({key: metrics[key]["value"] if key in metrics else None for key in METRICS_SHOWN})
+    for key in METRICS_SHOWN:
+        metric = metrics.get(key, {})
+        summary[key] = "not computed" if metric.get("not_computed") else metric.get("value")
     summary["model_card"] = card
+    summary["generate_command"] = f"dp-diffusers generate {source} --num_images 1000 --output_dir synthetic-data"
     return summary
 
 
@@ -217,7 +223,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "### Privacy guarantee and evaluation\n\n| | Value |\n|---|---|\n"
         f"{table}\n\n"
         "The guarantee holds for every LoRA scale: scaling the adapter is post-processing of the DP training.\n\n"
-        f"{card_line}"
+        f"{card_line}\n\n"
+        "A synthetic data set from this adapter (an imagefolder with a dataset card; post-processing, so it carries "
+        f"the same guarantee at no further privacy cost): `{summary['generate_command']}`"
     )
 
 
