@@ -265,8 +265,9 @@ def evaluate_adapter(
     # is scored under its own conditions (its class, or its own caption's encoding). A user-level run's audit is of
     # people: members and non-members are privacy units, each scored by its examples' mean.
     members, units = _audit_members(member.dataset, test.dataset, config, seed)
+    labels_of = lambda examples: resolve_columns(examples.dataset, image_column, label_column)[1]  # noqa: E731
     chosen = family.prepare_examples(pipe, member.dataset.select(members.tolist()), member.image_column,
-                                     resolve_columns(member.dataset, image_column, label_column)[1], resolution, options)  # fmt: skip
+                                     labels_of(member), resolution, options)  # fmt: skip
     sets = (encode_latents(vae, member_x[members]), family.encode_conditions(pipe, chosen),
             encode_latents(vae, test_x), family.encode_conditions(pipe, test))  # fmt: skip
     base_loss_fn = None
@@ -289,8 +290,8 @@ def evaluate_adapter(
                                canaries.get("per_unit", 1))  # fmt: skip
         canary_sets = []
         for canary in drawn:  # inserted, then held out
-            empty = family.prepare_examples(pipe, test.dataset.select([]), test.image_column,
-                                            resolve_columns(test.dataset, image_column, label_column)[1], size, options)  # fmt: skip
+            empty = family.prepare_examples(pipe, test.dataset.select([]), test.image_column, labels_of(test), size,
+                                            options)  # fmt: skip
             family.add_canaries(empty, canary.pixels, canary.labels, canary.captions)
             canary_sets += [encode_latents(vae, canary.pixels), family.encode_conditions(pipe, empty)]
         canary_units = {"member_units": drawn[0].unit_members(0), "nonmember_units": drawn[1].unit_members(0)}
