@@ -102,19 +102,23 @@ def test_fid_identical_sets_is_zero(tmp_path, inception_path):
 def test_fid_different_sets_matches_cleanfid(tmp_path, inception_path):
     dark = _save_folder(tmp_path / "dark", _images(1, 20, 0, 128))
     bright = [Image.fromarray(img) for img in _images(2, 30, 128, 256)]
+    state = np.random.get_state()
     with pytest.warns(UserWarning):
-        result = compute_fid(dark, bright, inception_path=inception_path, batch_size=8)
+        result = compute_fid(dark, bright, inception_path=inception_path, batch_size=8, kid_subsets=10, seed=3)
+    assert np.array_equal(state[1], np.random.get_state()[1])  # KID's subsets from its own seed, state restored
     assert result["num_generated"] == 20 and result["num_reference"] == 30
+    assert result["kid_subsets"] == 10 and result["kid_subset_size"] == 20
 
     # Reference: clean-fid's own folder pipeline with the same extractor.
     bright_dir = _save_folder(tmp_path / "bright", np.stack([np.asarray(img) for img in bright]))
     extractor = load_inception_feature_extractor(inception_path)
     kwargs = dict(model=extractor, num_workers=0, device=torch.device("cpu"), mode="clean", verbose=False)
-    expected = cleanfid_fid.fid_from_feats(
-        cleanfid_fid.get_folder_features(dark, **kwargs), cleanfid_fid.get_folder_features(bright_dir, **kwargs)
-    )
+    feats = cleanfid_fid.get_folder_features(dark, **kwargs), cleanfid_fid.get_folder_features(bright_dir, **kwargs)
     assert result["fid"] > 10.0
-    assert math.isclose(result["fid"], expected, rel_tol=1e-6)
+    assert math.isclose(result["fid"], cleanfid_fid.fid_from_feats(*feats), rel_tol=1e-6)
+    np.random.seed(3)  # KID: clean-fid's kernel_distance (unbiased MMD^2 over subsets) on the same features
+    assert result["kid"] > 0.01 and math.isclose(result["kid"], cleanfid_fid.kernel_distance(*feats, num_subsets=10),
+                                                 rel_tol=1e-6)  # fmt: skip
 
 
 def test_fid_missing_weights_error(tmp_path, monkeypatch):
@@ -139,6 +143,46 @@ def test_fid_empty_inputs(tmp_path, inception_path, monkeypatch):
         compute_fid(_images(0, 4, 0, 256), [])
     with pytest.raises(ValueError, match="uint8"):
         compute_fid(_images(0, 4, 0, 256).astype(np.float32), _images(0, 4, 0, 256))
+
+
+def test_offline_no_download_is_attempted_and_online_clean_fid_downloads_its_own_weights(
+    tmp_path, inception_path, monkeypatch
+):
+    """Offline (the tests' HF_HUB_OFFLINE=1): a missing file is an error that says how to fix it, and clean-fid's
+    download is never called (conftest fails any test that calls it). Online: clean-fid's own download, once, into its
+    cache folder; later calls use the cached file."""
+    import shutil
+    import urllib.error
+
+    import cleanfid.downloads_helper
+    from huggingface_hub import constants
+
+    from dp_diffusers.evaluation import fid
+
+    monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
+    assert constants.HF_HUB_OFFLINE
+    with pytest.raises(InceptionWeightsNotFoundError, match=r"no Inception weights \(offline\)"):
+        compute_fid(_images(0, 4, 0, 256), _images(1, 4, 0, 256))
+
+    downloads = []
+
+    def download(fpath):
+        downloads.append(fpath)
+        return shutil.copy(inception_path, f"{fpath}/{fid.INCEPTION_FILENAME}")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_inception", download)
+    assert isinstance(load_inception_feature_extractor(), CleanFIDInception)
+    assert isinstance(load_inception_feature_extractor(), CleanFIDInception)
+    assert downloads == [str(fid.CLEAN_FID_CACHE)]  # once: the second call found clean-fid's cached file
+
+    def unreachable(fpath):
+        raise urllib.error.URLError("no route to host")
+
+    (fid.CLEAN_FID_CACHE / fid.INCEPTION_FILENAME).unlink()
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_inception", unreachable)
+    with pytest.raises(InceptionWeightsNotFoundError, match="download failed.*no route to host.*To fix"):
+        load_inception_feature_extractor()
 
 
 # ---------------------------------------------------------------------------------------- downstream
@@ -456,13 +500,16 @@ def test_public_base_auc_is_the_base_pipelines_own_audit(tiny_base, tmp_path, mo
     assert "public_base_auc" not in base_audit  # a base folder is its own chance level
 
 
-def test_cli_evaluate_takes_the_training_script_s_evaluation_flags(tiny_base, tmp_path, monkeypatch, capsys):
-    """`dp-diffusers evaluate` and `train_dp_lora.py --evaluate` share one spelling of the evaluation flags."""
+def test_cli_evaluate_takes_the_training_script_s_evaluation_flags(tiny_base, tmp_path, monkeypatch, capsys,
+                                                                    inception_path):  # fmt: skip
+    """`dp-diffusers evaluate` and `train_dp_lora.py --evaluate` share one spelling of the evaluation flags; FID and
+    KID are computed with the weights given, else recorded as not computed."""
     import json
 
     from helpers import write_adapter
 
     from dp_diffusers import DPLDMPipeline, cli
+    from dp_diffusers.hub import build_model_card
 
     monkeypatch.delenv(INCEPTION_PATH_ENV, raising=False)
     folder = write_adapter(tmp_path / "adapter", DPLDMPipeline.from_pretrained(tiny_base).unet, tiny_base)
@@ -472,3 +519,47 @@ def test_cli_evaluate_takes_the_training_script_s_evaluation_flags(tiny_base, tm
     assert printed == json.loads((folder / "metrics.json").read_text())
     assert printed["downstream_accuracy"]["num_synthetic"] == 10
     assert printed["downstream_accuracy"]["sampler"] == "DPMSolverMultistepScheduler, 1 steps"
+    assert printed["fid"]["value"] is None and printed["kid"]["value"] is None  # offline, no weights
+
+    cli.main(["evaluate", str(folder), "--eval_samples_per_class", "1", "--eval_inference_steps", "1",
+              "--fid_inception_path", inception_path])  # fmt: skip
+    metrics = json.loads(capsys.readouterr().out)
+    for name in ("fid", "kid"):  # with weights: both, with their sample counts and the reference set named
+        assert metrics[name]["value"] > 0 and metrics[name]["num_generated"] == 10
+        assert metrics[name]["num_reference"] == 360
+        assert metrics[name]["dataset"] == "private-digits (test split, 360 images)"
+    card = build_model_card(folder)
+    results = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert results["fid"] == metrics["fid"]["value"] and results["kid"] == metrics["kid"]["value"]
+    assert "| KID (standin-inception.pt) |" in card.text
+
+
+def test_evaluate_an_adapter_trained_on_the_user_s_imagefolder(tiny_dit_base, tmp_path, capsys):
+    """A DiT adapter trained from --train_data_dir is evaluated on that folder's test/ split: the folder is asked for
+    (its path is never recorded), then its classes are the ones evaluated."""
+    import json
+
+    from helpers import base_args, digit_folder, train
+
+    from dp_diffusers import cli
+
+    data = tmp_path / "my-data"
+    digit_folder(data / "train", ["0", "one", "seven"])
+    digit_folder(data / "test", ["0", "one", "seven"], per_class=4)
+    out = tmp_path / "adapter"
+    train(base_args(tiny_dit_base, out, **{"--train_data_dir": data, "--max_train_samples": None,
+                                           "--max_train_steps": 2, "--batch_size": 15}))  # fmt: skip
+    config = json.loads((out / "dp_lora_config.json").read_text())
+    assert config["local_data"] is True and config["dataset_name"] is None
+    assert not any(str(data) in path.read_text() for path in out.glob("*.json"))
+
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", str(out)])
+    error = capsys.readouterr().err
+    assert "trained on a local imagefolder (its path is not recorded): pass it with --train_data_dir" in error
+    cli.main(["evaluate", str(out), "--train_data_dir", str(data), "--eval_samples_per_class", "1",
+              "--eval_inference_steps", "1"])  # fmt: skip
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["downstream_accuracy"]["num_test"] == 12 and metrics["downstream_accuracy"]["num_synthetic"] == 3
+    assert metrics["downstream_accuracy"]["dataset"] == "the local imagefolder (test split, held out)"
+    assert metrics["membership_auc"]["num_nonmembers"] == 12
