@@ -14,7 +14,7 @@ from PIL import Image
 
 from dp_diffusers import DPLDMPipeline, cli
 from dp_diffusers.constants import DP_REPORT_NAME
-from dp_diffusers.synthetic import GENERATION_NAME, generate_dataset, push_dataset
+from dp_diffusers.synthetic import GENERATION_NAME, push_dataset
 
 
 def generate(adapter, out, *flags) -> None:
