@@ -23,7 +23,7 @@ LORA_TARGET_PRESETS: dict[str, list[str]] = {
     # ... plus the UNet's final output convolution
     "attention+proj+conv_out": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv_out"],
     # ... plus the two convolutions of every ResNet block: beyond the paper's choice. On the tiny base
-    # it carries the style shift attention alone does not (eps=10 downstream 0.453 vs 0.297; README)
+    # it carries the style shift attention alone does not (eps=10 downstream 0.453 vs 0.297; docs/results.md)
     # for 4x the trainable parameters and ~1.03x the attention-only DP step time.
     "attention+resnets": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_out"],
 }

@@ -9,7 +9,7 @@ epsilon (with the DP central-image warm-up where ``--central_image_noise_multipl
 LoRA without DP (``--disable_dp``); the same CNN trained with DP-SGD (opacus, same epsilon and delta) directly on
 the private train split; the same CNN on the real private train split. Downstream accuracy: a small CNN trained on
 the class-conditional samples, tested on the data set's held-out split; audit AUC: the denoising-loss threshold
-attack, raw and calibrated by the public base (see the README).
+attack, raw and calibrated by the public base (see docs/results.md).
 
 Honest protocol: choose every setting with ``--dataset_name private-digits-tuning`` (train on 1,149 images, test on
 a 288-image validation part of the private *train* split), then run the chosen settings once on ``private-digits``

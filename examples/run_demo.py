@@ -10,7 +10,7 @@
    Inception weights file is available), a model card, and how to load the adapter.
 
 Every step runs the same scripts and functions a user would run by hand. The stage-2 settings were chosen on
-``private-digits-tuning`` (a validation part of the private train split), never on the held-out split (README).
+``private-digits-tuning`` (a validation part of the private train split), never on the held-out split (docs/results.md).
 """
 
 import argparse
@@ -55,7 +55,7 @@ def main(argv=None):
     parser.add_argument(
         "--dp_lora_target_modules",
         default="attention+resnets",
-        help="On the tiny base attention-only DP-LoRA scores below the base itself at eps=10 (README).",
+        help="On the tiny base attention-only DP-LoRA scores below the base itself at eps=10 (docs/results.md).",
     )
     parser.add_argument(
         "--central_image_noise_multiplier",
@@ -72,7 +72,7 @@ def main(argv=None):
     parser.add_argument(
         "--scheduler",
         default="DPMSolverMultistepScheduler",
-        help="Sampler of the grid and the evaluation (DPM-Solver++ at 10 steps scored like DDIM at 25, README).",
+        help="Grid and evaluation sampler (DPM-Solver++ at 10 steps scored like DDIM at 25: docs/results.md).",
     )
     parser.add_argument("--eval_inference_steps", type=int, default=10, help="Denoising steps of the samples.")
     parser.add_argument("--skip_evaluation", action="store_true")

@@ -7,7 +7,7 @@
 Rows (``--seeds`` runs each, mean and spread): example-level DP-LoRA (the demo's settings: each image is a unit;
 what it guarantees a person is group privacy over their m images, computed from its own report for the people's
 smallest, median and largest m) and user-level DP-LoRA (``--privacy_unit_column person``: epsilon per person).
-Both with the DP central-image warm-up. Downstream accuracy on the held-out people's images (see the README).
+Both with the DP central-image warm-up. Downstream accuracy on the held-out people's images (see docs/results.md).
 
 Honest protocol: choose the user-level settings with ``--dataset_name private-digits-units-tuning`` (train people vs
 validation people carved from the train people), then run them once on ``private-digits-units``. Writes ``table.md``

@@ -117,7 +117,7 @@ def parse_args(argv=None):
                       help="Also train class rows (DP): needed for private classes the base does not know.")
     lora.add_argument("--label_dropout", type=float, default=0.1, help="Null-class probability (keeps CFG).")
 
-    text = parser.add_argument_group("text-to-image bases (Stable Diffusion, SDXL)")
+    text = parser.add_argument_group("text-to-image bases (Stable Diffusion, SDXL, SD3, FLUX)")
     text.add_argument("--caption_template", type=str, default=None,
                       help="Captions from labels instead, e.g. 'a photo of a {label}' ({label}: the class name).")
     text.add_argument("--caption_dropout", type=float, default=0.1,

@@ -3,7 +3,7 @@
 The per-example (per-group) weight gradients are the weight gradient of ONE grouped convolution: the examples
 become groups (channels ``b*C..(b+1)*C`` belong to example b) and the k copies (a privacy unit's rows) its batch, so
 an example's copies are summed before clipping. opacus unfolds the input instead (a rows x C*kh*kw x
-positions copy, then bmm): 4-12x slower for the UNet's 3x3 LoRA convolutions on CPU (README).
+positions copy, then bmm): 4-12x slower for the UNet's 3x3 LoRA convolutions on CPU (docs/performance.md).
 """
 
 from __future__ import annotations
