@@ -515,29 +515,44 @@ def _dataset_key(dataset: Dataset, resolution: int, image_column: str, vae, mirr
 
 
 def _stack_rows(batches: Iterator[dict[str, np.ndarray]], n: int, path_of: Callable[[str], Path] | None):
-    """Stack ``n`` rows of each named array arriving in batches (in the batches' dtype): in memory, or memory-mapped
-    ``.npy`` files at ``path_of(name)``, each written under a temporary name and renamed (a crash never leaves a
-    partial cache), read back lazily."""
-    out, tmp, start = {}, {}, 0
-    for rows in batches:
-        for name, values in rows.items():
-            if name not in out:
-                shape = (n, *values.shape[1:])
+    """Stack ``n`` rows of each named array arriving in batches (in the batches' dtype): in memory, or ``.npy`` files
+    at ``path_of(name)``, read back memory-mapped. Files are written by appending each batch to the file (not through
+    a writable memory map, whose dirty pages would stay resident: the whole array in RAM), under a temporary name
+    renamed when complete (a crash never leaves a partial cache)."""
+    out, files, tmp, start = {}, {}, {}, 0
+    try:
+        for rows in batches:
+            for name, values in rows.items():
+                if name not in out and name not in files:
+                    shape = (n, *values.shape[1:])
+                    if path_of is None:
+                        out[name] = np.empty(shape, dtype=values.dtype)
+                    else:
+                        path = path_of(name)
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        tmp[name] = path.with_suffix(f".{os.getpid()}.tmp.npy")  # one per process: ranks may encode
+                        files[name] = open(tmp[name], "wb")  # noqa: SIM115 (closed below, also on error)
+                        header = {"descr": np.lib.format.dtype_to_descr(values.dtype), "fortran_order": False,
+                                  "shape": shape}  # fmt: skip
+                        np.lib.format.write_array_header_2_0(files[name], header)
                 if path_of is None:
-                    out[name] = np.empty(shape, dtype=values.dtype)
+                    out[name][start : start + len(values)] = values
                 else:
-                    path = path_of(name)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp[name] = path.with_suffix(f".{os.getpid()}.tmp.npy")  # one per process: ranks may encode at once
-                    out[name] = np.lib.format.open_memmap(tmp[name], mode="w+", dtype=values.dtype, shape=shape)
-            out[name][start : start + len(values)] = values
-        start += len(next(iter(rows.values())))
+                    files[name].write(np.ascontiguousarray(values).tobytes())
+            start += len(next(iter(rows.values())))
+    except BaseException:
+        for path in tmp.values():  # an interrupted encoding leaves no partial file behind
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        for file in files.values():
+            file.close()
+    if start != n:
+        raise ValueError(f"expected {n} rows, got {start}")
     if path_of is None:
         return {name: torch.from_numpy(values) for name, values in out.items()}
-    for name, values in out.items():
-        values.flush()
+    for name in tmp:
         os.replace(tmp[name], path_of(name))
-    del out
     return {name: torch.from_numpy(np.load(path_of(name), mmap_mode="c")) for name in tmp}
 
 

@@ -175,13 +175,13 @@ def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
     vae = tiny_vae().eval()
     dataset = load_private_digits("test").select(range(4))
     written = []
-    real_open = np.lib.format.open_memmap
-    def recording_open(f, **kwargs):
-        if kwargs.get("mode") == "w+":  # a writer's (reading the finished cache back opens it too)
-            written.append(str(f))
-        return real_open(f, **kwargs)
+    real_header = np.lib.format.write_array_header_2_0
 
-    monkeypatch.setattr(np.lib.format, "open_memmap", recording_open)
+    def recording_header(file, header):  # each cache file a writer starts
+        written.append(file.name)
+        return real_header(file, header)
+
+    monkeypatch.setattr(np.lib.format, "write_array_header_2_0", recording_header)
     for pid in (1001, 1002):  # what two processes would do
         monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
         dataset_latents(dataset, vae, 16, cache_dir=str(tmp_path))
