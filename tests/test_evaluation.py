@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,12 +177,17 @@ def test_offline_no_download_is_attempted_and_online_clean_fid_downloads_its_own
     assert isinstance(load_inception_feature_extractor(), CleanFIDInception)
     assert downloads == [str(fid.CLEAN_FID_CACHE)]  # once: the second call found clean-fid's cached file
 
-    def unreachable(fpath):
-        raise urllib.error.URLError("no route to host")
+    def unreachable(fpath):  # a download that dies half way
+        Path(fpath, fid.INCEPTION_FILENAME).write_bytes(b"PK\x03\x04 half a file")
+        raise urllib.error.URLError("connection reset")
 
     (fid.CLEAN_FID_CACHE / fid.INCEPTION_FILENAME).unlink()
     monkeypatch.setattr(cleanfid.downloads_helper, "check_download_inception", unreachable)
-    with pytest.raises(InceptionWeightsNotFoundError, match="download failed.*no route to host.*To fix"):
+    with pytest.raises(InceptionWeightsNotFoundError, match="download failed.*connection reset.*To fix"):
+        load_inception_feature_extractor()
+    assert not (fid.CLEAN_FID_CACHE / fid.INCEPTION_FILENAME).exists()  # no partial file left as the cache
+    (fid.CLEAN_FID_CACHE / fid.INCEPTION_FILENAME).write_bytes(b"not TorchScript")  # e.g. copied in truncated
+    with pytest.raises(InceptionWeightsNotFoundError, match="not a readable TorchScript file.*delete it"):
         load_inception_feature_extractor()
 
 

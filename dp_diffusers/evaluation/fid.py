@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import tempfile
 import urllib.error
 import warnings
@@ -29,6 +30,7 @@ from PIL import Image
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILENAME}"
 INCEPTION_PATH_ENV = "DP_DIFFUSERS_FID_INCEPTION"
+DOWNLOAD_TIMEOUT_S = 60
 #: where clean-fid's ``feature_extractor`` keeps (and downloads) its Inception file
 CLEAN_FID_CACHE = Path("./" if platform.system() == "Windows" else "/tmp")
 FEATURE_DIM = 2048
@@ -85,13 +87,18 @@ def _resolve_inception_path(path: str | os.PathLike | None, download: bool = Tru
         return cached
     if offline() or not download:
         raise InceptionWeightsNotFoundError(f"no Inception weights (offline). To fix: {how}")
-    from cleanfid.downloads_helper import check_download_inception
+    from cleanfid import downloads_helper
 
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # clean-fid's urlopen has no timeout: a dead network would hang
     try:
-        return Path(check_download_inception(fpath=str(CLEAN_FID_CACHE)))
+        return Path(downloads_helper.check_download_inception(fpath=str(CLEAN_FID_CACHE)))
     except (urllib.error.URLError, OSError) as error:
+        (CLEAN_FID_CACHE / INCEPTION_FILENAME).unlink(missing_ok=True)  # never leave a partial file as the cache
         message = f"no Inception weights (clean-fid's download failed: {error}). To fix: {how}"
         raise InceptionWeightsNotFoundError(message) from error
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def load_inception_feature_extractor(
@@ -108,7 +115,11 @@ def load_inception_feature_extractor(
     with warnings.catch_warnings():
         # The weights only exist as TorchScript (clean-fid loads them the same way).
         warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
-        scripted = torch.jit.load(str(resolved), map_location=device)
+        try:
+            scripted = torch.jit.load(str(resolved), map_location=device)
+        except RuntimeError as error:  # e.g. a truncated download
+            raise InceptionWeightsNotFoundError(f"{resolved} is not a readable TorchScript file ({error}); delete it "
+                                                f"and download it again from {INCEPTION_URL}") from error  # fmt: skip
     if not hasattr(scripted, "layers"):
         raise ValueError(
             f"{resolved} is not a clean-fid Inception TorchScript file (no `layers` submodule); use {INCEPTION_URL}"
