@@ -47,6 +47,9 @@ def main(argv=None):
     parser.add_argument("--max_grad_norm", type=float, default=1e-3)
     parser.add_argument("--lora_target_modules", default="attention+resnets")
     parser.add_argument("--central_image_noise_multiplier", default="2")
+    parser.add_argument("--unit_central_image_noise_multiplier", default=None,
+                        help="User-level run: default the same; 'none': no central images (a person's images weigh "
+                        "1/m in the class means, so with few people the means are mostly noise).")  # fmt: skip
     parser.add_argument("--warmup_steps", type=int, default=200)
     parser.add_argument("--epochs", type=float, default=15, help="Example-level: passes over the images.")
     parser.add_argument("--batch_size", type=int, default=256, help="Example-level: expected images a step.")
@@ -63,16 +66,21 @@ def main(argv=None):
 
     base, root = Path(args.base), Path(args.output_dir)
     seeds = [int(s) for s in args.seeds.split(",")]
-    common = ["--target_epsilon", args.target_epsilon, "--target_delta", str(args.target_delta),
-              "--central_image_noise_multiplier", args.central_image_noise_multiplier,
-              "--warmup_steps", str(args.warmup_steps)]  # fmt: skip
+    common = ["--target_epsilon", args.target_epsilon, "--target_delta", str(args.target_delta)]
+
+    def central(sigma: str) -> list[str]:
+        return [] if sigma == "none" else ["--central_image_noise_multiplier", sigma, "--warmup_steps",
+                                           str(args.warmup_steps)]  # fmt: skip
+
+    unit_sigma = args.unit_central_image_noise_multiplier or args.central_image_noise_multiplier
     unit_lr = args.unit_learning_rate or args.learning_rate
     runs = {
-        "example-level DP-LoRA": (root / "example-level", common, args.epochs, args.batch_size),
+        "example-level DP-LoRA": (root / "example-level", [*common, *central(args.central_image_noise_multiplier)],
+                                  args.epochs, args.batch_size),
         "user-level DP-LoRA (`--privacy_unit_column person`)": (
             root / "user-level",
-            [*common, "--privacy_unit_column", "person", "--max_examples_per_unit", str(args.max_examples_per_unit),
-             "--learning_rate", str(unit_lr)],
+            [*common, *central(unit_sigma), "--privacy_unit_column", "person", "--max_examples_per_unit",
+             str(args.max_examples_per_unit), "--learning_rate", str(unit_lr)],
             args.unit_epochs, args.unit_batch_size,
         ),
     }  # fmt: skip
@@ -119,7 +127,8 @@ def main(argv=None):
         f"user-level: {args.unit_epochs:g} epochs, batch {args.unit_batch_size} people, at most "
         f"{args.max_examples_per_unit} images each a step, lr {unit_lr:g}; both lr {args.learning_rate:g} (unless "
         f"said), C {args.max_grad_norm:g}, LoRA `{args.lora_target_modules}`, central images σ "
-        f"{args.central_image_noise_multiplier} + {args.warmup_steps} warm-up steps; {args.eval_samples_per_class} "
+        f"{args.central_image_noise_multiplier} + {args.warmup_steps} warm-up steps (user-level: "
+        f"{'none' if unit_sigma == 'none' else 'σ ' + unit_sigma}); {args.eval_samples_per_class} "
         f"samples per class, {args.scheduler} {args.eval_inference_steps} steps.",
     ])  # fmt: skip
     print(table)

@@ -136,3 +136,29 @@ def test_min_snr_weights_follow_the_paper():
     expected = torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr))
     torch.testing.assert_close(weights, expected)
     assert weights[0] < 0.01 and weights[-1] == 1.0
+
+
+def test_user_level_utility_writes_both_rows_with_the_group_privacy_of_the_example_level_run(tiny_base, tmp_path):
+    """examples/user_level_utility.py on the tiny base, one seed, a few steps per run: the example-level row states
+    the group-privacy epsilon for the people's sizes, the user-level row the epsilon per person."""
+    import json
+
+    from dp_diffusers.privacy import Release, group_privacy_epsilon
+
+    table_script = load_module(ROOT / "examples" / "user_level_utility.py")
+    out = tmp_path / "user-level"
+    table_script.main(["--base", str(tiny_base), "--output_dir", str(out), "--seeds", "0", "--epochs", "0.05",
+                       "--batch_size", "20", "--unit_epochs", "0.2", "--unit_batch_size", "8", "--warmup_steps", "2",
+                       "--unit_central_image_noise_multiplier", "none", "--eval_samples_per_class", "1",
+                       "--eval_inference_steps", "2"])  # fmt: skip
+    table = (out / "table.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    [example], [person] = results["runs"].values()
+    assert person["report"]["privacy_unit"] == "person" and person["report"]["other_releases"] == []
+    assert person["report"]["num_privacy_units"] == results["people"] and "ε" in table and "per person |" in table
+    report = example["report"]
+    assert example["report"]["privacy_unit"] is None and report["other_releases"][0]["noise_multiplier"] == 2.0
+    m = results["sizes"][0]
+    expected = group_privacy_epsilon(report["noise_multiplier"], report["sample_rate"], report["steps"],
+                                     report["delta"], m, [Release(2.0)])  # fmt: skip
+    assert example["person_epsilon"][str(m)] == pytest.approx(expected)  # (JSON keys are strings)
