@@ -48,6 +48,15 @@ def train(base: Path, out: Path, extra: list[str], args, epochs: float, batch_si
     subprocess.run(cmd, check=True)
 
 
+def public_base_copy(base: Path, root: Path) -> Path:
+    """The starting point, the public base itself, as a copy in ``root`` to evaluate (evaluation writes
+    metrics.json into the folder it evaluates; the base stays untouched)."""
+    copy = root / "base-no-finetune"
+    if not (copy / "model_index.json").is_file():
+        shutil.copytree(base, copy, ignore=shutil.ignore_patterns("checkpoint-*", METRICS_NAME))
+    return copy
+
+
 def evaluate(out: Path, samples_per_class: int, reference: Path | None, args, seed: int) -> tuple[dict, dict | None]:
     """``metrics.json`` of ``out`` (written by the evaluation) and its ``dp_report.json`` (None without DP)."""
     from dp_diffusers.evaluation.evaluate import evaluate_adapter
@@ -155,10 +164,7 @@ def main(argv=None):
     if args.train_only:
         return
 
-    # the starting point: the public base itself, evaluated on a copy (evaluation writes metrics.json)
-    base_copy = root / "base-no-finetune"
-    if not (base_copy / "model_index.json").is_file():
-        shutil.copytree(base, base_copy, ignore=shutil.ignore_patterns("checkpoint-*", METRICS_NAME))
+    base_copy = public_base_copy(base, root)
     reference = runs.get("LoRA without DP (`--disable_dp`)", (None,))[0]
     results = {"config": vars(args), "runs": {}}
     rows = []

@@ -4,10 +4,11 @@
 
     python examples/user_level_utility.py --base outputs/base --output_dir outputs/user-level
 
-Rows (``--seeds`` runs each, mean and spread): example-level DP-LoRA (the demo's settings: each image is a unit;
-what it guarantees a person is group privacy over their m images, computed from its own report for the people's
-smallest, median and largest m) and user-level DP-LoRA (``--privacy_unit_column person``: epsilon per person).
-Both with the DP central-image warm-up. Downstream accuracy on the held-out people's images (see docs/results.md).
+Rows (``--seeds`` runs each, mean and spread): the public base itself; example-level DP-LoRA (the demo's
+settings: each image is a unit; what it guarantees a person is group privacy over their m images, computed from its
+own report for the people's smallest, median and largest m) and user-level DP-LoRA (``--privacy_unit_column
+person``: epsilon per person). Both with the DP central-image warm-up unless ``--unit_central_image_noise_multiplier
+none``. Downstream accuracy on the held-out people's images (see docs/results.md).
 
 Honest protocol: choose the user-level settings with ``--dataset_name private-digits-units-tuning`` (train people vs
 validation people carved from the train people), then run them once on ``private-digits-units``. Writes ``table.md``
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from privacy_utility import evaluate, spread, train  # noqa: E402  (the same training and evaluation calls)
+from privacy_utility import evaluate, public_base_copy, spread, train  # noqa: E402  (the same calls)
 
 from dp_diffusers.constants import LORA_WEIGHT_NAME  # noqa: E402
 from dp_diffusers.data import load_image_dataset, privacy_unit_members  # noqa: E402
@@ -95,6 +96,11 @@ def main(argv=None):
     sizes = sorted(len(members) for members in people)
     shown = sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
     results, rows = {"config": vars(args), "people": len(people), "sizes": shown, "runs": {}}, []
+    base_copy = public_base_copy(base, root)  # the starting point, on the same held-out people's images
+    base_accuracies = [evaluate(base_copy, args.eval_samples_per_class, None, args, seed)[0]["downstream_accuracy"]
+                       ["value"] for seed in seeds]  # fmt: skip
+    results["public base, no fine-tuning"] = base_accuracies
+    rows.append(f"| public base, no fine-tuning | - | - | - | {spread(base_accuracies)} |")
     for name, (out, _, _, _) in runs.items():
         accuracies, per_person = [], []
         for seed in seeds:

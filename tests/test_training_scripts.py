@@ -154,6 +154,7 @@ def test_user_level_utility_writes_both_rows_with_the_group_privacy_of_the_examp
     table = (out / "table.md").read_text()
     results = json.loads((out / "results.json").read_text())
     [example], [person] = results["runs"].values()
+    assert "| public base, no fine-tuning |" in table and len(results["public base, no fine-tuning"]) == 1
     assert person["report"]["privacy_unit"] == "person" and person["report"]["other_releases"] == []
     assert person["report"]["num_privacy_units"] == results["people"] and "ε" in table and "per person |" in table
     report = example["report"]
