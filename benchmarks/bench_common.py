@@ -205,8 +205,10 @@ def make_steps(
             grad_sample_mode=grad_sample_mode,
         )
 
+        example_ids = torch.arange(batch_size)  # each row's keyed draws (RowRandomness), as in training
+
         def dp_step():
-            private_backward(dp.model, dp.optimizer, loss_fn, latents, *columns)
+            private_backward(dp.model, dp.optimizer, loss_fn, latents, *columns, example_ids=example_ids)
             dp.optimizer.step()
             dp.optimizer.zero_grad(set_to_none=True)
 

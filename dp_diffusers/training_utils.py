@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import shutil
+from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
@@ -49,8 +51,40 @@ def add_run_args(parser: argparse.ArgumentParser, *, checkpointing_steps: int) -
     group.add_argument("--checkpoints_total_limit", type=int, default=2)
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--report_to", type=str, default=None, help="e.g. tensorboard")
+    group.add_argument("--report_to", type=str, default=None,
+                       help="accelerate's trackers, e.g. tensorboard (local files) or wandb (remote). They receive "
+                       "the allow-listed hyper-parameters only: never a token, a path, a column or a caption.")
     group.add_argument("--logging_dir", type=str, default="logs")
+
+
+#: ``--report_to`` trackers that only write files under ``--output_dir`` (the operator's own); every other one sends
+#: what it is given to a service
+LOCAL_TRACKERS = frozenset({"tensorboard"})
+
+
+def tracker_config(args: argparse.Namespace, hyperparameters: Sequence[str]) -> dict[str, Any]:
+    """``accelerator.init_trackers``' config: the ``hyperparameters`` of ``args`` that are set, an allow-list, so
+    that no token (``--hub_token``), local path, column name or prompt reaches TensorBoard's hparams or a remote
+    tracker's config (``vars(args)`` would send them all)."""
+    return {name: getattr(args, name) for name in hyperparameters if getattr(args, name) is not None}
+
+
+def log_to_trackers(accelerator: Accelerator, values: dict[str, float], step: int,
+                    private: Collection[str] = (), private_to_remote: bool = False) -> None:  # fmt: skip
+    """``accelerator.log``, except that the ``private`` values (computed on private data without noise: outside
+    epsilon) go only to local trackers (``LOCAL_TRACKERS``) unless ``private_to_remote``."""
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        local = tracker.name in LOCAL_TRACKERS
+        shown = {k: v for k, v in values.items() if k not in private or local or private_to_remote}
+        if shown:
+            tracker.log(shown, step=step)
+
+
+def remote_trackers(accelerator: Accelerator) -> list[str]:
+    """The names of the run's trackers that send what they are given to a service (not ``LOCAL_TRACKERS``)."""
+    return sorted(tracker.name for tracker in accelerator.trackers if tracker.name not in LOCAL_TRACKERS)
 
 
 class LaunchError(RuntimeError):

@@ -48,7 +48,7 @@ def equality_run(mode: str, k: int) -> dict:
     with BatchMemoryManager(
         data_loader=dp.data_loader, max_physical_batch_size=DIST.physical, optimizer=dp.optimizer
     ) as loader:
-        for latents, idx in loader:
+        for latents, idx, _ in loader:  # (the loader's example ids: idx again)
             steps_before = budget.steps
             private_backward(dp.model, dp.optimizer, loss_fn, latents, idx)
             dp.optimizer.step()
@@ -78,7 +78,7 @@ def unit_equality_run(mode: str, k: int) -> dict:
     with BatchMemoryManager(
         data_loader=dp.data_loader, max_physical_batch_size=1, optimizer=dp.optimizer
     ) as loader:
-        for latents, idx, units in loader:
+        for latents, idx, _, units in loader:
             steps_before = budget.steps
             private_backward(dp.model, dp.optimizer, loss_fn, latents, idx, units=units)
             dp.optimizer.step()
@@ -116,7 +116,7 @@ def poisson_run(generator: torch.Generator | None) -> dict:
     model = DPDDP(nn.Linear(1, 1))
     dataset = indexed(torch.zeros(DIST.poisson_n, 1))
     dp, _ = private(model, dataset, sigma=1.0, clip=1.0, batch=DIST.poisson_batch, sampling_generator=generator)
-    batches = [idx.tolist() for _ in range(DIST.poisson_epochs) for _, idx in dp.data_loader]
+    batches = [idx.tolist() for _ in range(DIST.poisson_epochs) for _, idx, _ in dp.data_loader]
     return {"rank_batches": _gather(batches)}
 
 

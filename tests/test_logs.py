@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, base_args, caption_folder, train
+from helpers import ROOT, base_args, caption_folder, digit_folder, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,3 +83,43 @@ def test_a_user_s_run_prints_its_progress_and_no_caption(tiny_sdxl_base, tmp_pat
         assert line in run.stderr, f"{line!r} missing from the run's log"
     assert "captions are longer than the 16 tokens" in run.stderr
     assert not [word for word in SECRET_WORDS if word in printed]
+
+
+def test_trackers_get_hyperparameters_and_never_a_token_or_a_path(tiny_base, tmp_path):
+    """A run with ``--report_to tensorboard``, a (fake) Hub token and a private data folder: TensorBoard's hparams
+    have the hyper-parameters, and no file the run writes holds a byte of the token or of the data path."""
+    token, data = "hf_SECRETtokenZZZ123", digit_folder(tmp_path / "patients-of-dr-x", ["3", "7"], per_class=12)
+    out = tmp_path / "adapter"
+    train(base_args(tiny_base, out, **{"--train_data_dir": data, "--max_train_samples": None, "--batch_size": 8,
+                                       "--max_train_steps": 2, "--report_to": "tensorboard", "--hub_token": token,
+                                       "--cache_dir": tmp_path / "cache"}))  # fmt: skip
+    hparams = next(out.rglob("hparams.yml")).read_text()
+    assert "learning_rate" in hparams and "noise_multiplier" in hparams
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert any("events.out.tfevents" in path.name for path in written)
+    for secret in (token, str(data), data.name):
+        assert not [path for path in written if secret.encode() in path.read_bytes()], secret
+
+
+class Tracker:
+    def __init__(self, name: str):
+        self.name, self.logged = name, []
+
+    def log(self, values, step):
+        self.logged.append(values)
+
+
+def test_the_private_loss_goes_to_local_trackers_only_unless_asked():
+    """The loss on private batches (no noise: outside epsilon) reaches local TensorBoard, not a remote tracker,
+    unless ``--report_private_loss``; epsilon (a function of the schedule) reaches every tracker."""
+    from types import SimpleNamespace
+
+    from dp_diffusers.training_utils import log_to_trackers, remote_trackers
+
+    for to_remote in (False, True):
+        trackers = [Tracker("tensorboard"), Tracker("wandb")]
+        accelerator = SimpleNamespace(is_main_process=True, trackers=trackers)
+        log_to_trackers(accelerator, {"loss": 0.5, "epsilon": 1.0}, 3, ("loss",), to_remote)
+        assert trackers[0].logged == [{"loss": 0.5, "epsilon": 1.0}]
+        assert trackers[1].logged == [{"loss": 0.5, "epsilon": 1.0} if to_remote else {"epsilon": 1.0}]
+        assert remote_trackers(accelerator) == ["wandb"]

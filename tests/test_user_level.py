@@ -15,9 +15,11 @@ from torch.utils.data import TensorDataset
 
 from dp_diffusers.data import DataError, load_image_dataset, load_private_digit_units, privacy_unit_members
 from dp_diffusers.privacy import (
+    PrivacyBudget,
     PrivacyBudgetError,
     PrivacyUnits,
     Release,
+    RowRandomness,
     central_image_query,
     epsilon_for,
     group_privacy_epsilon,
@@ -58,7 +60,7 @@ def test_one_unit_of_50_enormous_examples_moves_the_update_by_exactly_lr_c_over_
         assert dp.optimizer.expected_batch_size == pytest.approx(expected_units)  # q * N_units
         chosen = [0] if name == "one unit" else list(range(50))
         batch = dp.data_loader.collate_fn([dp.data_loader.dataset[u] for u in chosen])
-        *columns, groups = batch
+        *columns, _, groups = batch  # (the example ids: fixed_loss draws nothing)
         assert len(columns[0]) == (min(cap, 50) if name == "one unit" else 50)
         timesteps = torch.full((len(columns[0]) * k,), 400)  # every row the same draw: the examples stay identical
         noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 1e4  # an enormous target too
@@ -81,12 +83,16 @@ def test_the_unit_sampler_is_poisson_over_units_and_draws_at_most_the_cap_unifor
         start += size
     dataset = TensorDataset(torch.arange(start).float().unsqueeze(1), torch.arange(start))
     q, cap, steps = 0.25, 3, 800
-    loader = unit_poisson_data_loader(dataset, PrivacyUnits(members, cap), q, distributed=False)
+    accesses = iter(range(10**9))
+    # a new step at every access (a fresh subset each time); seeded, so that the statistical bounds are checked once
+    randomness = RowRandomness(step=lambda: next(accesses), key=0)
+    loader = unit_poisson_data_loader(dataset, PrivacyUnits(members, cap), q, distributed=False, randomness=randomness,
+                                      generator=torch.Generator().manual_seed(0))  # fmt: skip
     unit_counts, example_counts, batch_units = torch.zeros(len(members)), torch.zeros(start), []
     owner = {i: u for u, unit in enumerate(members) for i in unit}
     drawn = 0
     while drawn < steps:
-        for _, idx, groups in loader:
+        for _, idx, _, groups in loader:
             drawn += 1
             units_here = [owner[int(i)] for i in idx]
             per_group = [sorted({units_here[j] for j in (groups == g).nonzero().flatten().tolist()})
@@ -198,6 +204,26 @@ def test_resume_keeps_the_units_and_the_budget(tiny_base, tmp_path, monkeypatch)
     people = len(privacy_unit_members(load_private_digit_units("train"), "person"))
     assert report["steps"] == 4 and report["num_privacy_units"] == people
     assert report["epsilon"] == pytest.approx(epsilon_for(1.5, 10 / people, 4, 1e-3), rel=1e-9)
+
+
+def test_a_checkpoint_resumes_only_as_a_run_of_the_same_privacy_unit():
+    """Same sigma, q, delta and releases, but another unit: an example-level checkpoint resumed as a user-level run
+    (or the reverse, or with another cap or another number of units) is refused; the same unit resumes."""
+    example = {"privacy_unit": None, "num_privacy_units": 1000, "max_examples_per_unit": None}
+    person = {"privacy_unit": "person", "num_privacy_units": 1000, "max_examples_per_unit": 4}
+
+    def budget(unit):
+        return PrivacyBudget("prv", 1.0, 0.01, 1e-5, 10, privacy_unit=unit)
+
+    for saved, resumed in ((example, person), (person, example), (person, {**person, "max_examples_per_unit": 8}),
+                           (person, {**person, "num_privacy_units": 999})):  # fmt: skip
+        with pytest.raises(PrivacyBudgetError, match="Resume with the original --privacy_unit_column"):
+            budget(resumed).load_state_dict(budget(saved).state_dict())
+    budget(person).load_state_dict(budget(person).state_dict())
+    old = {k: v for k, v in budget(None).state_dict().items() if k != "privacy_unit"}  # before units were stored
+    budget(example).load_state_dict(old)
+    with pytest.raises(PrivacyBudgetError, match="examples"):
+        budget(person).load_state_dict(old)
 
 
 def test_the_audit_of_a_user_level_adapter_is_of_people(tiny_base, tmp_path):

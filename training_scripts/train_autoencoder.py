@@ -27,9 +27,16 @@ from dp_diffusers.training_utils import (
     resolve_dataset_source,
     resume_step,
     save_checkpoint,
+    tracker_config,
 )
 
 logger = get_logger(__name__, log_level="INFO")  # shown whatever configured logging first (diffusers scripts)
+
+#: what the trackers (--report_to) are told of the run: no path, no data set name
+TRACKED_HYPERPARAMETERS = (
+    "preset", "resolution", "num_channels", "train_batch_size", "max_train_steps", "learning_rate", "kl_weight",
+    "mixed_precision", "seed",
+)
 
 
 class AutoencoderWithKL(torch.nn.Module):
@@ -95,7 +102,7 @@ def main(argv=None):
     )
     model, optimizer, loader, scheduler = accelerator.prepare(AutoencoderWithKL(vae), optimizer, loader, scheduler)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_autoencoder", config={k: v for k, v in vars(args).items() if v is not None})
+        accelerator.init_trackers("train_autoencoder", config=tracker_config(args, TRACKED_HYPERPARAMETERS))
 
     global_step = resume_step(accelerator, args)
 

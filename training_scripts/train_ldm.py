@@ -39,9 +39,16 @@ from dp_diffusers.training_utils import (
     resolve_dataset_source,
     resume_step,
     save_checkpoint,
+    tracker_config,
 )
 
 logger = get_logger(__name__, log_level="INFO")  # shown whatever configured logging first (diffusers scripts)
+
+#: what the trackers (--report_to) are told of the run: no path, no data set name
+TRACKED_HYPERPARAMETERS = (
+    "preset", "resolution", "train_batch_size", "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+    "label_dropout", "use_ema", "snr_gamma", "mixed_precision", "seed",
+)
 
 
 def parse_args(argv=None):
@@ -120,7 +127,7 @@ def main(argv=None):
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_ldm", config={k: v for k, v in vars(args).items() if v is not None})
+        accelerator.init_trackers("train_ldm", config=tracker_config(args, TRACKED_HYPERPARAMETERS))
 
     global_step = resume_step(accelerator, args)
 

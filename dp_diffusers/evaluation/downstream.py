@@ -198,7 +198,7 @@ def train_dp_classifier(
             return F.cross_entropy(module(x), y, reduction="none")
 
         while budget.can_step():
-            for x, y in dp.data_loader:
+            for x, y, _ in dp.data_loader:  # (the example indices: no per-row draws)
                 private_backward(dp.model, dp.optimizer, loss_fn, x, y)
                 dp.optimizer.step()
                 dp.optimizer.zero_grad(set_to_none=True)

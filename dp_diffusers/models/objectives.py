@@ -12,17 +12,31 @@ per-row loss weight, from the base's own scheduler config (diffusers' training s
 :class:`DiffusionLoss` is the loss every training path uses (stage 1, the DP stage, the warm-up, the benchmarks):
 it draws each row's randomness (timestep, noise, caption or label dropout, random flip) and returns one loss per
 row. Every draw is per row, so under DP it stays inside that example's clipped gradient (and each
-noise-multiplicity copy draws its own).
+noise-multiplicity copy draws its own); under DP each row draws from its own keyed generator
+(``dp_diffusers.privacy.RowRandomness``), so a row's draws never depend on the other rows of its batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 Conditions = Mapping[str, torch.Tensor]
+#: ``draw(rows, generator) -> (rows, ...)``: one kind of draw for ``rows`` rows from ``generator`` (``None``: torch's
+#: global generator)
+Draw = Callable[[int, "torch.Generator | None"], torch.Tensor]
+
+
+def draw_rows(draw: Draw, rows: int, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    """``draw`` for every row: all at once from torch's global generator, or row by row from each row's own
+    generator (``generators``, one per row: the DP loss's keyed draws)."""
+    if generators is None:
+        return draw(rows, None)
+    if len(generators) != rows:
+        raise ValueError(f"{rows} rows but {len(generators)} row generators.")
+    return torch.cat([draw(1, generator) for generator in generators])
 
 
 def per_row_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -34,7 +48,10 @@ class Objective:
     """A training objective: ``sample_timesteps`` draws each row's timestep, ``loss`` is the per-row loss of
     ``model(noisy, timesteps, conditions)`` for given timesteps and noise (fixed draws: the audit, the tests)."""
 
-    def sample_timesteps(self, rows: int, device: torch.device | str) -> torch.Tensor:
+    def sample_timesteps(
+        self, rows: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:  # fmt: skip
+        """``rows`` training timesteps, drawn from ``generator`` (on ``device``) or torch's global generator."""
         raise NotImplementedError
 
     def timesteps_at(self, levels: torch.Tensor) -> torch.Tensor:
@@ -66,8 +83,8 @@ class NoisePrediction(Objective):
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
-    def sample_timesteps(self, rows: int, device: torch.device | str) -> torch.Tensor:
-        return torch.randint(0, self.num_train_timesteps, (rows,), device=device)
+    def sample_timesteps(self, rows, device, generator=None):
+        return torch.randint(0, self.num_train_timesteps, (rows,), device=device, generator=generator)
 
     def timesteps_at(self, levels: torch.Tensor) -> torch.Tensor:
         return levels
@@ -126,13 +143,16 @@ class FlowMatching(Objective):
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
-    def sample_timesteps(self, rows: int, device: torch.device | str) -> torch.Tensor:
+    def sample_timesteps(self, rows, device, generator=None):
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
+        # on the generator's device (a row's keyed generator is the latents' device's), else on the CPU as diffusers
+        where = "cpu" if generator is None else generator.device
         u = compute_density_for_timestep_sampling(self.weighting_scheme, rows, logit_mean=self.logit_mean,
-                                                  logit_std=self.logit_std, mode_scale=self.mode_scale)  # fmt: skip
+                                                  logit_std=self.logit_std, mode_scale=self.mode_scale, device=where,
+                                                  generator=generator)  # fmt: skip
         indices = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)  # (u = 1 in fp32)
-        return self.scheduler.timesteps[indices].to(device)
+        return self.scheduler.timesteps[indices.cpu()].to(device)
 
     def timesteps_at(self, levels: torch.Tensor) -> torch.Tensor:
         return self.scheduler.timesteps[self.num_train_timesteps - 1 - levels.cpu()].to(levels.device)
@@ -159,15 +179,19 @@ class FlowMatching(Objective):
         return (weighting * (prediction.float() - target.float()).pow(2)).flatten(1).mean(1)
 
 
-def drop_conditions(conditions: Conditions, null: Conditions, probability: float) -> dict[str, torch.Tensor]:
+def drop_conditions(
+    conditions: Conditions, null: Conditions, probability: float,
+    generators: Sequence[torch.Generator] | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """Each row's conditions replaced by ``null`` (one row per name, broadcast) with ``probability``, one draw per
-    row for all of its names; names without a null value (SDXL's time ids) are kept."""
+    row for all of its names (from the row's generator, if given); names without a null value (SDXL's time ids) are
+    kept."""
     out = dict(conditions)
     if probability <= 0 or not null:
         return out
     rows = len(next(iter(conditions.values())))
     device = next(iter(conditions.values())).device
-    drop = torch.rand(rows, device=device) < probability
+    drop = draw_rows(lambda n, g: torch.rand(n, device=device, generator=g), rows, generators) < probability
     for name, value in null.items():
         current = conditions[name]
         mask = drop.view(-1, *[1] * (current.dim() - 1))
@@ -185,7 +209,15 @@ class DiffusionLoss:
     (label dropout or caption dropout, which makes classifier-free guidance work); then the objective's own timestep
     and Gaussian noise. All of it is per row: a row's draws change only its own loss, so under DP they stay inside
     that example's clipped gradient.
+
+    ``generators`` (one per row): every row draws, in that order, its flip pick, dropout, noise and timestep from
+    its own generator, so its draws do not depend on the other rows; ``private_backward`` passes the DP run's keyed
+    ones (``draws_per_row``). Without them the rows draw together from torch's global generator (public training,
+    the warm-up, ``--disable_dp``).
     """
+
+    #: ``private_backward`` must key this loss's draws (``generators=``): see ``dp_diffusers.privacy.RowRandomness``
+    draws_per_row = True
 
     def __init__(
         self,
@@ -209,16 +241,21 @@ class DiffusionLoss:
         self.dropout = dropout
         self.random_flip = random_flip
 
-    def __call__(self, model: nn.Module, latents: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, latents: torch.Tensor, *conditions: torch.Tensor,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         if len(conditions) != len(self.condition_names):
             raise ValueError(f"Expected conditions {list(self.condition_names)}, got {len(conditions)} tensors.")
         rows, device = len(latents), latents.device
         if self.random_flip:  # (rows, 2, c, h, w): each row's own pick of the image or its mirror
-            pick = torch.randint(0, 2, (rows,), device=device)
+            pick = draw_rows(lambda n, g: torch.randint(0, 2, (n,), device=device, generator=g), rows, generators)
             latents = latents[torch.arange(rows, device=device), pick]
         named = dict(zip(self.condition_names, conditions))
         if named:
-            named = drop_conditions(named, self.null_condition, self.dropout)
-        noise = torch.randn_like(latents)
-        timesteps = self.objective.sample_timesteps(rows, device)
+            named = drop_conditions(named, self.null_condition, self.dropout, generators)
+        shape = latents.shape[1:]
+        noise = draw_rows(lambda n, g: torch.randn((n, *shape), device=device, dtype=latents.dtype, generator=g),
+                          rows, generators)  # fmt: skip
+        timesteps = draw_rows(lambda n, g: self.objective.sample_timesteps(n, device, g), rows, generators)
         return self.objective.loss(model, latents, named, timesteps, noise)

@@ -6,6 +6,7 @@ central_images.py       DP per-class mean images (DP-FETA's warm-up data): one G
 data_loader.py          Poisson sampling of examples or privacy units over one or several processes, secret generators
 grad_sample/            per-example gradients: the fused engine (one file per layer) and the mode choice
 noise_multiplicity.py   k diffusion draws per example (a unit's rows), averaged before the one clip (the optimizers)
+row_randomness.py       each row's draws inside the loss keyed by (secret key, step, example, copy): batch-independent
 engine.py               make_private / private_backward / PrivateTrainingState: wiring only
 clipping.py             choosing the clipping norm on public data
 report.py               dp_report.json, the DP report type
@@ -47,6 +48,7 @@ from .noise_multiplicity import (
     expand_for_noise_multiplicity,
 )
 from .report import DP_REPORT_NAME, DPReport, build_dp_report
+from .row_randomness import RowRandomness
 
 __all__ = [
     "ACCOUNTANTS",
@@ -64,6 +66,7 @@ __all__ = [
     "PrivacyUnits",
     "PrivateTrainingState",
     "Release",
+    "RowRandomness",
     "average_over_copies",
     "average_over_groups",
     "build_dp_report",

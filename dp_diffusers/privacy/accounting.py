@@ -194,6 +194,18 @@ def max_steps_within_budget(
     return low
 
 
+#: ``PrivacyBudget.privacy_unit`` of an example-level run (the number of examples unknown)
+EXAMPLE_LEVEL: dict[str, Any] = {"privacy_unit": None, "num_privacy_units": None, "max_examples_per_unit": None}
+
+
+def _unit_text(unit: dict[str, Any]) -> str:
+    count = "" if unit["num_privacy_units"] is None else f"{unit['num_privacy_units']} "
+    if unit["privacy_unit"] is None:
+        return f"{count}examples"
+    cap = unit["max_examples_per_unit"]
+    return f"{count}privacy units of column {unit['privacy_unit']!r} (at most {cap} examples a step)"
+
+
 class PrivacyBudget:
     """The opacus accountant of a run, its step limit, and the epsilon history for the report.
 
@@ -201,6 +213,11 @@ class PrivacyBudget:
     construction, before any of them or any step runs, and count in every epsilon and in the step limit.
     ``steps`` is read from the accountant's history (minus the releases), so the step count and the privacy spent
     can never disagree; ``can_step()`` is False once one more step would exceed ``target_epsilon``.
+
+    ``privacy_unit`` says what epsilon is about: ``{"privacy_unit": column or None (an example), "num_privacy_units":
+    N, "max_examples_per_unit": cap or None}``. It travels with the state: a checkpoint resumes only as a run of the
+    same unit (an example-level run resumed as a user-level one would claim per-person epsilon for per-example
+    steps).
     """
 
     def __init__(
@@ -212,6 +229,7 @@ class PrivacyBudget:
         planned_steps: int,
         target_epsilon: float | None = None,
         releases: Sequence[Release] = (),
+        privacy_unit: dict[str, Any] | None = None,
     ):
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
@@ -232,6 +250,7 @@ class PrivacyBudget:
             )
         )
         self.epsilon_history: list[list[float]] = []
+        self.privacy_unit = {**EXAMPLE_LEVEL, **(privacy_unit or {})}
 
     @property
     def steps(self) -> int:
@@ -268,6 +287,7 @@ class PrivacyBudget:
             "sample_rate": self.sample_rate,
             "delta": self.delta,
             "releases": [list(release) for release in self.releases],
+            "privacy_unit": dict(self.privacy_unit),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -282,6 +302,15 @@ class PrivacyBudget:
             raise PrivacyBudgetError(
                 f"The checkpoint's run made the releases {saved}, this run declares {self.releases}: resuming would "
                 "mis-account the budget. Resume with the original central-image settings."
+            )
+        saved_unit = {**EXAMPLE_LEVEL, **state.get("privacy_unit", {})}  # checkpoints before units: example-level
+        compared = ("privacy_unit", "max_examples_per_unit") if saved_unit["num_privacy_units"] is None else tuple(
+            EXAMPLE_LEVEL)  # fmt: skip
+        if any(saved_unit[key] != self.privacy_unit[key] for key in compared):
+            raise PrivacyBudgetError(
+                f"The checkpoint's epsilon is about {_unit_text(saved_unit)}, this run's would be about "
+                f"{_unit_text(self.privacy_unit)}: resuming would claim a guarantee the spent steps do not have. "
+                "Resume with the original --privacy_unit_column, --max_examples_per_unit and data."
             )
         self.accountant.load_state_dict(state["accountant"])
         self.epsilon_history = [list(x) for x in state["epsilon_history"]]

@@ -4,7 +4,9 @@ Guarantees: every example (with privacy units: every unit) is in a logical batch
 ``sample_rate`` (one process or several: the union of the ranks' batches is that one Poisson batch), every rank
 steps together (empty shares included), and the sampling and the noise draw from generators seeded by the
 operating system, never from the public ``--seed``. A sampled unit brings at most ``max_examples`` of its
-examples, a fresh uniform subset at every step, drawn from a secret generator too.
+examples, a fresh uniform subset at every step, drawn from that unit's own keyed generator (``row_randomness.py``:
+secret, and independent of which other units are in the batch). Every batch ends with each row's example index
+(its data set index: the key of its per-row draws), then, for units, each row's unit within the batch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from opacus.data_loader import DPDataLoader
 from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler, UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
+
+from .row_randomness import RowRandomness
 
 
 def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -52,11 +56,25 @@ class DistributedPoissonSampler(DistributedUniformWithReplacementSampler):
             yield selected[selected % self.num_replicas == self.rank].tolist()
 
 
+class _WithIndex(Dataset):
+    """Item i: ``(*dataset[i], i)``, the example's columns and its index."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        return (*self.dataset[index], torch.tensor(index))
+
+
 def poisson_data_loader(
     dataset: Dataset, sample_rate: float, *, distributed: bool, generator: torch.Generator | None = None
 ) -> DataLoader:
     """opacus' ``DPDataLoader`` (Poisson sampling, empty batches as zero-length tensors); with
-    ``distributed`` the same loader over ``DistributedPoissonSampler``."""
+    ``distributed`` the same loader over ``DistributedPoissonSampler``. Batches are ``(*columns, example_ids)``."""
+    dataset = _WithIndex(dataset)
     loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generator)
     if not distributed:
         return loader
@@ -83,11 +101,12 @@ class PrivacyUnits:
 
 
 class _UnitExamples(Dataset):
-    """Item u: at most ``units.max_examples`` of unit u's examples, a uniform subset drawn anew at every access from
-    ``generator`` (all of them when the unit has no more), in data set order."""
+    """Item u: at most ``units.max_examples`` of unit u's examples with their indices, a uniform subset drawn anew
+    at every step from unit u's own generator (``randomness.unit_generator``; all of them when the unit has no
+    more), in data set order."""
 
-    def __init__(self, dataset: Dataset, units: PrivacyUnits, generator: torch.Generator):
-        self.dataset, self.units, self.generator = dataset, units, generator
+    def __init__(self, dataset: Dataset, units: PrivacyUnits, randomness: RowRandomness):
+        self.dataset, self.units, self.randomness = _WithIndex(dataset), units, randomness
 
     def __len__(self) -> int:
         return len(self.units)
@@ -95,14 +114,16 @@ class _UnitExamples(Dataset):
     def __getitem__(self, unit: int) -> list:
         members = self.units.members[unit]
         if len(members) > self.units.max_examples:
-            chosen = torch.randperm(len(members), generator=self.generator)[: self.units.max_examples]
+            generator = self.randomness.unit_generator(unit)
+            chosen = torch.randperm(len(members), generator=generator)[: self.units.max_examples]
             members = [members[i] for i in sorted(chosen.tolist())]
         return [self.dataset[i] for i in members]
 
 
 def _collate_units(example: tuple):
-    """Collate units into the examples' columns plus a last column, each example's unit within the batch
-    (0..U-1, a unit's examples adjacent); an empty batch gives zero-row columns shaped like ``example``'s."""
+    """Collate units into the examples' columns (their indices last) plus a last column, each example's unit within
+    the batch (0..U-1, a unit's examples adjacent); an empty batch gives zero-row columns shaped like
+    ``example``'s."""
 
     def collate(units: list[list[tuple]]) -> tuple[torch.Tensor, ...]:
         rows = [row for unit in units for row in unit]
@@ -120,18 +141,18 @@ def unit_poisson_data_loader(
     sample_rate: float,
     *,
     distributed: bool,
+    randomness: RowRandomness,
     generator: torch.Generator | None = None,
-    selection_generator: torch.Generator | None = None,
 ) -> DataLoader:
     """User-level sampling: each step every privacy unit is in the batch independently with probability
     ``sample_rate`` (opacus' ``UniformWithReplacementSampler``, or ``DistributedPoissonSampler`` over units: ranks
-    are dealt units, not examples), and brings up to ``units.max_examples`` of its examples drawn with
-    ``selection_generator`` (secret by default). Batches are ``(*columns, units)``; ``BatchMemoryManager`` splits
-    them into physical batches of whole units."""
-    selection_generator = selection_generator or secret_generator()
-    examples = _UnitExamples(dataset, units, selection_generator)
+    are dealt units, not examples), and brings up to ``units.max_examples`` of its examples drawn from its own
+    generator of ``randomness`` (keyed by the step and the unit). Batches are ``(*columns, example_ids, units)``;
+    ``BatchMemoryManager`` splits them into physical batches of whole units."""
+    examples = _UnitExamples(dataset, units, randomness)
     if distributed:
         sampler = DistributedPoissonSampler(total_size=len(units), sample_rate=sample_rate, generator=generator)
     else:
         sampler = UniformWithReplacementSampler(num_samples=len(units), sample_rate=sample_rate, generator=generator)
-    return DataLoader(examples, batch_sampler=sampler, collate_fn=_collate_units(dataset[0]), generator=generator)
+    collate = _collate_units(examples.dataset[0])
+    return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, generator=generator)

@@ -4,8 +4,9 @@
 the noise-multiplicity one (``noise_multiplicity.py``) and the sample rate is exactly
 ``batch_size / N``, the one the accountant and the noise calibration use. The parts: per-sample
 gradients from ``grad_sample/`` (the fused engine, or opacus' hooks / functorch / expanded
-weights), Poisson sampling and the secret generators from ``data_loader.py``, opacus' DP optimizers,
-the accountant in ``accounting.py``. Nothing here computes a gradient, a clip or a noise draw.
+weights), Poisson sampling and the secret generators from ``data_loader.py``, the keyed per-row randomness of the
+private loss from ``row_randomness.py``, opacus' DP optimizers, the accountant in ``accounting.py``. Nothing here
+computes a gradient, a clip or a noise draw.
 
 Guarantee (per logical step, over the whole global batch): every example (with ``units``: every privacy unit) is
 in the batch independently with probability ``q``; each private example's gradient (the mean over its k noise
@@ -13,7 +14,9 @@ draws; a unit's: the mean over its examples' draws; over *all* trainable paramet
 DiT class rows included) is clipped to ``max_grad_norm``; Gaussian noise of std ``noise_multiplier *
 max_grad_norm`` is added once (on rank 0 with several processes, then summed across ranks) and the sum is divided
 by the expected global batch size ``q * N`` (N examples, or units); the step is recorded in the accountant with
-sample rate ``q``.
+sample rate ``q``. Every row's randomness inside the loss (timestep, diffusion noise, dropout, flip, each copy's)
+comes from its own generator keyed by (secret run key, step, example index, copy): an example's term depends on that
+example alone, whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .noise_multiplicity import (
     DPOptimizerWithNoiseMultiplicity,
     expand_for_noise_multiplicity,
 )
+from .row_randomness import RowRandomness
 
 __all__ = ["DPTraining", "GRAD_SAMPLE_MODES", "PrivateTrainingState", "make_private", "private_backward"]
 
@@ -60,6 +64,7 @@ def make_private(
     noise_generator: torch.Generator | None = None,
     sampling_generator: torch.Generator | None = None,
     units: PrivacyUnits | None = None,
+    row_key: int | None = None,
 ) -> DPTraining:
     """Wrap ``model`` (optionally already in opacus' ``DPDDP``), ``optimizer`` and ``dataset``.
 
@@ -76,11 +81,15 @@ def make_private(
     optimizer's ``expected_batch_size`` is the per-rank share ``q * N / world_size`` (the
     all-reduce averages over ranks, so the update is divided by ``q * N``).
 
-    ``noise_generator`` and ``sampling_generator`` default to ``secret_generator()``s, so the
-    randomness the guarantee rests on is independent of ``torch.manual_seed`` / ``set_seed`` (the
-    rest of training, e.g. the diffusion noise, stays reproducible from the seed). Pass seeded
-    generators for tests only: a known seed voids the guarantee. ``secure_mode`` is opacus' noise
-    sampling that resists floating-point attacks; it does not make the generator cryptographic.
+    ``noise_generator`` and ``sampling_generator`` default to ``secret_generator()``s and ``row_key`` (the key of
+    the per-row draws inside the loss and of a unit's choice of examples: ``RowRandomness``) to secret bits, so
+    the randomness the guarantee rests on is independent of ``torch.manual_seed`` / ``set_seed`` (the public
+    ``--seed`` still fixes the initialisation and everything outside the private loss). Pass seeded generators and
+    keys for tests only: a known seed voids the guarantee. ``secure_mode`` is opacus' noise sampling that resists
+    floating-point attacks; it does not make the generator cryptographic.
+
+    The loader's batches end with each row's example index (then, with ``units``, each row's unit in the batch):
+    pass them to ``private_backward(..., example_ids=...)``.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
@@ -100,12 +109,14 @@ def make_private(
     if sampling_generator is None:
         sampling_generator = secret_generator()
     gsm = prepare_module(model, grad_sample_mode, noise_multiplicity=noise_multiplicity)
+    # keyed by the logical step being taken: the accountant's count, which a resumed run restores
+    randomness = RowRandomness(step=lambda: budget.steps, key=row_key)
 
     if units is None:
         loader = poisson_data_loader(dataset, budget.sample_rate, distributed=distributed, generator=sampling_generator)
     else:
         loader = unit_poisson_data_loader(dataset, units, budget.sample_rate, distributed=distributed,
-                                          generator=sampling_generator)  # fmt: skip
+                                          randomness=randomness, generator=sampling_generator)  # fmt: skip
     optimizer_class = DistributedDPOptimizerWithNoiseMultiplicity if distributed else DPOptimizerWithNoiseMultiplicity
     dp_optimizer = optimizer_class(
         optimizer,
@@ -118,6 +129,7 @@ def make_private(
         secure_mode=secure_mode,
         copies_folded_in_backward=grad_sample_mode == "fused",  # fused contracts each example's k rows itself
     )
+    dp_optimizer.row_randomness = randomness
     dp_optimizer.attach_step_hook(budget.accountant.get_optimizer_hook_fn(sample_rate=budget.sample_rate))
     return DPTraining(model=gsm, optimizer=dp_optimizer, data_loader=loader)
 
@@ -129,16 +141,22 @@ def private_backward(
     latents: torch.Tensor,
     *conditions: torch.Tensor | None,
     units: torch.Tensor | None = None,
+    example_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Forward and backward of one physical batch; per-sample gradients land in ``p.grad_sample``.
 
     ``latents`` and ``conditions`` are the batch's columns (one row per example: its latents, then each of its
-    condition tensors); ``loss_fn(model, latents, *conditions) -> (rows,)`` draws the diffusion noise and timesteps
-    itself. Rows are expanded to ``noise_multiplicity`` copies per example here; the optimizer folds them back
-    before clipping, one clip per example or, with ``units`` ((examples,) privacy unit of each example in the batch,
-    0..U-1, a unit's examples adjacent: ``unit_poisson_data_loader``'s last column), one clip per unit. An empty
-    Poisson batch still makes a (noise-only) step: its per-sample gradients are empty tensors, so opacus clips
-    nothing and adds the noise. Returns the mean loss.
+    condition tensors); ``loss_fn(model, latents, *conditions) -> (rows,)``. Rows are expanded to
+    ``noise_multiplicity`` copies per example here; the optimizer folds them back before clipping, one clip per
+    example or, with ``units`` ((examples,) privacy unit of each example in the batch, 0..U-1, a unit's examples
+    adjacent: ``unit_poisson_data_loader``'s last column), one clip per unit. An empty Poisson batch still makes a
+    (noise-only) step: its per-sample gradients are empty tensors, so opacus clips nothing and adds the noise.
+    Returns the mean loss.
+
+    A loss that draws randomness per row (``loss_fn.draws_per_row``: ``DiffusionLoss``, whose timesteps, noise,
+    dropout and flips these are) must be given ``example_ids`` (the loader's column: each example's data set index)
+    and is called with ``generators=``, one per row keyed by (run key, step, example, copy): see
+    ``row_randomness.py``. It is an error to leave them out.
     """
     k = optimizer.noise_multiplicity
     if len(latents) == 0:
@@ -150,7 +168,14 @@ def private_backward(
     if hasattr(model, "set_row_groups"):  # the fused engine folds in the backward
         model.set_row_groups(row_groups)
     rows = [expand_for_noise_multiplicity(column, k) for column in (latents, *conditions)]
-    loss = loss_fn(model, *rows).mean()
+    if getattr(loss_fn, "draws_per_row", False):
+        if example_ids is None or len(example_ids) != len(latents):
+            raise ValueError("This loss draws randomness per row: pass example_ids (each example's data set index, the "
+                             "DP loader's column) so that every row draws from its own keyed generator.")  # fmt: skip
+        generators = optimizer.row_randomness.row_generators(example_ids, k, latents.device)
+        loss = loss_fn(model, *rows, generators=generators).mean()
+    else:
+        loss = loss_fn(model, *rows).mean()
     loss.backward()
     return loss.detach()
 

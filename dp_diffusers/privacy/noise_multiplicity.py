@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
+from .row_randomness import RowRandomness
+
 
 def expand_for_noise_multiplicity(tensor: torch.Tensor | None, k: int) -> torch.Tensor | None:
     """Repeat each row k times, copies adjacent: rows ``[x0, x0, .., x1, x1, ..]`` (example-major)."""
@@ -68,6 +70,8 @@ class NoiseMultiplicityMixin:
     #: (rows,) privacy unit of each row for the current logical batch's physical batch (unit-level DP; set by
     #: ``private_backward``); ``None``: k rows per example
     row_groups: torch.Tensor | None
+    #: the run's keyed per-row randomness (``make_private`` sets it; ``private_backward`` draws the rows' generators)
+    row_randomness: RowRandomness | None
 
     def __init__(
         self,
@@ -83,6 +87,7 @@ class NoiseMultiplicityMixin:
         self.noise_multiplicity = int(noise_multiplicity)
         self.copies_folded_in_backward = bool(copies_folded_in_backward)
         self.row_groups = None
+        self.row_randomness = None
 
     def clip_and_accumulate(self) -> None:
         k, groups = self.noise_multiplicity, self.row_groups
