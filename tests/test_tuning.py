@@ -73,7 +73,8 @@ def test_the_tuned_epsilon_is_an_independent_recomputation(distribution, mean):
 
 @pytest.mark.parametrize("distribution", sorted(REPEAT_DISTRIBUTIONS))
 def test_one_schedule_equals_dp_accountings_repeat_and_select_event(distribution):
-    event = dp_event.RepeatAndSelectDpEvent(run_event(SCHEDULES[0], SCORE_SIGMA), 3.0, REPEAT_DISTRIBUTIONS[distribution])
+    shape = REPEAT_DISTRIBUTIONS[distribution]
+    event = dp_event.RepeatAndSelectDpEvent(run_event(SCHEDULES[0], SCORE_SIGMA), 3.0, shape)
     accountant = rdp.RdpAccountant(list(ORDERS))
     accountant.compose(event)
     assert tuned_epsilon(SCHEDULES[:1], SCORE_SIGMA, 3.0, distribution, DELTA) == pytest.approx(
