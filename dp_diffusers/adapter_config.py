@@ -3,8 +3,8 @@
 Defined once here (in the style of peft's ``LoraConfig``: a dataclass with field metadata and save / load);
 the training script writes it, and the pipeline, the evaluation, the model card and the Space read it through
 :meth:`DPLoRAConfig.from_pretrained`. Folders written by earlier versions (no ``base_family``, no
-``class_rows``) load with those fields' defaults. Nothing here is private data: captions are never recorded, only a
-text base's public caption template and validation prompts.
+``class_rows``, no ``resolution``) load with those fields' defaults. Nothing here is private data: captions are never
+recorded, only a text base's public caption template and validation prompts.
 """
 
 from __future__ import annotations
@@ -35,12 +35,15 @@ class DPLoRAConfig:
     id2label: dict[int, str] | None = field(
         default=None, metadata={"help": "Class names by id, the adapter's classes (None: unconditional)."}
     )
-    train_subset: dict[str, int] | None = field(
+    train_subset: dict[str, float] | None = field(
         default=None,
-        metadata={"help": "{max_samples, seed} of --max_train_samples: the examples trained on (the audit's members)."},
+        metadata={"help": "The train-split rows trained on (the audit's members): {max_samples, seed} of "
+                  "--max_train_samples and {validation_split, validation_split_seed} of the part held out."},
     )
     canaries: dict[str, int] | None = field(
-        default=None, metadata={"help": "{num_canaries, seed, resolution} of the audit canaries trained on."}
+        default=None, metadata={"help": "{num_canaries, seed, resolution, coins, per_unit} of the audit's canaries: "
+                                "2 * num_canaries canary units, each trained on by a secret coin (coins: true; the "
+                                "coins stay in the folder's hidden .audit/), or the first half (older runs)."}
     )
     caption_column: str | None = field(
         default=None, metadata={"help": "Text bases: the data's caption column (None: 'text', or the template)."}
@@ -53,7 +56,14 @@ class DPLoRAConfig:
         metadata={"help": "Text bases: the public --validation_prompt prompts (samples.png, the card's widget)."},
     )
     max_sequence_length: int | None = field(
-        default=None, metadata={"help": "T5 bases: --max_sequence_length the captions were encoded to (None: default)."}
+        default=None,
+        metadata={"help": "T5 bases: the T5 tokens the captions were encoded to (None: not recorded, the family's "
+                  "default)."},
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={"help": "The training resolution in pixels, which the evaluation and dp-diffusers' sampling use by "
+                  "default (None: not recorded; older folders)."},
     )
     guidance_scale: float | None = field(
         default=None, metadata={"help": "Guidance-distilled FLUX bases: --guidance_scale of training (None: default)."}
@@ -90,6 +100,11 @@ class DPLoRAConfig:
             validation_prompts=self.validation_prompts, max_sequence_length=self.max_sequence_length,
             guidance_scale=self.guidance_scale,
         )  # fmt: skip
+
+    def trained_resolution(self) -> int | None:
+        """The side in pixels the adapter was trained at: recorded, else (older folders) its canaries' side, which
+        was the training resolution; ``None`` when neither is known."""
+        return self.resolution or (self.canaries or {}).get("resolution")
 
     def objective_options(self):
         """The objective flags the run gave (``families.ObjectiveOptions``)."""

@@ -5,6 +5,8 @@ dp-diffusers card outputs/dp-lora --repo_id you/dp-lora-digits
 dp-diffusers push outputs/dp-lora --repo_id you/dp-lora-digits
 dp-diffusers sample outputs/dp-lora --labels 3 7 --out grid.png
 dp-diffusers generate outputs/dp-lora --num_images 1000 --output_dir synthetic [--push_to_hub --repo_id you/data]
+dp-diffusers tune --search_space space.json --expected_runs 3 --pretrained_model_name_or_path outputs/base \
+    --output_dir outputs/dp-lora-tuned --target_epsilon 10      (then any train_dp_lora.py flag, fixed)
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def generate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
     parser.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the pipeline's).")
-    parser.add_argument("--resolution", type=int, default=None, help="Image side (default: the model's).")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="Image side (default: the adapter's training resolution).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--push_to_hub", action="store_true", help="Upload it as a Hub dataset repo.")
@@ -139,8 +142,31 @@ def generate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def tune_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tune --search_space FILE [--expected_runs E] [...] TRAINING FLAGS``: private hyper-parameter selection, the
+    tuning inside the reported epsilon (``dp_diffusers.tuning``)."""
+    from .training_utils import add_validation_args
+    from .tuning import add_tune_args
+
+    parser = subparsers.add_parser(
+        "tune", help="Tune train_dp_lora.py's flags on private data, the tuning inside epsilon; keep the best run.",
+        description="Any other flag is a train_dp_lora.py flag, the same for every run; --target_epsilon is the "
+        "whole tuning's.",
+    )  # fmt: skip
+    add_tune_args(parser)
+    add_validation_args(parser)
+    parser.set_defaults(validation_split=0.2, accepts_training_flags=True)
+
+    def run(args: argparse.Namespace) -> None:
+        from .tuning import tune
+
+        print(tune(args, args.training_argv))
+
+    parser.set_defaults(func=run)
+
+
 # A subcommand is a function that adds its parser to the subparsers, with the function to run as `func`.
-SUBCOMMANDS = [evaluate_command, card_command, push_command, sample_command, generate_command]
+SUBCOMMANDS = [evaluate_command, card_command, push_command, sample_command, generate_command, tune_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Run the ``dp-diffusers`` command line; errors in the inputs exit with their message, no traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "accepts_training_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.training_argv = rest
     try:
         args.func(args)
     except (OSError, ValueError) as err:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -126,31 +127,77 @@ EMBEDDED_DATASETS = {
 }
 
 
-def privacy_unit_members(dataset: Dataset, column: str) -> list[list[int]]:
-    """The example indices of each privacy unit: the rows sharing a value of ``column`` (e.g. ``patient_id``), in
-    order of first appearance. A missing column or an empty id (``None``, blank) is a ``DataError`` naming the
-    columns or the rows, never an id (ids are private data)."""
-    if column not in dataset.column_names:
-        raise DataError(f"--privacy_unit_column {column!r} is not a column of the data set; columns: "
-                        f"{dataset.column_names}.")  # fmt: skip
-    ids = dataset[column]
-    bad = [i for i, value in enumerate(ids) if value is None or (isinstance(value, str) and not value.strip())]
-    if bad:
-        shown = ", ".join(map(str, bad[:5])) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
-        raise DataError(f"Rows {shown} have an empty {column!r}: every example needs its privacy unit.")
-    members: dict = {}
+def row_list(rows: Sequence[int], shown: int = 5) -> str:
+    """``"3, 7, 9"`` or ``"3, 7, 9, 12, 15, ... (40 in all)"``: row numbers for an error message, never values."""
+    text = ", ".join(map(str, rows[:shown]))
+    return text + (f", ... ({len(rows)} in all)" if len(rows) > shown else "")
+
+
+def _missing_id(value: object) -> bool:
+    """Whether a privacy-unit id is missing: ``None``, a float NaN (a DataFrame's or a Hub data set's missing
+    value), pandas' ``NA`` / ``NaT``, an empty or blank string."""
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
+        return True
+    if isinstance(value, (float, np.floating)):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
+
+
+def _id_kind(value: object) -> str:
+    """The kind of a privacy-unit id, for the mixed-types check (``bool`` before ``int``: it is one)."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (bool, np.bool_)):
+        return "boolean"
+    if isinstance(value, (int, np.integer)):
+        return "integer"
+    if isinstance(value, (float, np.floating)):
+        return "float"
+    return type(value).__name__
+
+
+def unit_members(ids: Sequence[object], column: str) -> list[list[int]]:
+    """The row indices of each privacy unit given every row's id, in order of first appearance. Ids are compared as
+    stripped text (``" p1"`` and ``"p1"`` are one unit), so that one person is never split into several units
+    (which would multiply their sensitivity). Missing ids (``None``, NaN, empty or blank) and ids of mixed types
+    (``1`` next to ``"1"``) are a ``DataError`` that gives counts and row numbers, never an id (ids are private)."""
+    missing = [i for i, value in enumerate(ids) if _missing_id(value)]
+    if missing:
+        raise DataError(f"Rows {row_list(missing)} have an empty {column!r} ({len(missing)} of {len(ids)} rows: None, "
+                        "NaN, empty or blank): every example needs its privacy unit.")  # fmt: skip
+    kinds: dict[str, list[int]] = {}
+    for i, value in enumerate(ids):
+        kinds.setdefault(_id_kind(value), []).append(i)
+    if len(kinds) > 1:
+        counts = sorted(kinds.items(), key=lambda item: -len(item[1]))
+        listed = "; ".join(f"{len(rows)} {kind} (rows {row_list(rows, 3)})" for kind, rows in counts)
+        raise DataError(f"{column!r} holds ids of several types: {listed}. Give the column one type (e.g. cast it "
+                        "to string) so that each person has exactly one id (ids are compared as stripped text).")
+    members: dict[str, list[int]] = {}
     for index, value in enumerate(ids):
-        members.setdefault(value, []).append(index)
+        members.setdefault(str(value).strip(), []).append(index)
     return list(members.values())
 
 
+def privacy_unit_members(dataset: Dataset, column: str) -> list[list[int]]:
+    """The example indices of each privacy unit: the rows sharing a value of ``column`` (e.g. ``patient_id``),
+    compared as stripped text, in order of first appearance (:func:`unit_members`). A missing column, a missing id
+    (``None``, NaN, blank) or ids of mixed types are a ``DataError`` naming the columns, counts and rows, never an id
+    (ids are private data)."""
+    if column not in dataset.column_names:
+        raise DataError(f"--privacy_unit_column {column!r} is not a column of the data set; columns: "
+                        f"{dataset.column_names}.")  # fmt: skip
+    return unit_members(list(dataset[column]), column)
+
+
 def _check_image_folder(train_data_dir: str) -> None:
+    """Errors name the flag, never the folder's path (paths of private data stay out of logs)."""
     path = Path(train_data_dir)
     if not path.is_dir():
-        raise DataError(f"--train_data_dir {train_data_dir!r} does not exist or is not a directory.")
+        raise DataError("--train_data_dir does not exist or is not a directory.")
     if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file()):
         raise DataError(
-            f"--train_data_dir {train_data_dir!r} holds no image files "
+            "--train_data_dir holds no image files "
             f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}). An imagefolder data set is "
             "DIR/<class name>/<image> for labelled data or DIR/<image> for unlabelled data."
         )
@@ -182,12 +229,12 @@ def load_image_dataset(
             dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
         except ValueError as err:  # datasets: Unknown split
             raise DataError(
-                f"--train_data_dir {train_data_dir!r} has no {split!r} split: put held-out images (the evaluation's) "
-                f"in {train_data_dir}/{split}/ and the training images in {train_data_dir}/train/ (datasets' "
-                "imagefolder splits)."
+                f"--train_data_dir has no {split!r} split: put held-out images (the evaluation's) in its {split}/ "
+                "subfolder and the training images in its train/ subfolder (datasets' imagefolder splits)."
             ) from err
     if len(dataset) == 0:
-        raise DataError(f"The data set {dataset_name or train_data_dir!r} (split {split!r}) is empty.")
+        source = repr(dataset_name) if dataset_name is not None else "of --train_data_dir"
+        raise DataError(f"The data set {source} (split {split!r}) is empty.")
     return dataset
 
 
@@ -202,6 +249,38 @@ def seeded_subset(dataset: Dataset, max_samples: int | None, seed: int) -> Datas
     return dataset.shuffle(seed=seed).select(range(min(max_samples, len(dataset))))
 
 
+def validation_split(
+    dataset: Dataset, fraction: float, seed: int, unit_column: str | None = None
+) -> tuple[Dataset, Dataset]:  # fmt: skip
+    """(train, validation): ``fraction`` of ``dataset``'s rows (with ``unit_column``: of its privacy units, all of a
+    unit's rows on one side) held out by a public rule, a permutation of the row (unit) positions seeded by
+    ``seed``: which positions are held out depends on their number only, never on the data. The two are disjoint;
+    ``dp-diffusers tune`` scores on the validation part and trains on the rest."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--validation_split must be in (0, 1), got {fraction}")
+    units = privacy_unit_members(dataset, unit_column) if unit_column else [[i] for i in range(len(dataset))]
+    held = round(fraction * len(units))
+    if held < 1 or held >= len(units):
+        raise DataError(f"--validation_split {fraction} of {len(units)} {'units' if unit_column else 'rows'} leaves "
+                        "one side empty.")  # fmt: skip
+    order = np.random.default_rng(seed).permutation(len(units))
+
+    def rows(positions) -> list[int]:
+        return sorted(i for u in positions for i in units[u])
+
+    return dataset.select(rows(order[held:])), dataset.select(rows(order[:held]))
+
+
+def trained_rows(dataset: Dataset, train_subset: dict, unit_column: str | None = None) -> Dataset:
+    """The rows of the train split a run trained on, from its adapter config's ``train_subset``: the
+    ``--max_train_samples`` subset (``max_samples``, ``seed``), minus the ``--validation_split`` part."""
+    dataset = seeded_subset(dataset, train_subset.get("max_samples"), train_subset.get("seed", 0))
+    if train_subset.get("validation_split") is None:
+        return dataset
+    return validation_split(dataset, train_subset["validation_split"], train_subset["validation_split_seed"],
+                            unit_column)[0]  # fmt: skip
+
+
 def label_names(dataset: Dataset, label_column: str | None) -> list[str] | None:
     """Class names of ``label_column`` (a ``ClassLabel`` gives its names; other columns their sorted
     distinct values as strings); ``None`` for unlabelled data."""
@@ -211,6 +290,19 @@ def label_names(dataset: Dataset, label_column: str | None) -> list[str] | None:
     if isinstance(feature, ClassLabel):
         return list(feature.names)
     return sorted({str(v) for v in dataset[label_column]})
+
+
+def row_labels(dataset: Dataset, label_column: str) -> list[str]:
+    """Each row's label as a class name: a ``ClassLabel``'s name, else the value as text (private data: for
+    mapping and checking, never for messages)."""
+    feature, raw = dataset.features[label_column], dataset[label_column]
+    return [feature.names[v] for v in raw] if isinstance(feature, ClassLabel) else [str(v) for v in raw]
+
+
+def public_class_names(dataset_name: str | None) -> list[str] | None:
+    """The class names of an embedded data set, fixed in this code and so public (``"0"`` .. ``"9"``); ``None``
+    for any other data set, whose names are the data owner's (``--class_names`` makes them public)."""
+    return list(DIGIT_NAMES) if dataset_name in EMBEDDED_DATASETS else None
 
 
 def resolve_columns(
@@ -253,6 +345,17 @@ def image_transform(resolution: int, num_channels: int, center_crop: bool = True
     return transforms.Compose(steps)
 
 
+#: what PIL and the file system raise for an image that cannot be read (their messages name the file)
+UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, PILImage.DecompressionBombError)
+
+
+def unreadable_image(index: int, err: BaseException) -> DataError:
+    """The error for row ``index``'s unreadable image: its row number and the error's type, never PIL's message
+    (it quotes the file's path, private data). Raise it ``from None``, so that tracebacks do not print the cause."""
+    return DataError(f"Image {index} of the data set cannot be read ({type(err).__name__}; the reader's message is "
+                     "not shown, as it names the file). Check or remove that row.")  # fmt: skip
+
+
 def pixel_batches(
     dataset: Dataset, resolution: int, num_channels: int, image_column: str, batch_size: int
 ) -> Iterator[torch.Tensor]:
@@ -264,11 +367,11 @@ def pixel_batches(
     for i in range(len(dataset)):
         try:
             img = column[i][image_column]
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"Image {i} of the data set cannot be read: {err}") from err
-        if not isinstance(img, PILImage.Image):
-            raise DataError(f"Column {image_column!r} does not hold images (row {i} is {type(img).__name__}).")
-        batch.append(transform(img))
+            if not isinstance(img, PILImage.Image):
+                raise DataError(f"Column {image_column!r} does not hold images (row {i} is {type(img).__name__}).")
+            batch.append(transform(img))  # (PIL reads lazily: a truncated file fails here)
+        except UNREADABLE_IMAGE_ERRORS as err:
+            raise unreadable_image(i, err) from None
         if len(batch) == batch_size or i == len(dataset) - 1:
             yield torch.stack(batch)
             batch = []
@@ -282,18 +385,16 @@ def dataset_labels(
     synonyms); a name missing from it raises ``DataError``."""
     if label_column is None:
         return None
-    names = label_names(dataset, label_column)
-    feature = dataset.features[label_column]
-    raw = dataset[label_column]
-    as_names = [names[v] for v in raw] if isinstance(feature, ClassLabel) else [str(v) for v in raw]
+    as_names = row_labels(dataset, label_column)
     if isinstance(class_names, Mapping):
         lookup = dict(class_names)
     else:
-        lookup = {name: i for i, name in enumerate(class_names if class_names is not None else names)}
-    unknown = sorted(set(as_names) - set(lookup))
+        names = class_names if class_names is not None else label_names(dataset, label_column)
+        lookup = {name: i for i, name in enumerate(names)}
+    unknown = [i for i, name in enumerate(as_names) if name not in lookup]
     if unknown:
-        shown = list(lookup) if len(lookup) <= 20 else [*list(lookup)[:20], "..."]
-        raise DataError(f"Labels {unknown} are not among the model's classes {shown}.")
+        raise DataError(f"{len(unknown)} of {len(as_names)} rows (rows {row_list(unknown)}) have labels that are not "
+                        f"among the model's {len(set(lookup.values()))} classes (labels are private data: not shown).")
     return torch.tensor([lookup[n] for n in as_names], dtype=torch.long)
 
 
@@ -371,6 +472,17 @@ class Canaries:
         units = len(self.pixels) // self.per_unit
         return [[offset + u * self.per_unit + j for j in range(self.per_unit)] for u in range(units)]
 
+    @property
+    def num_units(self) -> int:
+        return len(self.pixels) // self.per_unit
+
+    def units(self, keep: Sequence[bool]) -> Canaries:
+        """The canary units whose ``keep`` is true (one flag per unit), in order."""
+        if len(keep) != self.num_units:
+            raise ValueError(f"{len(keep)} flags for {self.num_units} canary units.")
+        rows = [u * self.per_unit + j for u, kept in enumerate(keep) if kept for j in range(self.per_unit)]
+        return Canaries(self.pixels[rows], self.labels[rows], [self.captions[i] for i in rows], self.per_unit)
+
 
 #: images of one canary unit of a unit-level run (at most --max_examples_per_unit)
 CANARY_UNIT_SIZE = 4
@@ -386,6 +498,15 @@ def audit_canaries(num_canaries: int, channels: int, resolution: int, num_classe
     return Canaries(inserted_x, inserted_y, inserted_c, per_unit), Canaries(heldout_x, heldout_y, heldout_c, per_unit)
 
 
+def canary_candidates(num_canaries: int, channels: int, resolution: int, num_classes: int, seed: int,
+                      per_unit: int = 1) -> Canaries:  # fmt: skip
+    """The one-run audit's ``2 * num_canaries`` canary units (:func:`audit_canaries`' two halves, in order), each
+    trained on or not by a secret fair coin (``evaluation.one_run_audit``)."""
+    first, second = audit_canaries(num_canaries, channels, resolution, num_classes, seed, per_unit)
+    return Canaries(torch.cat([first.pixels, second.pixels]), torch.cat([first.labels, second.labels]),
+                    first.captions + second.captions, per_unit)  # fmt: skip
+
+
 def canary_captions(num_canaries: int, seed: int, words: int = 4) -> tuple[list[str], list[str]]:
     """``(inserted, heldout)``: ``num_canaries`` random captions each for a text model's canaries (as
     :func:`make_canaries` draws their images): ``words`` random five-letter words, drawn from ``seed``, so that no
@@ -394,22 +515,6 @@ def canary_captions(num_canaries: int, seed: int, words: int = 4) -> tuple[list[
     letters = torch.randint(0, 26, (2 * num_canaries, words, 5), generator=generator)
     captions = [" ".join("".join(chr(97 + c) for c in word) for word in row) for row in letters.tolist()]
     return captions[:num_canaries], captions[num_canaries:]
-
-
-def original_sizes(dataset: Dataset, image_column: str) -> torch.Tensor:
-    """(N, 2) long: each image's (height, width) as stored, before any resize (SDXL's ``original_size``), read from
-    the image files' headers without decoding the pixels."""
-    import io
-
-    sizes = []
-    for i, raw in enumerate(dataset.cast_column(image_column, Image(decode=False))[image_column]):
-        try:
-            source = raw["path"] if raw.get("bytes") is None else io.BytesIO(raw["bytes"])
-            with PILImage.open(source) as image:
-                sizes.append((image.height, image.width))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"Image {i} of the data set cannot be read: {err}") from err
-    return torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)
 
 
 def vae_scale_factor(vae) -> int:

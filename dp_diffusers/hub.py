@@ -80,7 +80,8 @@ REPORT_METADATA_KEYS = {
     "dataset_size": "dp_dataset_size",
 }
 
-# (report key, label, meaning) rows of the card's privacy table; absent keys are left out.
+# (report key, label, meaning) rows of the card's privacy table; absent keys are left out. The meaning of a row that
+# depends on the privacy unit is for example-level runs; a user-level run's is in _UNIT_TABLE ({unit}: the column).
 _PRIVACY_TABLE = [
     ("epsilon", "ε (epsilon)", "bound on the privacy loss"),
     ("delta", "δ (delta)", "probability that the ε bound may fail"),
@@ -108,13 +109,45 @@ _PRIVACY_TABLE = [
     ("dp_diffusers_version", "dp-diffusers version", ""),
 ]
 
+# report key -> (label, meaning) of a user-level run (``privacy_unit`` set), where the unit is one person, not one
+# example; ``{unit}`` is the column, as `person`.
+_UNIT_TABLE = {
+    "max_grad_norm": ("Clipping norm C", "bound on each {unit}'s gradient norm: the mean over their sampled examples, "
+                      "clipped once"),
+    "sample_rate": ("Sample rate q", "probability that a {unit} (with their examples) is sampled in a step"),
+    "epochs": ("Epochs (over people)", "steps × q: the expected number of steps each {unit} is sampled in"),
+    "noise_multiplicity": ("Noise multiplicity", "diffusion noise draws of each of a {unit}'s examples, averaged "
+                           "with their other rows before the one clip"),
+    "num_privacy_units": ("Privacy units", "distinct {unit} values in the private fine-tuning set: the N of q and δ"),
+    "max_examples_per_unit": ("Examples per {unit} and step", "most examples a sampled {unit} contributes (their "
+                              "mean)"),
+    "dataset_size": ("Training-set size (examples)", "examples in the private fine-tuning set, all {unit}s' together"),
+    "num_canaries": ("Audit canaries", "random-pattern canary units trained on for the audit, counted in the privacy "
+                     "units"),
+    "batch_size": ("Batch size", "expected {unit}s per step (logical batch)"),
+}
+
 # metrics.json key -> (metric type, display name, key that qualifies the name)
 _METRICS = {
     "fid": ("fid", "FID", "feature_extractor"),
     "kid": ("kid", "KID", "feature_extractor"),
     "downstream_accuracy": ("accuracy", "Downstream accuracy", "classifier"),
     "membership_auc": ("roc_auc", "Membership-inference AUC", "attack"),
+    "one_run_audit": ("epsilon_lower_bound", "Empirical ε lower bound (one-run audit)", None),
 }
+
+
+def _one_run_audit_text(metrics: dict[str, dict[str, Any]], report: dict[str, Any] | None) -> str | None:
+    """The card's sentence on the one-run audit (Steinke, Nasr & Jagielski 2023), when the folder has one."""
+    audit = metrics.get("one_run_audit") or {}
+    if audit.get("value") is None:
+        return None
+    claimed = f"; claimed ε {_format(report['epsilon'])}" if report else ""
+    return (f"**Empirical ε lower bound (one-run audit, {_format(audit['total_canaries'])} canaries, "
+            f"{audit['confidence']:.0%}): {audit['value']:.3g}{claimed}.** A bound above the claimed ε would prove a "
+            "bug; one below it is what this attack (each canary scored by its denoising-loss drop, the highest "
+            f"{_format(audit['num_guesses'])} of {_format(audit['num_canaries'])} guessed as trained on: "
+            f"{_format(audit['num_correct'])} right) shows, not a tighter guarantee.")
 
 
 def _is_number(value: Any) -> bool:
@@ -305,6 +338,29 @@ def _group_privacy_text(report: dict[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
+def _released_outside_epsilon(report: dict[str, Any], config: DPLoRAConfig | None, evaluated: bool) -> list[str]:
+    """The card's list of what the folder publishes from the private data without noise, outside ε: the exact data
+    set size (always), the evaluation's numbers (with metrics), the class names (``class_names_from_data``) and the
+    training loss (the report's ``loss_trackers``: the remote trackers that received it)."""
+    unit = report.get("privacy_unit")
+    people = f" of {_format(report['num_privacy_units'])} `{unit}`s" if unit and report.get("num_privacy_units") else ""
+    items = [
+        f"**The exact size of the private set**: {_format(report['dataset_size'])} examples{people}, stated without "
+        "noise, as opacus does (its accountant takes N as public)."
+    ]
+    if evaluated:
+        items.append("**The evaluation's numbers** (the Evaluation table, `metrics.json`): computed without noise on "
+                     "private data, the held-out split and, for the membership audit, training examples.")
+    if report.get("class_names_from_data"):
+        items.append("**The class names**, taken from the private data (`--class_names_from_data`): `id2label` in "
+                     "`dp_lora_config.json` and which classes occur (the samples' rows, the DP central images' "
+                     "classes) are published as they are.")
+    if report.get("loss_trackers"):
+        items.append("**The training loss curve**: each step's loss on its private batch, sent without noise to "
+                     f"remote experiment trackers (`--report_private_loss`: {_format(report['loss_trackers'])}).")
+    return items
+
+
 def build_model_card(
     folder: str | Path,
     repo_id: str | None = None,
@@ -338,6 +394,9 @@ def build_model_card(
 
     eval_results, eval_rows = _evaluation(metrics, _TASK_NAMES[conditioning])
     dp_metadata = {meta: report[key] for key, meta in REPORT_METADATA_KEYS.items()} if report else {}
+    if report:  # the unit that q, N and delta count: a column (user-level) or "example"
+        dp_metadata["dp_privacy_unit"] = report.get("privacy_unit") or "example"
+        dp_metadata["dp_num_privacy_units"] = report.get("num_privacy_units") or report["dataset_size"]
     card_data = ModelCardData(
         base_model=hub_base_model,
         library_name="diffusers",
@@ -352,8 +411,12 @@ def build_model_card(
 
     privacy_rows = []
     delta_note = None
+    outside_epsilon = []
     if report:
+        column = f"`{report['privacy_unit']}`" if report.get("privacy_unit") else None
         for key, label, meaning in _PRIVACY_TABLE:
+            if column and key in _UNIT_TABLE:  # user-level: the rows name the unit, not an example
+                label, meaning = (text.format(unit=column) for text in _UNIT_TABLE[key])
             value = report.get(key)
             if value is None and key == "target_epsilon":
                 value = "none (σ was given)"
@@ -369,6 +432,7 @@ def build_model_card(
                 f"publishes one random {unit} outright satisfies such a δ, so this guarantee is "
                 "weak. δ ≪ 1/N is the usual requirement."
             )
+        outside_epsilon = _released_outside_epsilon(report, config, bool(eval_rows))
 
     return ModelCard.from_template(
         card_data,
@@ -383,6 +447,7 @@ def build_model_card(
         privacy_rows=privacy_rows,
         delta_note=delta_note,
         eval_rows=eval_rows,
+        one_run_audit=_one_run_audit_text(metrics, report),
         base_model_text=base_model_text,
         has_samples=(folder / SAMPLES_NAME).is_file(),
         has_epsilon_plot=bool(report) and (folder / EPSILON_PLOT_NAME).is_file(),
@@ -391,6 +456,7 @@ def build_model_card(
         pipeline_class=family.pipeline_class_name,
         base_load_target=base_model or "<the base model>",
         group_privacy=_group_privacy_text(report),
+        outside_epsilon=outside_epsilon,
         example_prompt=prompts[0] if prompts else "a photo",
     )
 

@@ -187,8 +187,9 @@ class DPLoRALoaderMixin(LoraBaseMixin):
         except (RuntimeError, ValueError) as err:
             raise ValueError(f"The adapter {name!r} does not fit the base model {base!r}: {err}") from err
 
-        if config is not None:  # how the adapter's prompts were encoded (T5's length), for sampling alike
+        if config is not None:  # how the adapter was trained (resolution, T5's length), for sampling alike
             self.condition_options = config.condition_options()
+            self.adapter_config = config
         if embedder is not None or rows is not None or id2label:
             if self._base_class_conditioning is None:
                 self._base_class_conditioning = (self.class_embedder, self.config.id2label)
@@ -327,6 +328,7 @@ class DPLoRALoaderMixin(LoraBaseMixin):
         self._unfused_weights = {}
         if not fused:
             self.condition_options = ConditionOptions()
+            self.adapter_config = None
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         r"""Save the pipeline as [`~DiffusionPipeline.save_pretrained`] does, refusing a denoiser with LoRA layers

@@ -91,6 +91,8 @@ def generate_dataset(
     ``metadata.jsonl`` (a ``label`` column of class names for class-conditional adapters, balanced over ``labels``,
     all its classes by default; the ``text`` prompt for text-to-image ones, balanced over ``prompts``, its validation
     prompts by default), ``generation.json`` (the settings: seed, sampler, steps) and a dataset card. Resumable.
+    Images are ``resolution`` pixels wide, by default the adapter's training resolution (text adapters: at its T5
+    sequence length too); other arguments not given take the pipeline's defaults.
 
     Raises ``ValueError`` for ``num_images`` < 1, labels the adapter does not know, a text adapter without prompts,
     or a folder holding another data set.
@@ -136,7 +138,9 @@ def generate_dataset(
         if all(files[i].is_file() for i in batch):
             continue  # written by an earlier (interrupted) run
         generator = torch.Generator().manual_seed(seed * 1_000_003 + number)  # each batch on its own: resumable
-        call: dict[str, Any] = {"num_inference_steps": num_inference_steps, "generator": generator}
+        # as the adapter was trained (its resolution, T5's length) unless told otherwise
+        call: dict[str, Any] = {**pipe.trained_call_kwargs(), "num_inference_steps": num_inference_steps,
+                                "generator": generator}  # fmt: skip
         if guidance_scale is not None:
             call["guidance_scale"] = guidance_scale
         if resolution is not None:

@@ -202,14 +202,33 @@ def resolve_dataset_source(args: argparse.Namespace, default_dataset: str | None
         args.dataset_name = default_dataset
 
 
-def load_training_dataset(args: argparse.Namespace):
-    """The data set the flags name, cut to ``--max_train_samples`` (a seeded random subset)."""
-    from .data import load_image_dataset, seeded_subset
+def load_training_dataset(args: argparse.Namespace, part: str = "train"):
+    """The data set the flags name, cut to ``--max_train_samples`` (a seeded random subset), then, with
+    ``--validation_split``, its ``part``: ``train`` (what is trained on) or ``validation`` (held out by a public
+    rule, by privacy unit with ``--privacy_unit_column``)."""
+    from .data import load_image_dataset, seeded_subset, validation_split
 
     dataset = load_image_dataset(
         args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
     )
-    return seeded_subset(dataset, args.max_train_samples, args.seed)
+    dataset = seeded_subset(dataset, args.max_train_samples, args.seed)
+    if getattr(args, "validation_split", None) is None:
+        if part != "train":
+            raise ValueError("A validation part needs --validation_split.")
+        return dataset
+    train, validation = validation_split(dataset, args.validation_split, args.validation_split_seed,
+                                         getattr(args, "privacy_unit_column", None))  # fmt: skip
+    return train if part == "train" else validation
+
+
+def add_validation_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--validation_split``: a part of the private train split never trained on (``dp-diffusers tune``'s DP
+    score is computed on it)."""
+    parser.add_argument("--validation_split", type=float, default=None,
+                        help="Hold out this fraction of the train split (of its privacy units with "
+                        "--privacy_unit_column), chosen by a public rule (a permutation seeded by "
+                        "--validation_split_seed); never trained on.")  # fmt: skip
+    parser.add_argument("--validation_split_seed", type=int, default=0, help="The held-out part's seed (public).")
 
 
 def checkpoint_dirs(output_dir: str) -> list[Path]:

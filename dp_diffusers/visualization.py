@@ -34,30 +34,31 @@ def sample_grid(
 ) -> Image.Image | None:
     """Generate ``per_class`` images for each class name with a seeded generator and grid them; ``labels=None``
     (an unconditional model): one row of ``per_class`` images; ``prompts`` (a text-to-image model): a row per prompt,
-    labelled by its number; ``resolution``: the images' side in pixels (the model's default if not given). ``None``
-    when there is nothing to draw: ``per_class`` 0, or a text-to-image model
-    without public prompts (its captions are private: never sampled from)."""
+    labelled by its number. ``pipeline``: a ``DPLDMPipeline``, sampled as its adapter was trained
+    (``trained_call_kwargs``: its training resolution, T5's sequence length), else at the base's defaults;
+    ``resolution``: the images' side in pixels instead. ``None`` when there is nothing to draw: ``per_class`` 0, or a
+    text-to-image model without public prompts (its captions are private: never sampled from)."""
     import torch
 
     if per_class <= 0 or (pipeline.conditioning == "text" and not prompts):
         return None
     generator = torch.Generator().manual_seed(seed)
-    size = {"height": resolution, "width": resolution} if resolution else {}
+    settings = {**pipeline.trained_call_kwargs(), **({"height": resolution, "width": resolution} if resolution else {})}
     if prompts:
         images = pipeline(
             prompt=list(prompts), num_images_per_prompt=per_class, num_inference_steps=num_inference_steps,
-            generator=generator, **size,
+            generator=generator, **settings,
         ).images  # fmt: skip
         rows = [images[i * per_class : (i + 1) * per_class] for i in range(len(prompts))]
         return labelled_grid(rows, [str(i + 1) for i in range(len(prompts))])
     if labels is None:
         images = pipeline(batch_size=per_class, num_inference_steps=num_inference_steps, generator=generator,
-                          **size).images  # fmt: skip
+                          **settings).images  # fmt: skip
         return labelled_grid([images], [""])
     ids = pipeline.get_label_ids(list(labels))
     images = pipeline(
         class_labels=ids, num_images_per_prompt=per_class, num_inference_steps=num_inference_steps, generator=generator,
-        **size,
+        **settings,
     ).images
     rows = [images[i * per_class : (i + 1) * per_class] for i in range(len(ids))]
     return labelled_grid(rows, labels)

@@ -727,3 +727,81 @@ def indexed_loss(data: dict[str, torch.Tensor], k: int) -> Callable:
 def indexed(latents: torch.Tensor) -> TensorDataset:
     """A data set whose second column is each example's index."""
     return TensorDataset(latents, torch.arange(len(latents)))
+
+
+# ---- base families: photos as phones store them, SD3 with SD3's own patch size ---------------------------------
+
+
+def oriented_photo_folder(root: Path, photos: list[tuple[str, int, tuple[int, int]]]) -> Path:
+    """An imagefolder of random RGB photos with captions (``metadata.jsonl``), one per ``(kind, EXIF orientation,
+    (height, width) as stored)``: kind ``"jpeg"`` (EXIF in the APP1 header, as phones write it), ``"png"`` (an
+    ``eXIf`` chunk before the image data, as PIL writes it) or ``"png-trailing"`` (the ``eXIf`` chunk after it)."""
+    import struct
+    import zlib
+
+    root.mkdir(parents=True)
+    rows = []
+    for i, (kind, orientation, (height, width)) in enumerate(photos):
+        image = Image.fromarray(np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8))
+        exif = Image.Exif()
+        exif[0x0112] = orientation  # ExifTags.Base.Orientation
+        name = f"{i}.jpg" if kind == "jpeg" else f"{i}.png"
+        if kind == "png-trailing":
+            image.save(root / name)
+            data = exif.tobytes()[6:]  # the TIFF block, without the JPEG APP1 prefix "Exif\0\0"
+            chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+            raw = (root / name).read_bytes()
+            (root / name).write_bytes(raw[:-12] + chunk + raw[-12:])  # just before IEND (12 bytes)
+        else:
+            image.save(root / name, exif=exif)
+        rows.append(json.dumps({"file_name": name, "text": f"photo {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def save_sd3_patch_base(folder: Path, source: Path, patch_size: int = 2) -> Path:
+    """The SD3 base ``source`` with a transformer of another ``patch_size`` (SD3's own is 2; the tiny bases' 1),
+    saved by ``StableDiffusion3Pipeline.save_pretrained``."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(source)
+    config = {key: value for key, value in pipe.transformer.config.items() if not key.startswith("_")}
+    torch.manual_seed(0)
+    pipe.register_modules(transformer=SD3Transformer2DModel(**{**config, "patch_size": patch_size}))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def write_text_adapter(folder: Path, base: Path, **recorded) -> Path:
+    """An adapter folder as train_dp_lora.py writes it for the text base ``base`` (a non-zero LoRA on its denoiser's
+    ``attention`` preset), its config also recording ``recorded`` (e.g. ``resolution``, ``max_sequence_length``)."""
+    from dp_diffusers import DPLDMPipeline
+
+    pipe = DPLDMPipeline.from_pretrained(base)
+    write_adapter(folder, pipe.unet, base, family=pipe.family)
+    config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps({**config, **recorded}))
+    return folder
+
+
+# ---- what an adapter folder publishes (model cards, errors): private values stay out ------------------------------
+
+
+def report_folder(folder: Path, metrics: dict | None = None, **report) -> Path:
+    """An adapter folder holding only a ``dp_report.json`` (an example-level run of 1,437 examples, as
+    ``dp_diffusers.hub`` requires it, with ``report`` overriding its fields) and ``metrics.json`` when given."""
+    base = {"accountant": "prv", "epsilon": 9.87, "delta": 1e-5, "target_epsilon": 10.0, "noise_multiplier": 0.93,
+            "max_grad_norm": 1e-3, "sample_rate": 0.0445, "steps": 450, "epochs": 20.0, "noise_multiplicity": 4,
+            "dataset_size": 1437, "batch_size": 64, "world_size": 1, "trainable_parameters": 12288, "lora_rank": 4,
+            "lora_alpha": 4, "adapted_modules": ["to_q"], "base_model": "dp-diffusers/ldm-digits-tiny",
+            "epsilon_history": [[450, 9.87]]}  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dp_report.json").write_text(json.dumps({**base, **report}))
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace one space (a rendered card's sentences, whatever their line breaks)."""
+    return " ".join(text.split())

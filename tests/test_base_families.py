@@ -132,10 +132,14 @@ def test_dit_base_trains_on_labels_known_by_name_and_its_adapter_loads(tiny_dit_
     base = DPLDMPipeline.from_pretrained(tiny_dit_base)
     assert not (images(tuned, class_labels=labels) == images(base, class_labels=labels)).all()
 
-    unknown = digit_folder(tmp_path / "unknown", ["0", "cat"])
-    with pytest.raises(DataError, match=r"\['cat'\] are unknown to the base model.*--train_class_embedding"):
-        flags = {"--train_data_dir": unknown, "--max_train_samples": None}
+    unknown = digit_folder(tmp_path / "unknown", ["0", "cat"])  # 'cat' is private: no public label set names it
+    flags = {"--train_data_dir": unknown, "--max_train_samples": None}
+    with pytest.raises(DataError, match=r"15 of 30 rows \(rows .*\) have labels outside the base model's classes.*"
+                                        "--class_names.*--train_class_embedding") as refused:
         train(base_args(tiny_dit_base, tmp_path / "refused", **flags))
+    assert "cat" not in str(refused.value)
+    with pytest.raises(DataError, match=r"\['cat'\] are unknown to the base model.*--train_class_embedding"):
+        train(base_args(tiny_dit_base, tmp_path / "refused", **flags) + ["--class_names", "0", "cat"])  # public now
     assert not (tmp_path / "refused" / ADAPTER_CONFIG_NAME).exists()
 
 
@@ -178,7 +182,7 @@ def test_dit_new_classes_get_rows_trained_under_dp_saved_and_loaded(tiny_dit_bas
     out = tmp_path / "adapter"
     flags = {"--train_data_dir": data, "--max_train_samples": None, "--max_train_steps": 2, "--learning_rate": 0.1,
              "--train_class_embedding": True}  # fmt: skip
-    train(base_args(tiny_dit_base, out, **flags))
+    train(base_args(tiny_dit_base, out, **flags) + ["--class_names", "seven", "cat", "dog"])  # the public label set
     config = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
     assert config["class_rows"] == "class_rows"
     assert config["id2label"]["1001"] == "cat" and config["id2label"]["1002"] == "dog"  # after the null class

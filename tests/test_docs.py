@@ -69,3 +69,53 @@ def test_docs_cli_names_every_flag_of_every_script_and_subcommand():
         assert f"`dp-diffusers {name.split()[-1]} " in cli_doc or name.endswith(".py")
         missing = sorted(flag for flag in flags(parser) - {"--help"} if f"`{flag}`" not in cli_doc)
         assert not missing, f"docs/cli.md lacks {name}'s {missing}"
+
+
+def flag_tables() -> str:
+    """docs/cli.md's "Every flag" section, generated from the parsers (``python tests/test_docs.py`` rewrites it)."""
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    parsers = [(f"`training_scripts/{name}.py`", script_parser(name))
+               for name in ("train_dp_lora", "train_autoencoder", "train_ldm")]  # fmt: skip
+    for name, parser in subcommands.items():
+        positionals = [a.dest.upper() for a in parser._actions if not a.option_strings]
+        extra = ["[train_dp_lora.py flags]"] if parser.get_default("accepts_training_flags") else []
+        parsers.append((f"`dp-diffusers {' '.join([name, *positionals, *extra])}`", parser))
+    lines = ["## Every flag", "", "Generated from the parsers (defaults as the code has them; empty: none, or decided "
+             "at run time as the meaning says).", ""]  # fmt: skip
+    for title, parser in parsers:
+        lines += [f"### {title}", ""]
+        for group in parser._action_groups:
+            actions = [a for a in group._group_actions if a.option_strings and a.option_strings[0] != "-h"]
+            if not actions:
+                continue
+            general = group.title in ("options", "optional arguments", "positional arguments")
+            name = "general" if general else group.title
+            lines += [f"**{name}**", "", "| flag | default | meaning |", "|---|---|---|"]
+            for action in actions:
+                if isinstance(action, argparse._StoreTrueAction):
+                    default = "off"
+                elif action.default is None or action.default == argparse.SUPPRESS:
+                    default = ""
+                else:
+                    default = f"`{action.default}`"
+                if action.choices:
+                    default = f"{default} ({', '.join(map(str, action.choices))})".strip()
+                meaning = (action.help or "").replace("|", "\\|").replace("\n", " ")
+                if action.nargs in ("+", "*"):
+                    meaning = f"{meaning} (several values)".strip()
+                elif isinstance(action, argparse._AppendAction):
+                    meaning = f"{meaning} (repeatable)".strip()
+                lines.append(f"| `{action.option_strings[-1]}` | {default} | {meaning} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def test_the_flag_tables_are_the_parsers():
+    text = (ROOT / "docs" / "cli.md").read_text()
+    assert text[text.index("## Every flag"):].rstrip() == flag_tables().rstrip(), "run: python tests/test_docs.py"
+
+
+if __name__ == "__main__":  # rewrite docs/cli.md's flag tables from the parsers
+    path = ROOT / "docs" / "cli.md"
+    text = path.read_text()
+    path.write_text(text[: text.index("## Every flag")] + flag_tables().rstrip() + "\n")

@@ -161,10 +161,11 @@ def test_bad_input_gives_a_clear_error_and_no_adapter(tiny_base, tmp_path, overr
 def test_unknown_labels_need_a_trainable_class_embedding(tiny_base, tmp_path):
     data = digit_folder(tmp_path / "data", ["3", "7", "cat"])
     args = dict(**{"--train_data_dir": data, "--max_train_samples": None, "--batch_size": 9, "--target_delta": 1e-3})
+    public = ["--class_names", "3", "7", "cat"]  # the label set, public (the adapter publishes it)
     with pytest.raises(DataError, match=r"\['cat'\] are unknown to the base"):
-        train(base_args(tiny_base, tmp_path / "no", **args))
+        train(base_args(tiny_base, tmp_path / "no", **args) + public)
     out = tmp_path / "yes"
-    train(base_args(tiny_base, out, **args, **{"--train_class_embedding": True}))
+    train(base_args(tiny_base, out, **args, **{"--train_class_embedding": True}) + public)
     config = json.loads((out / "dp_lora_config.json").read_text())
     assert config["id2label"]["10"] == "cat" and config["class_embedder"] == "class_embedder"
     assert json.loads((out / "class_embedder" / "config.json").read_text())["num_classes"] == 11
@@ -208,8 +209,9 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"downstream_accuracy", "membership_auc"} <= set(metrics)
     assert metrics["downstream_accuracy"]["sampler"] == "DPMSolverMultistepScheduler, 2 steps"
-    # the 8 canaries were trained on like any example (counted in the data set and the sampling rate), and the
-    # evaluation audited them against their 8 never-trained twins
+    # 16 canaries, each trained on like any example by a secret coin; q and N count the expected 8 (nothing published
+    # depends on the coins); the evaluation audits the coins' members against the others and bounds epsilon from
+    # below with the one-run audit; the coins stay in the hidden .audit/, never uploaded
     report = json.loads((out / "dp_report.json").read_text())
     assert report["dataset_size"] == 208 and report["sample_rate"] == pytest.approx(20 / 208)
     assert report["num_canaries"] == 8
@@ -217,12 +219,22 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
         "num_canaries": 8,
         "seed": 0,
         "resolution": 16,
+        "coins": True,
     }
-    assert metrics["membership_auc"]["num_canaries"] == 8 and 0 <= metrics["membership_auc"]["canary_auc"] <= 1
-    assert "| Audit canaries | 8 |" in (out / "README.md").read_text()
+    coins = json.loads((out / ".audit" / "canary_coins.json").read_text())
+    assert len(coins) == 16 and metrics["membership_auc"]["num_canaries"] == sum(coins)
+    assert 0 <= metrics["membership_auc"]["canary_auc"] <= 1
+    one_run = metrics["one_run_audit"]
+    assert one_run["total_canaries"] == 16 and one_run["num_canaries"] == 8 and one_run["delta"] == 1e-4
+    assert 0 <= one_run["epsilon_lower_bound"] == one_run["value"] and one_run["claimed_epsilon"] == report["epsilon"]
+    assert 1 <= one_run["num_guesses"] <= 8 and 0 <= one_run["num_correct"] <= one_run["num_guesses"]
+    card_text = (out / "README.md").read_text()
+    assert "| Audit canaries | 8 |" in card_text
+    assert "Empirical ε lower bound (one-run audit, 16 canaries, 95%)" in card_text
+    assert not any(name.startswith(".audit") for name in upload_file_list(out))
     card = ModelCard.load(out / "README.md")
     assert card.data.dp_epsilon == json.loads((out / "dp_report.json").read_text())["epsilon"]
-    assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc"}  # no FID claimed offline
+    assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc", "epsilon_lower_bound"}  # no FID
     assert "| FID | not computed | no Inception weights (offline)" in (out / "README.md").read_text()
     api.create_repo.assert_called_once()
     assert api.create_repo.call_args.args[0] == "me/dp-lora"

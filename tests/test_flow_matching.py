@@ -3,6 +3,7 @@
 with ``tokenizers``: no download), private captioned images trained through train_dp_lora.py, the adapter loaded
 with each pipeline's standard ``load_lora_weights``."""
 
+import functools
 import json
 import math
 
@@ -25,6 +26,7 @@ from helpers import (
     private,
     save_flux_base,
     save_sd3_base,
+    save_sd3_patch_base,
     train,
 )
 from huggingface_hub import ModelCard
@@ -94,7 +96,7 @@ def test_a_flow_base_trains_and_its_adapter_is_the_pipeline_s_standard_lora(name
 
     standard = pipeline_class.from_pretrained(base, **load)
     standard.load_lora_weights(out)
-    tuned = images(DPLDMPipeline.from_pretrained(out), size)
+    tuned = images(DPLDMPipeline.from_pretrained(out), size, max_sequence_length=T5_LENGTH)
     np.testing.assert_array_equal(images(standard, size, max_sequence_length=T5_LENGTH), tuned)
     untouched = images(pipeline_class.from_pretrained(base, **load), size, max_sequence_length=T5_LENGTH)
     assert not np.array_equal(tuned, untouched)
@@ -108,8 +110,7 @@ def test_flow_bases_load_as_their_own_pipelines_sample(tiny_sd3_base, tiny_flux_
     for base, pipeline_class, size in ((tiny_sd3_base, StableDiffusion3Pipeline, 16),
                                        (tiny_flux_base, FluxPipeline, 32)):  # fmt: skip
         pipe = DPLDMPipeline.from_pretrained(base)
-        default = pipe.family.default_max_sequence_length
-        reference = images(pipeline_class.from_pretrained(base), size, max_sequence_length=default)
+        reference = images(pipeline_class.from_pretrained(base), size)  # T5's length: the pipeline's default
         np.testing.assert_array_equal(images(pipe, size), reference)
         assert pipe.conditioning == "text" and pipe.family.lora_prefix == "transformer"
 
@@ -232,6 +233,129 @@ def test_bad_flow_inputs_fail_before_anything_is_written(tiny_sd3_base, tiny_flu
         with pytest.raises(error, match=message):
             train(flow_args(base, out, folder, 32, **{"--batch_size": 4, **flags}))
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_sd3_refuses_a_resolution_its_patches_do_not_tile_before_encoding_anything(tiny_sd3_base, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
+    """SD3 cuts the latents into patch x patch tokens: --resolution must be a multiple of the autoencoder's factor
+    times the patch size (16 for SD3 / SD3.5), StableDiffusion3Pipeline's own multiple. Refused before any image is
+    encoded (not at the first step, after encoding the whole data set)."""
+    from dp_diffusers import data as data_module
+
+    base = save_sd3_patch_base(tmp_path / "patch-2", tiny_sd3_base)  # autoencoder factor 2, patch 2: multiples of 4
+    standard = StableDiffusion3Pipeline.from_pretrained(base)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        standard(prompt="a", height=18, width=18, num_inference_steps=1)  # diffusers' own check
+    pipe = DPLDMPipeline.from_pretrained(base)
+    StableDiffusion3Family.check_resolution(pipe, 20)
+    with pytest.raises(DataError, match="--resolution 18: SD3 .* 2x2 patches, so it takes multiples of 4; use e.g. 16"):
+        StableDiffusion3Family.check_resolution(pipe, 18)
+
+    encoded = []
+    monkeypatch.setattr(data_module, "dataset_latents", lambda *args, **kwargs: encoded.append(args) or 1 / 0)
+    data = caption_folder(tmp_path / "data", [f"caption {i}" for i in range(8)], sizes=[(18, 18)])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="multiples of 4"):
+        train(flow_args(base, out, data, 18, **{"--batch_size": 4}))
+    assert not encoded and (not out.exists() or not any(out.iterdir()))
+
+
+def test_a_sampler_the_family_cannot_use_is_refused_naming_those_it_can(tiny_sd3_base, tiny_flux_base, tiny_sd_base,
+                                                                       tmp_path):  # fmt: skip
+    """An epsilon-prediction sampler (DPMSolverMultistep) on a flow-matching base samples noise silently: set_scheduler
+    and --scheduler refuse it, naming the samplers the family can use (diffusers' compatibles of the base's scheduler,
+    and Heun for SD3, which StableDiffusion3Pipeline runs); a flow sampler on an epsilon base is refused too."""
+    sd3 = DPLDMPipeline.from_pretrained(tiny_sd3_base)
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler cannot sample a stable-diffusion-3 base .*: "
+                       "FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler\\.$"):
+        sd3.set_scheduler("DPMSolverMultistepScheduler")
+    assert type(sd3.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # unchanged
+    sd3.set_scheduler("FlowMatchHeunDiscreteScheduler")
+    assert images(sd3, 16).shape == (2, 16, 16, 3)
+    flux = DPLDMPipeline.from_pretrained(tiny_flux_base)
+    for name in ("DPMSolverMultistepScheduler", "DDIMScheduler", "FlowMatchHeunDiscreteScheduler"):
+        with pytest.raises(ValueError, match="the samplers it can use: FlowMatchEulerDiscreteScheduler\\.$"):
+            flux.set_scheduler(name)
+    sd = DPLDMPipeline.from_pretrained(tiny_sd_base)
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler cannot sample a stable-diffusion base.*"
+                       "DPMSolverMultistepScheduler"):
+        sd.set_scheduler("FlowMatchEulerDiscreteScheduler")
+    sd.set_scheduler("DPMSolverMultistepScheduler")
+
+    out = tmp_path / "out"  # the script: refused before anything is read or written
+    with pytest.raises(DataError, match="--scheduler: DPMSolverMultistepScheduler cannot sample a stable-diffusion-3"):
+        train(base_args(tiny_sd3_base, out, **{"--scheduler": "DPMSolverMultistepScheduler"}))
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_evaluation_and_sampling_work_at_the_training_resolution_and_t5_length(tiny_sd3_base, tmp_path, monkeypatch,
+                                                                                capsys):  # fmt: skip
+    """A run at --resolution 8 on a base whose autoencoder's sample_size is 16, without --max_sequence_length:
+    dp_lora_config.json records both (8, SD3's default 77); --evaluate samples, audits and scores FID at 8 pixels and
+    samples at 77 T5 tokens, and ``dp-diffusers sample`` draws 8-pixel images."""
+    from PIL import Image
+
+    from dp_diffusers import cli
+    from dp_diffusers.evaluation import evaluate as evaluate_module
+    from dp_diffusers.evaluation.fid import InceptionWeightsNotFoundError
+
+    scored, audited, calls = [], [], []
+
+    def fid_sizes(generated, reference, **kwargs):
+        scored.append((generated.shape, reference.shape))
+        raise InceptionWeightsNotFoundError("offline")  # as without Inception weights: recorded as not computed
+
+    monkeypatch.setattr(evaluate_module, "compute_fid", fid_sizes)
+    real_audit = evaluate_module.audit
+    monkeypatch.setattr(evaluate_module, "audit", lambda *a, **kw: audited.append(a) or real_audit(*a, **kw))
+    real_call = StableDiffusion3Pipeline.__call__
+    monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", functools.wraps(real_call)(
+        lambda self, *a, **kw: calls.append(kw) or real_call(self, *a, **kw)))
+    data = tmp_path / "data"  # an imagefolder with a held-out test/ split
+    caption_folder(data / "train", [f"{SECRET} photo {i}" for i in range(8)], sizes=[(16, 16), (24, 16)])
+    caption_folder(data / "test", [f"{SECRET} held out {i}" for i in range(4)], sizes=[(16, 16)])
+    out = tmp_path / "adapter"
+    flags = {"--batch_size": 4, "--resolution": 8, "--max_sequence_length": None, "--evaluate": True,
+             "--eval_inference_steps": 1}  # fmt: skip
+    train(flow_args(tiny_sd3_base, out, data, 8, **flags))
+    config = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
+    assert config["resolution"] == 8 and config["max_sequence_length"] == 77
+    assert scored == [((4, 8, 8, 3), (4, 8, 8, 3))]  # one sample per held-out caption, the held-out images: 8 pixels
+    member_latents, member_conditions, nonmember_latents = audited[0][1:4]
+    assert member_latents.shape == nonmember_latents.shape == (4, 4, 4, 4)  # latents of 8-pixel images
+    assert member_conditions["encoder_hidden_states"].shape[1] == TEXT_LENGTH + 77
+    sampled = [call for call in calls if "prompt" in call]
+    assert sampled and all(call["height"] == call["width"] == 8 and call["max_sequence_length"] == 77
+                           for call in sampled)  # fmt: skip
+
+    grid = tmp_path / "grid.png"
+    cli.main(["sample", str(out), "--prompts", "a cat", "--num_images", "1", "--num_inference_steps", "1",
+              "--device", "cpu", "--out", str(grid)])  # fmt: skip
+    capsys.readouterr()
+    with Image.open(grid) as image:
+        assert image.size[1] == 8 * 4  # one row of 8-pixel images, upscaled 4x
+
+
+def test_samples_png_is_drawn_at_the_run_s_max_sequence_length(tiny_sd3_base, tmp_path):
+    """samples.png of a run with --max_sequence_length is the image StableDiffusion3Pipeline + load_lora_weights
+    draws at that T5 length (not at the family's default 77)."""
+    from PIL import Image
+
+    from dp_diffusers.constants import SAMPLES_NAME
+    from dp_diffusers.visualization import labelled_grid
+
+    data = caption_folder(tmp_path / "data", [f"{SECRET} photo {i}" for i in range(8)], sizes=[(16, 16)])
+    out = tmp_path / "adapter"
+    train(flow_args(tiny_sd3_base, out, data, 16, **{"--batch_size": 4, "--validation_prompt": PROMPTS[0],
+                                                    "--samples_per_class": 2, "--num_inference_steps": 2}))  # fmt: skip
+    assert json.loads((out / ADAPTER_CONFIG_NAME).read_text())["max_sequence_length"] == T5_LENGTH
+    standard = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_base)
+    standard.load_lora_weights(out)
+    standard.set_progress_bar_config(disable=True)
+    drawn = standard(prompt=[PROMPTS[0]], num_images_per_prompt=2, num_inference_steps=2, height=16, width=16,
+                     generator=torch.Generator().manual_seed(0), max_sequence_length=T5_LENGTH).images  # fmt: skip
+    with Image.open(out / SAMPLES_NAME) as written:
+        np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(labelled_grid([drawn], ["1"])))
 
 
 def test_guidance_is_each_example_s_training_guidance_and_never_dropped(tiny_flux_base, tmp_path):

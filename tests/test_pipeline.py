@@ -11,7 +11,17 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from helpers import scheduler, script, tiny_cond_unet, tiny_uncond_unet, tiny_vae, tiny_vq, write_adapter
+from helpers import (
+    T5_LENGTH,
+    scheduler,
+    script,
+    tiny_cond_unet,
+    tiny_uncond_unet,
+    tiny_vae,
+    tiny_vq,
+    write_adapter,
+    write_text_adapter,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors import safe_open
@@ -313,3 +323,41 @@ def test_cli_card_sample_and_push_offline(adapter, tmp_path, capsys):
     assert api.create_repo.call_args.kwargs["private"] is True
     assert api.upload_folder.call_args.kwargs["create_pr"] is True
     assert capsys.readouterr().out.strip().endswith("/discussions/1")
+
+
+#: text bases: (fixture, their own diffusers pipeline, image side, T5 base)
+TEXT_BASES = {"sd": ("tiny_sd_base", "StableDiffusionPipeline", 16, False),
+              "sdxl": ("tiny_sdxl_base", "StableDiffusionXLPipeline", 16, False),
+              "sd3": ("tiny_sd3_base", "StableDiffusion3Pipeline", 16, True),
+              "flux": ("tiny_flux_base", "FluxPipeline", 32, True)}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(TEXT_BASES))
+def test_a_text_adapter_samples_as_its_base_pipeline_with_the_adapter_called_the_same_way(name, request, tmp_path):
+    """``DPLDMPipeline.from_pretrained(adapter)(prompt=...)`` and ``<Pipeline>.from_pretrained(base)`` +
+    ``load_lora_weights(adapter)``, called with only prompt, steps, size and generator, give the same images: every
+    other argument takes the base pipeline's own default on both sides (its guidance scale, SD3's 256 and FLUX's
+    512 T5 tokens), although the adapter records a training T5 length. The arguments it was trained at
+    (``trained_call_kwargs``), passed to both, give the same images too."""
+    import diffusers
+
+    fixture, pipeline_name, size, t5 = TEXT_BASES[name]
+    base = request.getfixturevalue(fixture)
+    recorded = {"resolution": size, "max_sequence_length": T5_LENGTH if t5 else None}
+    adapter = write_text_adapter(tmp_path / "adapter", base, **recorded)
+    ours = DPLDMPipeline.from_pretrained(adapter)
+    standard = getattr(diffusers, pipeline_name).from_pretrained(base)
+    standard.load_lora_weights(adapter)
+
+    def images(pipe, **kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt=["a public prompt", "another"], num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0), **{"height": size, "width": size, **kwargs}).images
+
+    torch.testing.assert_close(images(ours), images(standard), rtol=0, atol=0)
+    trained = ours.trained_call_kwargs()
+    assert trained == {"height": size, "width": size, **({"max_sequence_length": T5_LENGTH} if t5 else {})}
+    torch.testing.assert_close(images(ours, **trained), images(standard, **trained), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="takes no argument no_such_argument"):
+        ours(prompt="a", no_such_argument=1)
+

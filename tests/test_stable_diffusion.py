@@ -186,7 +186,8 @@ def test_evaluate_a_text_adapter_on_template_prompts_and_each_example_s_own_capt
     audit_result = metrics["membership_auc"]
     assert audit_result["num_members"] == 40 and audit_result["num_nonmembers"] == 360
     assert 0 <= audit_result["public_base_auc"] <= 1  # the base (adapter off) under the same captions
-    assert audit_result["num_canaries"] == 4 and 0 <= audit_result["canary_auc"] <= 1  # with random-word captions
+    coins = json.loads((out / ".audit" / "canary_coins.json").read_text())  # 8 canaries, each in by its coin
+    assert audit_result["num_canaries"] == sum(coins) and 0 <= audit_result.get("canary_auc", 0) <= 1
     assert json.loads((out / DP_REPORT_NAME).read_text())["dataset_size"] == 44  # the canaries count in N
 
     _, member_contexts, _, nonmember_contexts = audited[0][1:5]

@@ -18,6 +18,7 @@ from helpers import (
     digit_folder,
     fixed_loss,
     lora_denoiser,
+    oriented_photo_folder,
     private,
     save_sdxl_base,
     train,
@@ -140,6 +141,40 @@ def test_time_ids_are_each_image_s_own_as_diffusers_sdxl_scripts_compute_them(ti
     ordered = StableDiffusionXLFamily.encode_prompts(pipe, ["a", "b"])
     torch.testing.assert_close(ordered["encoder_hidden_states"], context)
     torch.testing.assert_close(ordered["text_embeds"], pooled)
+
+
+def test_time_ids_of_exif_rotated_photos_are_the_decoded_image_s_without_decoding_it(tiny_sdxl_base, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    """A phone photo stored landscape with EXIF orientation 6 is portrait once decoded (datasets applies
+    exif_transpose): its time ids (original size, crop offset) are those diffusers' SDXL script computes from the
+    decoded image, for every orientation, in JPEG and PNG (an eXIf chunk before or after the image data), read from
+    the files' headers without decoding a pixel."""
+    import PIL.ImageFile
+    from torchvision import transforms
+
+    photos = [("jpeg", 6, (16, 40)), ("jpeg", 8, (24, 17)), ("jpeg", 5, (16, 30)), ("jpeg", 7, (33, 21)),
+              ("jpeg", 3, (16, 40)), ("jpeg", 1, (33, 21)), ("png", 6, (16, 24)), ("png-trailing", 8, (16, 24))]
+    data = load_image_dataset(train_data_dir=str(oriented_photo_folder(tmp_path / "photos", photos)))
+    resolution = 16
+    expected = []
+    for image in data["image"]:  # decoded by datasets, as the script receives it
+        resized = transforms.Resize(resolution)(image)
+        top = max(0, int(round((resized.height - resolution) / 2.0)))
+        left = max(0, int(round((resized.width - resolution) / 2.0)))
+        expected.append([image.height, image.width, top, left, resolution, resolution])
+    assert expected[0][:4] == [40, 16, 12, 0]  # stored 16 x 40 landscape: portrait, cropped top and bottom
+    upright = [list(size[::-1]) if orientation in (5, 6, 7, 8) else list(size) for _, orientation, size in photos]
+    assert [row[:2] for row in expected] == upright  # orientations 5-8 are decoded with height and width swapped
+
+    pipe = DPLDMPipeline.from_pretrained(tiny_sdxl_base)
+    examples = PrivateExamples(data, "image", resolution, captions=list(data["text"]))
+
+    def no_decoding(image):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", no_decoding)
+    time_ids = StableDiffusionXLFamily.image_conditions(pipe, examples)["time_ids"]
+    torch.testing.assert_close(time_ids, torch.tensor(expected).float())
 
 
 def test_null_condition_is_the_pipeline_s_unconditional_half(tiny_sdxl_base, tmp_path):

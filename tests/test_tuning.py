@@ -111,3 +111,199 @@ def test_calibration_meets_the_total_and_bad_settings_are_refused():
         tuned_epsilon(SCHEDULES, SCORE_SIGMA, 0.5, "logarithmic", DELTA)
     with pytest.raises(ValueError, match="repeat_distribution"):
         tuned_epsilon(SCHEDULES, SCORE_SIGMA, 2.0, "uniform", DELTA)
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+
+def tune_args(space: dict, folder, **flags) -> tuple:
+    """``dp-diffusers tune`` as parsed: (its namespace, the training flags)."""
+    import json as json_module
+
+    from dp_diffusers.cli import build_parser
+
+    path = folder / "space.json"
+    path.write_text(json_module.dumps(space))
+    tune_flags = {"--expected_runs": 2, "--score_noise_multiplier": 5, "--score_samples_per_class": 2,
+                  "--score_inference_steps": 2, **flags}  # fmt: skip
+    argv = ["tune", "--search_space", str(path), *[str(x) for k, v in tune_flags.items() for x in (k, v)]]
+    args, rest = build_parser().parse_known_args(argv)
+    return args, rest
+
+
+SPACE = {"learning_rate": [0.001, 0.002], "max_train_steps": [2, 3]}
+
+
+def training_flags(base, out, **overrides) -> list[str]:
+    from helpers import base_args
+
+    return [str(a) for a in base_args(base, out, **{"--target_epsilon": 10, **overrides})]
+
+
+def test_the_winner_alone_is_released_with_the_tunings_epsilon(tiny_base, tmp_path, monkeypatch):
+    """End to end on the tiny base (E[K] = 2, K fixed by the key at 2): the output folder holds one adapter whose
+    report's epsilon is the tuning's (recomputed from its ``per_run`` schedules), and no file holds K or a loser's
+    score; every run trained on the train part only."""
+    import json as json_module
+
+    from dp_diffusers import tuning
+
+    scores = []
+    real_noisy_score = tuning.noisy_score
+    monkeypatch.setattr(tuning, "noisy_score", lambda *a: scores.append(real_noisy_score(*a)) or scores[-1])
+    args, _ = tune_args(SPACE, tmp_path)
+    out = tmp_path / "tuned"
+    tuning.tune(args, training_flags(tiny_base, out), key=0)
+    assert len(scores) == 2  # K for key 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "dp_lora_config.json", "dp_report.json",
+                                                     "epsilon.png", "pytorch_lora_weights.safetensors"]  # fmt: skip
+    report = json_module.loads((out / "dp_report.json").read_text())
+    tuned = report["tuning"]
+    schedules = [RunSchedule(s["noise_multiplier"], s["sample_rate"], s["steps"],
+                             tuple(Release(**r) for r in s["other_releases"])) for s in tuned["per_run"]]  # fmt: skip
+    assert len(schedules) == 2 and {s.steps for s in schedules} == {2, 3}
+    assert report["epsilon"] == pytest.approx(tuned_epsilon(schedules, 5.0, 2.0, "logarithmic", 1e-4), rel=1e-9)
+    assert 9.9 <= report["epsilon"] <= 10.0 and tuned["score"]["sensitivity"] == 1.0
+    assert report["steps"] in (2, 3) and report["sample_rate"] == pytest.approx(20 / 160)  # the train part's 160
+    config = json_module.loads((out / "dp_lora_config.json").read_text())
+    assert config["train_subset"]["validation_split"] == 0.2
+    losers = [score for score in scores if score != max(scores)]
+    written = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+    for score in losers:
+        assert repr(score)[:8] not in written and repr(score / 40)[:8] not in written
+    assert "expected_runs" in written and not {"num_runs", "K", "runs", "scores"} & set(tuned)
+    card = (out / "README.md").read_text()
+    assert "tuning" in card
+
+
+def test_a_killed_tuning_resumes_without_redrawing_or_rescoring(tiny_base, tmp_path, monkeypatch):
+    """Killed in its second run: the resumed tuning keeps K and the candidates, does not score the first run again
+    and releases one adapter."""
+    import json as json_module
+
+    from dp_diffusers import tuning
+
+    real_training_script = tuning.training_script
+    calls = {"main": 0, "score": 0}
+
+    def crashing_script():
+        module = real_training_script()
+        real_main = module.main
+
+        def main(argv):
+            calls["main"] += 1
+            if calls["main"] == 2:
+                raise KeyboardInterrupt("killed in the second run")
+            return real_main(argv)
+
+        module.main = main
+        return module
+
+    real_sum = tuning.validation_sum
+    monkeypatch.setattr(tuning, "validation_sum", lambda *a: calls.__setitem__("score", calls["score"] + 1) or
+                        real_sum(*a))  # fmt: skip
+    monkeypatch.setattr(tuning, "training_script", crashing_script)
+    args, _ = tune_args(SPACE, tmp_path)
+    out = tmp_path / "tuned"
+    with pytest.raises(KeyboardInterrupt):
+        tuning.tune(args, training_flags(tiny_base, out), key=0)
+    state = json_module.loads((out / ".tuning" / "state.json").read_text())
+    assert len(state["candidates"]) == 2 and len(state["scores"]) == 1 and calls["score"] == 1
+    args, _ = tune_args(SPACE, tmp_path)
+    tuning.tune(args, training_flags(tiny_base, out), key=None)  # a new process: another secret key
+    assert calls["score"] == 2 and not (out / ".tuning").exists() and (out / "dp_report.json").is_file()
+
+
+def test_k_and_the_candidates_do_not_depend_on_the_data(tiny_base, tmp_path, monkeypatch):
+    """Same key, two data sets: the same runs with the same candidates (the training and the score stubbed)."""
+    from pathlib import Path
+
+    from helpers import digit_folder, report_folder
+
+    from dp_diffusers import tuning
+
+    seen = {}
+    real_training_script = tuning.training_script
+
+    def recording_script(label):
+        def make():
+            module = real_training_script()
+
+            def main(argv):
+                drawn = argv[argv.index("--validation_split_seed") + 2: argv.index("--output_dir")]
+                seen.setdefault(label, []).append(drawn)  # the candidate's flags and its noise multiplier
+                report_folder(Path(argv[argv.index("--output_dir") + 1]), steps=3)
+
+            module.main = main
+            return module
+
+        return make
+
+    monkeypatch.setattr(tuning, "validation_sum", lambda *a: 0.0)
+    other = digit_folder(tmp_path / "other", [str(i) for i in range(10)], per_class=20)
+    for label, data in (("digits", {}), ("other", {"--train_data_dir": other, "--dataset_name": None})):
+        monkeypatch.setattr(tuning, "training_script", recording_script(label))
+        args, _ = tune_args(SPACE, tmp_path)
+        tuning.tune(args, training_flags(tiny_base, tmp_path / f"{label}-tuned", **data), key=4)
+    assert len(seen["digits"]) == 2 and seen["digits"] == seen["other"]
+
+
+@pytest.mark.parametrize("space,flags,error", [
+    ({}, {}, "at least one training flag"),
+    ({"target_epsilon": [1, 2]}, {}, "cannot be tuned"),
+    ({"batch_size": {"low": 8, "high": 32}}, {}, "finite list"),
+    ({"learning_rate": {"low": 0, "high": 1, "distribution": "log_uniform"}}, {}, "a range is"),
+    ({"learning_rate": []}, {}, "empty list"),
+    (SPACE, {"--expected_runs": 0.5}, "E\\[K\\]"),
+    (SPACE, {"--score_noise_multiplier": 50}, "validation part has 40 units"),
+])  # fmt: skip
+def test_bad_tuning_input_fails_before_any_training(tiny_base, tmp_path, monkeypatch, space, flags, error):
+    from dp_diffusers import tuning
+
+    monkeypatch.setattr(tuning, "validation_sum", lambda *a: pytest.fail("scored"))
+    args, _ = tune_args(space, tmp_path, **flags)
+    with pytest.raises(ValueError, match=error):
+        tuning.tune(args, training_flags(tiny_base, tmp_path / "out"), key=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_target_and_a_tracker_are_refused(tiny_base, tmp_path):
+    from dp_diffusers import tuning
+    from dp_diffusers.privacy import PrivacyBudgetError
+
+    args, _ = tune_args(SPACE, tmp_path)
+    with pytest.raises(PrivacyBudgetError, match="cannot be met"):
+        tuning.tune(args, training_flags(tiny_base, tmp_path / "out", **{"--target_epsilon": 0.01}), key=0)
+    with pytest.raises(tuning.TuningError, match="--report_to"):
+        tuning.tune(args, [*training_flags(tiny_base, tmp_path / "out"), "--report_to", "tensorboard"], key=0)
+    malformed = tmp_path / "bad.json"
+    malformed.write_text("{learning_rate: [1")
+    args.search_space = str(malformed)
+    with pytest.raises(tuning.TuningError, match="not valid JSON"):
+        tuning.tune(args, training_flags(tiny_base, tmp_path / "out"), key=0)
+
+
+def test_the_scores_sensitivity_is_what_the_report_states(tiny_base, tmp_path):
+    """One more validation example (an enormous one for the loss) moves the noiseless sum by at most the stated
+    sensitivity: 1 for accuracy, the bound for the clipped loss; by unit with a unit column."""
+    import argparse
+
+    from datasets import concatenate_datasets
+    from helpers import base_args, train
+
+    from dp_diffusers.data import load_private_digits
+    from dp_diffusers.tuning import validation_sum
+
+    adapter = tmp_path / "adapter"
+    train(base_args(tiny_base, adapter))
+    validation = load_private_digits("test").select(range(30))
+    extra = load_private_digits("test").select([40])
+    fixed = argparse.Namespace(image_column=None, label_column=None, privacy_unit_column=None, seed=0)
+    for score, bound in (("accuracy", 1.0), ("denoising_loss", 0.05)):
+        settings = argparse.Namespace(score=score, score_loss_bound=bound, score_samples_per_class=2,
+                                      score_inference_steps=2)  # fmt: skip
+        without = validation_sum(adapter, validation, fixed, settings)
+        with_one = validation_sum(adapter, concatenate_datasets([validation, extra]), fixed, settings)
+        assert abs(with_one - without) <= bound + 1e-9
+        if score == "denoising_loss":
+            assert with_one - without == pytest.approx(-bound)  # its loss is above the bound: clipped to it

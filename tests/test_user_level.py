@@ -234,7 +234,8 @@ def test_the_audit_of_a_user_level_adapter_is_of_people(tiny_base, tmp_path):
     audit = json.loads((out / "metrics.json").read_text())["membership_auc"]
     held_out = len(privacy_unit_members(load_private_digit_units("test"), "person"))
     assert audit["num_nonmembers"] == held_out and audit["num_members"] == held_out  # people on both sides
-    assert audit["num_canaries"] == 2  # canary people
+    coins = json.loads((out / ".audit" / "canary_coins.json").read_text())
+    assert len(coins) == 4 and audit["num_canaries"] == sum(coins)  # canary people, each trained on by its coin
 
 
 def test_bad_unit_inputs_fail_before_anything_is_written(tiny_base, tmp_path):

@@ -41,13 +41,15 @@ from dp_diffusers.constants import CLASS_EMBEDDER_FOLDER, CLASS_ROWS_FOLDER, DP_
 from dp_diffusers.data import (
     CANARY_UNIT_SIZE,
     DataError,
-    audit_canaries,
+    canary_candidates,
     dataset_latents,
     encode_latents,
     load_image_dataset,
     privacy_unit_members,
+    public_class_names,
     resolve_columns,
 )
+from dp_diffusers.evaluation.one_run_audit import draw_coins, load_coins, save_coins
 from dp_diffusers.families import ConditionOptions, ObjectiveOptions, PrivateExamples
 from dp_diffusers.hub import push_to_hub, write_model_card
 from dp_diffusers.lora import add_lora, make_lora_config, save_lora_weights
@@ -70,21 +72,40 @@ from dp_diffusers.training_utils import (
     add_data_args,
     add_evaluation_args,
     add_run_args,
+    add_validation_args,
     check_training_moved,
     fit,
     frozen_checksum,
     init_lora_weights_flag,
     load_training_dataset,
+    log_to_trackers,
     make_accelerator,
+    remote_trackers,
     resolve_dataset_source,
     resolve_resume,
     save_checkpoint,
+    tracker_config,
     weight_dtype,
 )
 from dp_diffusers.visualization import sample_grid
 from dp_diffusers.warm_up import CentralImageSettings, release_private_central_images, warm_up
 
 logger = get_logger(__name__, log_level="INFO")  # the script's own lines show whatever configured logging first
+
+#: What the trackers (--report_to) are told of the run: hyper-parameters only, never a token, a path, a column, a data
+#: set name or a prompt (an allow-list: tests/test_logs.py reads every file a tracked run writes).
+TRACKED_HYPERPARAMETERS = (
+    "resolution", "random_flip", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "init_lora_weights",
+    "train_class_embedding", "label_dropout", "caption_dropout", "max_sequence_length", "guidance_scale",
+    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs", "target_epsilon",
+    "target_delta", "noise_multiplier", "max_grad_norm", "noise_multiplicity", "accountant", "grad_sample_mode",
+    "secure_mode", "batch_size", "max_physical_batch_size", "max_examples_per_unit", "central_image_noise_multiplier",
+    "central_image_resolution", "central_image_max_norm", "central_image_copies", "warmup_steps", "warmup_batch_size",
+    "num_train_epochs", "max_train_steps", "learning_rate", "adam_weight_decay", "ema_decay", "mixed_precision",
+    "gradient_checkpointing", "num_canaries", "seed",
+)
+#: Logged values computed on private batches without noise: outside epsilon, kept off remote trackers by default.
+PRIVATE_LOGS = ("loss",)
 
 #: --target_epsilon when neither it nor --noise_multiplier is given.
 DEFAULT_TARGET_EPSILON = 10.0
@@ -101,6 +122,7 @@ def parse_args(argv=None):
     )  # fmt: skip
     parser.add_argument("--output_dir", type=str, required=True)
     add_data_args(parser, default_dataset="private-digits")
+    add_validation_args(parser.add_argument_group("validation part (dp-diffusers tune scores on it)"))
     parser.add_argument("--resolution", type=int, default=None, help="Default: the base autoencoder's (center crop).")
     parser.add_argument("--random_flip", action="store_true",
                         help="Encode each image and its mirror; every row of every step trains on one at random.")
@@ -108,13 +130,23 @@ def parse_args(argv=None):
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_rank", type=int, default=8)
     lora.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
-    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--lora_dropout", type=float, default=0.0,
+                      help="peft's LoRA dropout; --disable_dp runs only (its masks come from the global generator in "
+                      "batch order, not from each row's own keyed draws).")  # fmt: skip
     lora.add_argument("--lora_target_modules", type=str, default="attention",
                       help="A preset of the base's family (docs/bases.md: attention, attention+proj, ...) or "
                       "comma-separated module names.")  # fmt: skip
     lora.add_argument("--init_lora_weights", type=str, default="gaussian", help="peft init: gaussian, true, ...")
     lora.add_argument("--train_class_embedding", action="store_true",
                       help="Also train class rows (DP): needed for private classes the base does not know.")
+    label_set = lora.add_mutually_exclusive_group()
+    label_set.add_argument("--class_names", type=str, nargs="+", default=None,
+                           help="Class-conditional bases: the PUBLIC label set the adapter publishes (its id2label, "
+                           "the classes it samples), e.g. --class_names cat dog; rows with another label are an "
+                           "error. Default: the base's classes (an embedded data set: its public names 0..9).")
+    label_set.add_argument("--class_names_from_data", action="store_true",
+                           help="Take the label set from the private data instead: its names (and which classes "
+                           "occur) are then published WITHOUT noise, outside epsilon; the model card says so.")
     lora.add_argument("--label_dropout", type=float, default=0.1, help="Null-class probability (keeps CFG).")
 
     text = parser.add_argument_group("text-to-image bases (Stable Diffusion, SDXL, SD3, FLUX)")
@@ -205,6 +237,10 @@ def parse_args(argv=None):
     train.add_argument("--num_inference_steps", type=int, default=50)
     train.add_argument("--scheduler", default=None, help="Sampler of samples.png and --evaluate (class name).")
     add_run_args(parser, checkpointing_steps=100)
+    parser.add_argument("--report_private_loss", action="store_true",
+                        help="Also send the training loss to remote trackers (--report_to wandb, ...). It is computed "
+                        "on private batches without noise: a release outside epsilon, which the model card then "
+                        "names. Local TensorBoard files and the progress bar always show it.")  # fmt: skip
 
     evaluation = parser.add_argument_group("evaluation and sharing")
     evaluation.add_argument("--evaluate", action="store_true", help="Write metrics.json (dp_diffusers.evaluation).")
@@ -235,6 +271,9 @@ def parse_args(argv=None):
             args.central_image_noise_multiplier is not None and args.central_image_noise_multiplier <= 0,
         "--central_image_noise_multiplier is a DP release; --disable_dp runs have no accountant for it.":
             args.central_image_noise_multiplier is not None and args.disable_dp,
+        "--lora_dropout > 0 under DP: its masks are drawn for the whole batch from the global generator (public "
+        "--seed, batch order), so a row's masks would depend on the other rows of its batch. Use 0 (the default).":
+            args.lora_dropout > 0 and not args.disable_dp,
         "--disable_dp runs are not checkpointed; --resume_from_checkpoint is for DP runs.":
             args.disable_dp and args.resume_from_checkpoint,
     }  # fmt: skip
@@ -262,12 +301,23 @@ def load_base(args) -> tuple[DPLDMPipeline, int]:
     pipe.vae.eval().requires_grad_(False)
     resolution = args.resolution or pipe.vae.config.sample_size
     pipe.family.check_resolution(pipe, resolution)
+    if args.scheduler is not None:  # the sampler of samples.png and --evaluate: one the family can use, said now
+        try:
+            pipe.family.check_scheduler(pipe.scheduler, args.scheduler)
+        except ValueError as err:
+            raise DataError(f"--scheduler: {err}") from err
     return pipe, resolution
 
 
 def condition_options(args) -> ConditionOptions:
+    """The data flags as the family takes them; the label set is ``--class_names``, else an embedded data set's
+    public names, else (``None``) the base's classes."""
+    class_names = args.class_names
+    if class_names is None and not args.class_names_from_data:
+        class_names = public_class_names(args.dataset_name)
     return ConditionOptions(args.label_column, args.caption_column, args.caption_template, args.validation_prompt,
-                            args.train_class_embedding, args.max_sequence_length, args.guidance_scale)  # fmt: skip
+                            args.train_class_embedding, args.max_sequence_length, args.guidance_scale,
+                            class_names=class_names, class_names_from_data=args.class_names_from_data)  # fmt: skip
 
 
 def objective_options(args) -> ObjectiveOptions:
@@ -275,11 +325,16 @@ def objective_options(args) -> ObjectiveOptions:
     return ObjectiveOptions(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, precondition)
 
 
-def load_private_examples(args, pipe, resolution: int) -> PrivateExamples:
+def load_private_examples(args, pipe, resolution: int, accelerator) -> PrivateExamples:
     """The private examples with their labels or captions validated by the base's family, and the audit canaries
-    (training examples like any other: counted in N, Poisson-sampled, clipped, noised)."""
+    (training examples like any other: Poisson-sampled, clipped, noised)."""
     family = pipe.family
     family.check_training(pipe, condition_options(args), objective_options(args))
+    conditioning = family.conditioning_of(pipe)
+    if (args.class_names is not None or args.class_names_from_data) and conditioning != "class":
+        kind = "text-to-image" if conditioning == "text" else "unconditional"
+        raise DataError(f"--class_names / --class_names_from_data set the labels of a class-conditional base; this "
+                        f"{family.name} base is {kind}.")  # fmt: skip
     if args.central_image_noise_multiplier is not None and not family.supports_central_images:
         raise DataError(f"--central_image_noise_multiplier: a {family.name} base has no classes to average over.")
     dataset = load_training_dataset(args)
@@ -289,10 +344,11 @@ def load_private_examples(args, pipe, resolution: int) -> PrivateExamples:
     examples = family.prepare_examples(pipe, dataset, image_column, label_column, resolution, condition_options(args))
     if args.privacy_unit_column:  # user-level DP: the units' members, canary units added below
         examples.units = privacy_unit_members(dataset, args.privacy_unit_column)
-    if args.num_canaries:
+    if args.num_canaries:  # the one-run audit: 2N canary units, each trained on by a secret fair coin
         num_classes = max(examples.id2label) + 1 if examples.id2label else 1
-        canaries, _ = audit_canaries(args.num_canaries, pipe.vae.config.in_channels, resolution, num_classes,
-                                     args.seed, canaries_per_unit(args))  # fmt: skip
+        candidates = canary_candidates(args.num_canaries, pipe.vae.config.in_channels, resolution, num_classes,
+                                       args.seed, canaries_per_unit(args))  # fmt: skip
+        canaries = candidates.units(canary_coins(args, accelerator, candidates.num_units))
         family.add_canaries(examples, canaries.pixels, canaries.labels, canaries.captions)
         if examples.units is not None:
             examples.units += canaries.unit_members(len(dataset))
@@ -301,6 +357,39 @@ def load_private_examples(args, pipe, resolution: int) -> PrivateExamples:
         raise DataError(f"The private data set has {examples.num_units} {unit}, fewer than one batch (--batch_size "
                         f"{args.batch_size}).")  # fmt: skip
     return examples
+
+
+def canary_coins(args, accelerator, m: int) -> list[bool]:
+    """The ``m`` canary units' secret coins: drawn by the main process (a resumed run reuses its own), kept in the
+    output folder's hidden ``.audit/`` (never uploaded) for the evaluation, and the same on every rank."""
+    from accelerate.utils import broadcast_object_list
+
+    coins = [None]
+    if accelerator.is_main_process:
+        kept = load_coins(args.output_dir) if args.resume_from_checkpoint else None
+        coins[0] = kept if kept is not None and len(kept) == m else draw_coins(m)
+        save_coins(args.output_dir, coins[0])
+    if accelerator.num_processes > 1:
+        broadcast_object_list(coins)
+    return coins[0]
+
+
+def privacy_population(args, examples: PrivateExamples) -> tuple[int, int]:
+    """(privacy units, examples) the sample rate, the update's scale and the report are computed for: the data's,
+    and ``--num_canaries`` canary units for the audit's 2N canaries (the number its fair coins include on average, so
+    that nothing published or scaled depends on the coins)."""
+    per_unit = canaries_per_unit(args)
+    included = examples.num_canaries // per_unit
+    return (examples.num_units - included + args.num_canaries,
+            len(examples) - examples.num_canaries + args.num_canaries * per_unit)  # fmt: skip
+
+
+def train_subset(args) -> dict | None:
+    """The adapter config's record of which train-split rows were trained on (``None``: all of them)."""
+    subset = {"max_samples": args.max_train_samples, "seed": args.seed} if args.max_train_samples else {}
+    if args.validation_split is not None:
+        subset.update(validation_split=args.validation_split, validation_split_seed=args.validation_split_seed)
+    return subset or None
 
 
 def canaries_per_unit(args) -> int:
@@ -323,7 +412,10 @@ def plan_privacy(args, n: int) -> tuple[PrivacyBudget, list[Release]]:
                                            releases)  # fmt: skip
     else:  # sigma given: no target unless one was set explicitly
         sigma, target_epsilon = args.noise_multiplier, args.target_epsilon
-    budget = PrivacyBudget(args.accountant, sigma, sample_rate, args.target_delta, steps, target_epsilon, releases)
+    unit = {"privacy_unit": args.privacy_unit_column, "num_privacy_units": n,
+            "max_examples_per_unit": args.max_examples_per_unit if args.privacy_unit_column else None}  # fmt: skip
+    budget = PrivacyBudget(args.accountant, sigma, sample_rate, args.target_delta, steps, target_epsilon, releases,
+                           privacy_unit=unit)  # fmt: skip
     if budget.max_steps == 0:
         raise ValueError(f"Not even one step fits in target_epsilon={target_epsilon} with sigma={sigma}.")
     return budget, releases
@@ -381,9 +473,11 @@ def make_loss(args, pipe, conditions: dict) -> DiffusionLoss:
 # ---- training ----
 
 
-def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budget, resolution) -> None:
+def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budget, resolution, population: int
+                  ) -> list[str]:  # fmt: skip
     """DP-SGD (opacus, through ``dp_diffusers.privacy``) until the budget allows no further step; checkpoints
-    carry the accountant, so a resumed run continues its spent budget."""
+    carry the accountant, so a resumed run continues its spent budget. Returns the remote trackers that were sent the
+    training loss (``--report_private_loss``: a release outside epsilon)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     checksum = frozen_checksum(model)
     checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
@@ -404,14 +498,15 @@ def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budge
     units = None if examples.units is None else PrivacyUnits(examples.units, args.max_examples_per_unit)
     dp = make_private(model, optimizer, data, budget=budget, max_grad_norm=args.max_grad_norm,
                       noise_multiplicity=args.noise_multiplicity, grad_sample_mode=args.grad_sample_mode,
-                      secure_mode=args.secure_mode, units=units)  # fmt: skip
+                      secure_mode=args.secure_mode, units=units, population=population)  # fmt: skip
     accelerator.register_for_checkpointing(PrivateTrainingState(model, dp.optimizer, budget))
     ema = make_ema(args, accelerator, trainable)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         logger.info(f"Resumed from {checkpoint}: {budget.steps} steps and epsilon={budget.epsilon():.3f} already spent")
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_dp_lora", config={k: v for k, v in vars(args).items() if v is not None})
+        config = {**tracker_config(args, TRACKED_HYPERPARAMETERS), "noise_multiplier": budget.noise_multiplier}
+        accelerator.init_trackers("train_dp_lora", config=config)
 
     progress = tqdm(total=budget.max_steps, initial=budget.steps, disable=not accelerator.is_local_main_process)
     physical = args.max_physical_batch_size or max(1, 2 * args.batch_size)
@@ -423,8 +518,10 @@ def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budge
                 steps_before = budget.steps
                 if first_snapshot is None:
                     first_snapshot = [p.detach().clone() for p in trainable]
-                *columns, batch_units = [t.to(accelerator.device) for t in batch] + ([] if units else [None])
-                loss = private_backward(dp.model, dp.optimizer, loss_fn, *columns, units=batch_units)
+                batch = [t.to(accelerator.device) for t in batch] + ([] if units else [None])
+                *columns, example_ids, batch_units = batch  # the loader's last columns: indices (and units)
+                loss = private_backward(dp.model, dp.optimizer, loss_fn, *columns, units=batch_units,
+                                        example_ids=example_ids)  # fmt: skip
                 dp.optimizer.step()
                 dp.optimizer.zero_grad(set_to_none=True)
                 if budget.steps == steps_before:
@@ -438,7 +535,7 @@ def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budge
                 if budget.steps % args.epsilon_log_steps == 0 or budget.steps == budget.max_steps:
                     logs["epsilon"] = budget.record()
                     progress.set_postfix(loss=f"{logs['loss']:.4f}", eps=f"{logs['epsilon']:.2f}")
-                accelerator.log(logs, step=budget.steps)
+                log_to_trackers(accelerator, logs, budget.steps, PRIVATE_LOGS, args.report_private_loss)
                 if budget.steps % args.checkpointing_steps == 0 and budget.can_step():
                     save_checkpoint(accelerator, args.output_dir, budget.steps, args.checkpoints_total_limit)
                 if not budget.can_step():
@@ -447,6 +544,7 @@ def train_private(args, accelerator, pipe, model, examples, data, loss_fn, budge
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(trainable)
+    return remote_trackers(accelerator) if args.report_private_loss else []
 
 
 def train_without_privacy(args, accelerator, model, data, loss_fn, steps: int) -> None:
@@ -493,14 +591,15 @@ def save_outputs(args, pipe, examples: PrivateExamples, report: DPReport | None)
         base_model=args.pretrained_model_name_or_path, revision=args.revision, base_family=pipe.base_family,
         lora_weights=weights.name, class_embedder=CLASS_EMBEDDER_FOLDER if trained_embedder else None,
         class_rows=CLASS_ROWS_FOLDER if pipe.class_rows is not None else None, id2label=examples.id2label or None,
-        # The examples trained on (the audit's members): the whole train split, or --max_train_samples' subset.
-        train_subset=None if args.max_train_samples is None else {"max_samples": args.max_train_samples,
-                                                                   "seed": args.seed},
+        # The examples trained on (the audit's members): the whole train split, or --max_train_samples' subset, minus
+        # --validation_split's part.
+        train_subset=train_subset(args),
         canaries={"num_canaries": args.num_canaries, "seed": args.seed, "resolution": examples.resolution,
-                  **({"per_unit": canaries_per_unit(args)} if args.privacy_unit_column else {})}
+                  "coins": True, **({"per_unit": canaries_per_unit(args)} if args.privacy_unit_column else {})}
         if args.num_canaries else None,
         caption_column=args.caption_column, caption_template=args.caption_template,
-        validation_prompts=args.validation_prompt, max_sequence_length=args.max_sequence_length,
+        validation_prompts=args.validation_prompt, resolution=examples.resolution,
+        max_sequence_length=pipe.family.trained_max_sequence_length(condition_options(args)),
         guidance_scale=args.guidance_scale, privacy_unit=args.privacy_unit_column, dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name, local_data=args.train_data_dir is not None,
         image_column=args.image_column, label_column=args.label_column,
@@ -521,9 +620,11 @@ def save_outputs(args, pipe, examples: PrivateExamples, report: DPReport | None)
     pipe.set_progress_bar_config(disable=True)
     if args.scheduler is not None:
         pipe.set_scheduler(args.scheduler)
+    # samples as the adapter was trained (its resolution, T5's length), as from the folder it was written to
+    pipe.adapter_config, pipe.condition_options = adapter_config, adapter_config.condition_options()
     # public prompts only, never captions: a text model without --validation_prompt draws no samples
     grid = sample_grid(pipe, examples.names[:10] if examples.id2label else None, args.samples_per_class,
-                       args.num_inference_steps, args.seed, args.validation_prompt, examples.resolution)  # fmt: skip
+                       args.num_inference_steps, args.seed, args.validation_prompt)  # fmt: skip
     if grid is not None:
         grid.save(out / SAMPLES_NAME)
     elif (out / SAMPLES_NAME).exists():
@@ -546,12 +647,12 @@ def main(argv=None):
     accelerator = make_accelerator(args)  # --mixed_precision casts the frozen base's weights (build_model): no autocast
     set_seed(args.seed, device_specific=True)
     pipe, resolution = load_base(args)
-    examples = load_private_examples(args, pipe, resolution)
-    n = len(examples)
+    examples = load_private_examples(args, pipe, resolution, accelerator)
+    units, n = privacy_population(args, examples)
     if args.disable_dp:
         logger.warning("--disable_dp: training WITHOUT differential privacy; the adapter claims no guarantee.")
     else:
-        budget, releases = plan_privacy(args, examples.num_units)
+        budget, releases = plan_privacy(args, units)
     model, lora_config, adapted_modules = build_model(args, pipe, accelerator)
     latents, conditions = encode_examples(args, pipe, examples, accelerator)
     data = TensorDataset(latents, *conditions.values())
@@ -564,11 +665,11 @@ def main(argv=None):
         return
 
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    people = f" of {examples.num_units} privacy units" if examples.units is not None else ""
+    people = f" of {units} privacy units" if examples.units is not None else ""
     logger.info(f"{n} private examples{people}, q={budget.sample_rate:.4g}, sigma={budget.noise_multiplier:.4f}, "
                 f"C={args.max_grad_norm}, k={args.noise_multiplicity}, {budget.max_steps} steps, "
                 f"{trainable_parameters} trainable parameters")  # fmt: skip
-    train_private(args, accelerator, pipe, model, examples, data, loss_fn, budget, resolution)
+    loss_trackers = train_private(args, accelerator, pipe, model, examples, data, loss_fn, budget, resolution, units)
     epsilon = budget.record()
     if budget.target_epsilon is not None and epsilon > budget.target_epsilon:
         raise RuntimeError(
@@ -584,7 +685,8 @@ def main(argv=None):
             ema_decay=args.ema_decay, num_canaries=args.num_canaries or None, mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing, random_flip=args.random_flip,
             training_guidance_scale=float(conditions["guidance"][0]) if "guidance" in conditions else None,
-            privacy_unit=args.privacy_unit_column, num_privacy_units=examples.num_units if examples.units else None,
+            privacy_unit=args.privacy_unit_column, num_privacy_units=units if examples.units else None,
+            class_names_from_data=examples.names_from_data, loss_trackers=loss_trackers,
             max_examples_per_unit=args.max_examples_per_unit if examples.units else None,
             other_releases=[central_image_settings(args, pipe.vae, resolution).record(
                 budget.release_epsilon(), warmup_steps=args.warmup_steps, warmup_batch_size=args.warmup_batch_size,

@@ -19,33 +19,55 @@ import numpy as np
 import torch
 
 from ..adapter_config import DPLoRAConfig
-from ..constants import METRICS_NAME
+from ..constants import DP_REPORT_NAME, METRICS_NAME
 from ..data import (
     DataError,
-    audit_canaries,
+    canary_candidates,
     dataset_to_tensors,
     encode_latents,
     label_names,
     load_image_dataset,
     privacy_unit_members,
     resolve_columns,
-    seeded_subset,
+    trained_rows,
 )
 from ..families import ConditionOptions
 from ..models import LatentDenoiser
 from .downstream import downstream_accuracy
 from .fid import InceptionWeightsNotFoundError, compute_fid
-from .membership import audit
+from .membership import audit, denoising_loss_scores, membership_auc
+from .one_run_audit import OneRunAudit, load_coins, one_run_audit
 
 logger = logging.getLogger(__name__)
+
+#: the one-run audit's score and delta when the folder has no DP report (a --disable_dp reference)
+ONE_RUN_SCORE = "the canary's denoising loss drop from the public base (fixed timesteps and noise; a unit: the mean)"
+ONE_RUN_RAW_SCORE = "minus the canary's denoising loss (fixed timesteps and noise; a unit: the mean)"
+ONE_RUN_AUDIT_DELTA = 1e-5
+NO_COINS = ("the canaries' coins stay on the machine that trained the adapter (its .audit/ folder, never uploaded); "
+            "evaluate the training folder itself")
+
+
+def canary_scores(loss_fn, latents, conditions, units: list[list[int]], seed: int, base_loss_fn=None) -> dict:
+    """Each canary unit's mean denoising loss at fixed timesteps and noise (``loss``), the public base's
+    (``base``) and the drop from it (``calibrated``: loss minus the base's), as float64 arrays."""
+    def by_unit(scores: torch.Tensor) -> np.ndarray:
+        return np.array([scores[members].double().mean().item() for members in units])
+
+    out = {"loss": by_unit(denoising_loss_scores(loss_fn, latents, conditions, seed=seed))}
+    if base_loss_fn is not None:
+        out["base"] = by_unit(denoising_loss_scores(base_loss_fn, latents, conditions, seed=seed))
+        out["calibrated"] = out["loss"] - out["base"]
+    return out
 
 
 @torch.no_grad()
 def generate_labelled(pipe, conditions: dict[str, list], per_class: int, num_inference_steps: int, seed: int,
-                      resolution: int | None = None, batch: int = 250):  # fmt: skip
+                      resolution: int | None = None, batch: int = 250, **call_kwargs):  # fmt: skip
     """``per_class`` samples of each condition (``{"class_labels": ids}`` or ``{"prompt": prompts}``: a pipeline
-    call argument, one value per class). Images (N, C, H, W) in [-1, 1] and labels (N,) as *positions* in that
-    list (the data set's own class order)."""
+    call argument, one value per class), at ``resolution`` pixels, with further ``call_kwargs`` (e.g. T5's
+    ``max_sequence_length``). Images (N, C, H, W) in [-1, 1] and labels (N,) as *positions* in that list (the data
+    set's own class order)."""
     (key, values), = conditions.items()
     generator = torch.Generator().manual_seed(seed)
     positions = torch.arange(len(values)).repeat_interleave(per_class)
@@ -53,21 +75,21 @@ def generate_labelled(pipe, conditions: dict[str, list], per_class: int, num_inf
     for chunk in positions.split(batch):
         chosen = [values[i] for i in chunk.tolist()]
         out = pipe(**{key: chosen}, num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
-                   height=resolution, width=resolution)  # fmt: skip
+                   height=resolution, width=resolution, **call_kwargs)  # fmt: skip
         images.append(out.images * 2 - 1)
     return torch.cat(images).clamp(-1, 1), positions
 
 
 @torch.no_grad()
 def generate_unconditional(pipe, num_images: int, num_inference_steps: int, seed: int, resolution: int | None = None,
-                           batch: int = 250):  # fmt: skip
-    """``num_images`` samples of an unconditional model: images (N, C, H, W) in [-1, 1]."""
+                           batch: int = 250, **call_kwargs):  # fmt: skip
+    """``num_images`` samples of an unconditional model at ``resolution`` pixels: images (N, C, H, W) in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, num_images, batch):
         size = min(batch, num_images - start)
         out = pipe(batch_size=size, num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
-                   height=resolution, width=resolution)  # fmt: skip
+                   height=resolution, width=resolution, **call_kwargs)  # fmt: skip
         images.append(out.images * 2 - 1)
     return torch.cat(images).clamp(-1, 1)
 
@@ -115,17 +137,6 @@ def _without_adapter(unet, loss_fn):
             unet.enable_adapters()
 
     return base_loss_fn
-
-
-def _canary_audit(loss_fn, canary_sets, seed: int, base_loss_fn, units: dict) -> dict:
-    """``canary_auc``: inserted vs held-out canaries (canary units); with the public base's loss also its AUC on
-    them (their chance level, ``canary_public_base_auc``) and ``canary_calibrated_auc``."""
-    result = audit(loss_fn, *canary_sets, seed=seed, calibration_loss_fn=base_loss_fn, **units)
-    out = {"canary_auc": result["membership_auc"], "num_canaries": result["num_members"]}
-    if base_loss_fn is not None:
-        out["canary_public_base_auc"] = result["calibration_auc"]
-        out["canary_calibrated_auc"] = result["calibrated_auc"]
-    return out
 
 
 def _audit_members(members, nonmembers, config: DPLoRAConfig | None, seed: int) -> tuple[torch.Tensor, dict]:
@@ -204,7 +215,11 @@ def evaluate_adapter(
     if adapted:
         pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling costs what the base costs
     family, vae = pipe.family, pipe.vae
-    resolution, channels = vae.config.sample_size, vae.config.in_channels
+    # at the adapter's training resolution (older folders: its canaries', else the autoencoder's sample size) and,
+    # for T5 bases, its trained sequence length: what it was trained and is meant to be sampled at
+    trained = pipe.trained_call_kwargs()
+    resolution, channels = trained.pop("height", None) or vae.config.sample_size, vae.config.in_channels
+    trained.pop("width", None)
     options = config.condition_options() if config is not None else ConditionOptions()
     options = dataclasses.replace(options, label_column=label_column, caption_column=caption_column)
     objective = config.objective_options() if config is not None else None
@@ -215,7 +230,7 @@ def evaluate_adapter(
         nonlocal names
         data = load_image_dataset(dataset_name, train_data_dir, dataset_config_name, split=name)
         if subset:
-            data = seeded_subset(data, subset["max_samples"], subset["seed"])
+            data = trained_rows(data, subset, config.privacy_unit)
         images, labels_column = resolve_columns(data, image_column, label_column)
         names = names or label_names(data, labels_column)
         pixels, labels = dataset_to_tensors(data, resolution, channels, images, labels_column, names)
@@ -238,7 +253,7 @@ def evaluate_adapter(
         raise DataError(f"{data_name!r} has no labels: a class-conditional model is evaluated on labelled data.")
     if class_conditions is not None:
         synthetic_x, synthetic_y = generate_labelled(pipe, class_conditions, samples_per_class, num_inference_steps,
-                                                     seed, resolution)  # fmt: skip
+                                                     seed, resolution, **trained)  # fmt: skip
         downstream = downstream_accuracy(
             synthetic_x, synthetic_y, train_x, train_y, test_x, test_y, len(names), seed=seed
         )
@@ -253,11 +268,12 @@ def evaluate_adapter(
         }
     elif test.captions is not None:  # captions without classes: one image per held-out caption (FID's images)
         logger.warning("Downstream accuracy skipped: the captions carry no classes (no --caption_template).")
-        synthetic_x, _ = generate_labelled(pipe, {"prompt": test.captions}, 1, num_inference_steps, seed, resolution)
+        synthetic_x, _ = generate_labelled(pipe, {"prompt": test.captions}, 1, num_inference_steps, seed, resolution,
+                                           **trained)  # fmt: skip
     else:  # unconditional (CompVis LDMs): no labelled samples to train a classifier on; FID and the audit only
         logger.warning("Downstream accuracy skipped: the model is unconditional, its samples have no labels.")
         synthetic_x = generate_unconditional(
-            pipe, samples_per_class * len(names or [None]), num_inference_steps, seed, resolution
+            pipe, samples_per_class * len(names or [None]), num_inference_steps, seed, resolution, **trained
         )
 
     # Membership audit: every held-out example is a non-member; members are examples the run trained on, at
@@ -282,21 +298,49 @@ def evaluate_adapter(
         # per side put it a few hundredths off 0.5, e.g. when the members happen to be easier to denoise).
         metrics["membership_auc"]["public_base_auc"] = metrics["membership_auc"].pop("calibration_auc")
     canaries = config.canaries if config is not None else None
-    if canaries:  # the run also trained on canaries: inserted ones are members, never-trained twins non-members
+    report_path = adapter_dir / DP_REPORT_NAME
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if canaries:  # the run also trained on canaries: each canary unit is a member by its coin, else a non-member
         # the range train_dp_lora.py drew the canaries' labels from (1 for an unconditional base)
         label_range = max(int(k) for k in pipe.config.id2label) + 1 if pipe.config.id2label else 1
         size = canaries.get("resolution", resolution)
-        drawn = audit_canaries(canaries["num_canaries"], channels, size, label_range, canaries["seed"],
-                               canaries.get("per_unit", 1))  # fmt: skip
-        canary_sets = []
-        for canary in drawn:  # inserted, then held out
-            empty = family.prepare_examples(pipe, test.dataset.select([]), test.image_column, labels_of(test), size,
-                                            options)  # fmt: skip
-            family.add_canaries(empty, canary.pixels, canary.labels, canary.captions)
-            canary_sets += [encode_latents(vae, canary.pixels), family.encode_conditions(pipe, empty)]
-        canary_units = {"member_units": drawn[0].unit_members(0), "nonmember_units": drawn[1].unit_members(0)}
-        canary_audit = _canary_audit(denoiser_loss_fn(pipe, objective), canary_sets, seed, base_loss_fn, canary_units)
-        metrics["membership_auc"].update(canary_audit)
+        candidates = canary_candidates(canaries["num_canaries"], channels, size, label_range, canaries["seed"],
+                                       canaries.get("per_unit", 1))  # fmt: skip
+        empty = family.prepare_examples(pipe, test.dataset.select([]), test.image_column, labels_of(test), size,
+                                        options)  # fmt: skip
+        family.add_canaries(empty, candidates.pixels, candidates.labels, candidates.captions)
+        canary_data = (encode_latents(vae, candidates.pixels), family.encode_conditions(pipe, empty))
+
+        def canary_metrics(folder: Path, canary_config: dict | None, loss_fn) -> tuple[dict, OneRunAudit | None]:
+            """The canary AUCs and the one-run audit of the model of ``folder`` on its own canaries' coins."""
+            coins = load_coins(folder) if canary_config.get("coins") else None
+            if canary_config.get("coins") and coins is None:
+                return {"one_run_audit_not_computed": NO_COINS}, None
+            if coins is None:  # runs before the one-run audit: the first half trained on
+                coins = [True] * canaries["num_canaries"] + [False] * canaries["num_canaries"]
+            inside = np.asarray(coins, dtype=bool)
+            scores = canary_scores(loss_fn, *canary_data, candidates.unit_members(0), seed, base_loss_fn)
+            result = {"num_canaries": int(inside.sum())}
+            for name, key in (("loss", "canary_auc"), ("calibrated", "canary_calibrated_auc"),
+                              ("base", "canary_public_base_auc")):  # fmt: skip
+                if name in scores and 0 < inside.sum() < len(inside):  # low loss (or drop): member-like
+                    result[key] = membership_auc(scores[name][inside], scores[name][~inside])
+            if not canary_config.get("coins"):
+                return result, None
+            if len(coins) < 4:
+                return {**result, "one_run_audit_not_computed": "fewer than 4 canary units"}, None
+            delta = report["delta"] if report is not None else ONE_RUN_AUDIT_DELTA
+            score = -scores["calibrated"] if "calibrated" in scores else -scores["loss"]  # higher: more member-like
+            return result, one_run_audit(score, coins, delta)
+
+        found, one_run = canary_metrics(adapter_dir, canaries, denoiser_loss_fn(pipe, objective))
+        metrics["membership_auc"].update({k: v for k, v in found.items() if k != "one_run_audit_not_computed"})
+        if one_run is not None:
+            metrics["one_run_audit"] = {"value": one_run.epsilon_lower_bound, **one_run.to_dict(),
+                                        "claimed_epsilon": report["epsilon"] if report is not None else None,
+                                        "score": ONE_RUN_SCORE if base_loss_fn is not None else ONE_RUN_RAW_SCORE}
+        elif "one_run_audit_not_computed" in found:
+            metrics["one_run_audit"] = {"value": None, "not_computed": found["one_run_audit_not_computed"]}
     if audit_reference is not None:
         reference = DPLDMPipeline.from_pretrained(audit_reference)
         ref = audit(denoiser_loss_fn(reference, objective), *sets, seed=seed, calibration_loss_fn=base_loss_fn,
@@ -304,9 +348,11 @@ def evaluate_adapter(
         metrics["membership_auc"]["reference_nonprivate_auc"] = ref["membership_auc"]
         if base_loss_fn is not None:
             metrics["membership_auc"]["reference_nonprivate_calibrated_auc"] = ref["calibrated_auc"]
-        if canaries and getattr(_adapter_config(audit_reference), "canaries", None) == canaries:
-            ref_canaries = _canary_audit(denoiser_loss_fn(reference, objective), canary_sets, seed, base_loss_fn,
-                                         canary_units)  # fmt: skip
+        reference_canaries = getattr(_adapter_config(audit_reference), "canaries", None)
+        if canaries and reference_canaries and {k: v for k, v in reference_canaries.items() if k != "coins"} == {
+                k: v for k, v in canaries.items() if k != "coins"}:  # the same canaries, each on its own coins
+            ref_canaries, _ = canary_metrics(Path(audit_reference), reference_canaries,
+                                             denoiser_loss_fn(reference, objective))  # fmt: skip
             for key in ("canary_auc", "canary_calibrated_auc"):  # (the counts and the base's AUC are the adapter's)
                 if key in ref_canaries:
                     metrics["membership_auc"][f"reference_nonprivate_{key}"] = ref_canaries[key]

@@ -25,12 +25,20 @@ cannot show more than log(a / (1 - a)), a = beta^(1/r) (r = 100: 3.5; r = 1000: 
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import binom
+
+#: where a run keeps its canaries' coins: a hidden folder of the adapter's, never uploaded (the coins are the audit's
+#: secret: publishing them would publish which canaries were trained on)
+COINS_PATH = Path(".audit") / "canary_coins.json"
 
 #: numbers of "in" guesses tried on the selection half (those that fit in it)
 GUESS_GRID = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -119,3 +127,23 @@ def one_run_audit(
     v = _guesses_correct(scores[evaluation], included[evaluation], r)
     return OneRunAudit(epsilon_lower_bound(m_eval, r, v, delta, confidence), m_eval, r, v, delta, confidence,
                        len(scores))  # fmt: skip
+
+
+def draw_coins(m: int) -> list[bool]:
+    """``m`` independent fair coins from the operating system's entropy (never from ``--seed``)."""
+    return [bool(secrets.randbits(1)) for _ in range(m)]
+
+
+def save_coins(folder: str | os.PathLike, coins: Sequence[bool]) -> Path:
+    path = Path(folder) / COINS_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([bool(c) for c in coins]))
+    os.replace(tmp, path)
+    return path
+
+
+def load_coins(folder: str | os.PathLike) -> list[bool] | None:
+    """The coins a run in ``folder`` drew (``None`` if it kept none there: another machine's run, an older one)."""
+    path = Path(folder) / COINS_PATH
+    return json.loads(path.read_text()) if path.is_file() else None

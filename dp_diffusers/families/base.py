@@ -63,6 +63,11 @@ class ConditionOptions:
     max_sequence_length: int | None = None
     #: guidance-distilled FLUX bases: the guidance value the transformer is given in training (``None``: default)
     guidance_scale: float | None = None
+    #: class families: the public label set (``--class_names``, or an embedded data set's fixed names); ``None``:
+    #: the base's classes. It is published with the adapter, so it never comes from the private rows unless ...
+    class_names: list[str] | None = None
+    #: ... ``--class_names_from_data`` takes it from them: released outside epsilon (the model card says so)
+    class_names_from_data: bool = False
 
 
 @dataclass
@@ -85,9 +90,13 @@ class PrivateExamples:
     dataset: Dataset
     image_column: str
     resolution: int
-    #: the data's class names in its own order (class families), and the model's class names by id
+    #: the public label set (class families): the base's classes, ``--class_names``, or with
+    #: ``--class_names_from_data`` the data's names (then ``names_from_data``); and the model's class names by id
     names: list[str] | None = None
     id2label: dict[int, str] | None = None
+    #: whether ``names`` (so ``id2label``'s new names and which classes occur) came from the private data: a release
+    #: outside epsilon
+    names_from_data: bool = False
     #: data class name (or a DiT synonym) -> model class id
     class_ids: dict[str, int] | None = None
     #: (N,) model class ids, canaries' included (class families)
@@ -134,6 +143,9 @@ class BaseFamily:
     supports_central_images: ClassVar[bool] = True
     #: the ``train_dp_lora.py`` flag with the probability of dropping a row's condition to the null condition
     dropout_flag: ClassVar[str] = "label_dropout"
+    #: diffusers samplers the family's pipeline also samples correctly with, besides those diffusers declares
+    #: compatible with the base's scheduler config (``scheduler.compatibles``)
+    extra_schedulers: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def pipeline_class(cls) -> type[DiffusionPipeline]:
@@ -185,6 +197,24 @@ class BaseFamily:
         given += [f"--{name}" for name, value in asdict(objective or ObjectiveOptions()).items() if value is not None]
         if given:
             raise DataError(f"{', '.join(given)}: flags of the flow-matching bases (SD3, FLUX), not of {cls.name}.")
+
+    @classmethod
+    def scheduler_names(cls, scheduler) -> list[str]:
+        """The diffusers samplers (class names, sorted) this family's base can sample with, given its
+        ``scheduler``: the ones diffusers declares compatible with that scheduler's config (its ``compatibles``: the
+        noise-prediction samplers for a DDPM-style schedule, only flow-matching ones for a flow schedule) and the
+        family's ``extra_schedulers``."""
+        names = {type(scheduler).__name__, *(compatible.__name__ for compatible in scheduler.compatibles)}
+        return sorted(names | set(cls.extra_schedulers))
+
+    @classmethod
+    def check_scheduler(cls, scheduler, name: str) -> None:
+        """Raise ``ValueError`` naming the usable ones if the sampler ``name`` cannot sample this family's base of
+        ``scheduler`` (e.g. an epsilon-prediction sampler on a flow-matching base, which samples noise silently)."""
+        usable = cls.scheduler_names(scheduler)
+        if name not in usable:
+            raise ValueError(f"{name} cannot sample a {cls.name} base (its scheduler is "
+                             f"{type(scheduler).__name__}); the samplers it can use: {', '.join(usable)}.")  # fmt: skip
 
     @classmethod
     def check_resolution(cls, pipe, resolution: int) -> None:
@@ -258,9 +288,18 @@ class BaseFamily:
 
     @classmethod
     def sampling_kwargs(cls, pipe) -> dict[str, Any]:
-        """Arguments of the sampling pipeline's call that follow from how the model was trained
-        (``pipe.condition_options``: e.g. T5's sequence length)."""
+        """Arguments of the sampling pipeline's call that follow from how the loaded adapter was trained
+        (``pipe.condition_options``: e.g. T5's sequence length). dp-diffusers' own sampling (samples.png, the
+        evaluation, ``dp-diffusers sample`` / ``generate``) passes them through
+        ``DPLDMPipeline.trained_call_kwargs``; a plain pipeline call does not (it takes the base pipeline's
+        defaults, as the base pipeline with the adapter loaded would)."""
         return {}
+
+    @classmethod
+    def trained_max_sequence_length(cls, options: ConditionOptions) -> int | None:
+        """The T5 tokens each caption was encoded to in a run with ``options`` (the flag, or the family's default),
+        recorded in the adapter config; ``None`` for a family without T5."""
+        return None
 
     @classmethod
     def lora_loader(cls) -> type:

@@ -43,6 +43,10 @@ class FlowMatchingFamily(TextFamily):
         return (options and options.max_sequence_length) or cls.default_max_sequence_length
 
     @classmethod
+    def trained_max_sequence_length(cls, options):
+        return cls.max_sequence_length(options)
+
+    @classmethod
     def sampling_kwargs(cls, pipe):
         return {"max_sequence_length": cls.max_sequence_length(pipe.condition_options)}
 

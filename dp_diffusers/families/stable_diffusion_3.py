@@ -13,6 +13,7 @@ null condition is the empty prompt's (the pipeline's own negative). Objective: d
 
 from __future__ import annotations
 
+from ..data import DataError, vae_scale_factor
 from .base import ObjectiveOptions, register_family
 from .flow_matching import FlowMatchingFamily
 
@@ -35,6 +36,19 @@ class StableDiffusion3Family(FlowMatchingFamily):
     default_max_sequence_length = 77  # diffusers' train_dreambooth_lora_sd3.py
     objective_defaults = ObjectiveOptions(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0,
                                           mode_scale=1.29, precondition_outputs=True)  # fmt: skip
+    # a flow-matching sampler that StableDiffusion3Pipeline also runs (diffusers declares only the Euler one)
+    extra_schedulers = ("FlowMatchHeunDiscreteScheduler",)
+
+    @classmethod
+    def check_resolution(cls, pipe, resolution):
+        """The transformer cuts the latents into patch x patch tokens: the resolution must be a multiple of the
+        autoencoder's factor times the patch size (16 for SD3 / SD3.5), as ``StableDiffusion3Pipeline`` requires."""
+        factor, patch = vae_scale_factor(pipe.vae), pipe.unet.config.patch_size
+        multiple = factor * patch
+        if resolution % multiple:
+            raise DataError(f"--resolution {resolution}: SD3 cuts the latents ({factor}x smaller) into {patch}x{patch} "
+                            f"patches, so it takes multiples of {multiple}; use e.g. "
+                            f"{max(multiple, resolution - resolution % multiple)}.")  # fmt: skip
 
     @classmethod
     def encode_prompts(cls, pipe, prompts, options=None):

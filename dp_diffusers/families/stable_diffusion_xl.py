@@ -8,7 +8,7 @@ conditioning), ``scheduler``. Each example's condition, as diffusers' SDXL LoRA 
 * ``encoder_hidden_states``: the caption's (77, 2048) context (both CLIPs' penultimate states) and ``text_embeds``:
   its pooled (1280) embedding, by ``StableDiffusionXLPipeline.encode_prompt``;
 * ``time_ids``: (original height, width before the resize, crop top, left, the training resolution twice) of that
-  example's own image (center crop, so a mirrored image has the same ids).
+  example's own image as decoded (upright by its EXIF orientation; center crop, so a mirrored image has the same ids).
 
 The null condition is zeros for the context and pooled embedding (``force_zeros_for_empty_prompt``, the SDXL
 configs' setting, as the pipeline's own unconditional half) or the empty prompt's encoding; time ids are kept.
@@ -16,12 +16,66 @@ configs' setting, as the pipeline's own unconditional half) or the empty prompt'
 
 from __future__ import annotations
 
-import torch
+import io
+import os
+import struct
+from typing import TYPE_CHECKING, BinaryIO
 
-from ..data import DataError, original_sizes
+import torch
+from PIL import ExifTags
+from PIL import Image as PILImage
+
+from ..data import UNREADABLE_IMAGE_ERRORS, DataError, unreadable_image
 from ..lora import LORA_TARGET_PRESETS
 from .base import register_family
 from .text import TextFamily
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+#: EXIF orientations whose ``PIL.ImageOps.exif_transpose`` is a transpose or a quarter turn: width and height swap
+SWAPPED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def _png_exif(stream: BinaryIO) -> bytes:
+    """A PNG's ``eXIf`` chunk wherever it is (PIL reads the chunks after the image data only when it decodes the
+    pixels); ``b""`` if it has none. Chunk headers are read and the image data skipped, never decompressed."""
+    stream.seek(8)  # past the signature
+    while len(header := stream.read(8)) == 8:
+        length, kind = struct.unpack(">I4s", header)
+        if kind == b"eXIf":
+            return stream.read(length)
+        if kind == b"IEND":
+            break
+        stream.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return b""
+
+
+def exif_orientation(image: PILImage.Image) -> int:
+    """The EXIF orientation (1-8; 1: upright) of an opened, not decoded image, as ``datasets`` reads it before its
+    ``exif_transpose`` (``Image.getexif``: the EXIF block or the XMP's ``tiff:Orientation``), without decoding the
+    pixels."""
+    if image.format == "PNG" and "exif" not in image.info:  # else getexif would decode the image to find it
+        image.info["exif"] = _png_exif(image.fp)
+    return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+
+
+def upright_sizes(dataset: Dataset, image_column: str) -> torch.Tensor:
+    """(N, 2) long: each image's (height, width) before any resize, upright: as ``datasets`` decodes it (rotated by
+    its EXIF orientation, ``PIL.ImageOps.exif_transpose``), which is SDXL's ``original_size`` in diffusers' SDXL
+    scripts. Read from the files' headers and EXIF tags only, without decoding the pixels."""
+    from datasets import Image
+
+    sizes = []
+    for i, raw in enumerate(dataset.cast_column(image_column, Image(decode=False))[image_column]):
+        try:
+            source = raw["path"] if raw.get("bytes") is None else io.BytesIO(raw["bytes"])
+            with PILImage.open(source) as image:
+                swapped = exif_orientation(image) in SWAPPED_ORIENTATIONS
+                sizes.append((image.width, image.height) if swapped else (image.height, image.width))
+        except (*UNREADABLE_IMAGE_ERRORS, SyntaxError, struct.error) as err:
+            raise unreadable_image(i, err) from None
+    return torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)
 
 
 def center_crop_time_ids(sizes: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -67,7 +121,7 @@ class StableDiffusionXLFamily(TextFamily):
 
     @classmethod
     def image_conditions(cls, pipe, examples):
-        sizes = original_sizes(examples.dataset, examples.image_column)
+        sizes = upright_sizes(examples.dataset, examples.image_column)
         canaries = torch.full((examples.num_canaries, 2), examples.resolution, dtype=torch.long)  # drawn square
         return {"time_ids": center_crop_time_ids(torch.cat([sizes, canaries]), examples.resolution)}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -16,6 +17,12 @@ from ..families import BaseFamily, ConditionOptions, DPLDMFamily, base_family
 from ..loaders import DPLoRALoaderMixin
 from ..models.denoiser import LatentDenoiser
 from ..models.dit import DiTClassRows
+
+if TYPE_CHECKING:
+    from ..adapter_config import DPLoRAConfig
+
+#: this pipeline's own loop (class-conditional and unconditional models) when a call does not say
+DEFAULT_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE, DEFAULT_ETA = 50, 3.0, 0.0
 
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:
@@ -36,7 +43,7 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
     are conditioned and sampled. Class-conditional and unconditional bases sample through this pipeline's own
     loop (for a zero adapter: the images of diffusers' ``LDMPipeline`` / ``DiTPipeline``); text-to-image bases
     through their own diffusers pipeline over the same modules (``StableDiffusionPipeline``,
-    ``StableDiffusionXLPipeline``), so ``pipe(prompt=...)`` is diffusers' own sampler.
+    ``StableDiffusionXLPipeline``, ...), so ``pipe(prompt=...)`` is diffusers' own sampler with its own defaults.
 
     Components:
         vae ([`AutoencoderKL`] or [`VQModel`]): decodes latents to images.
@@ -80,6 +87,8 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
         self.family: type[BaseFamily] = DPLDMFamily
         #: how prompts are encoded (T5's sequence length): an adapter's training settings, else the family's
         self.condition_options = ConditionOptions()
+        #: the loaded DP-LoRA adapter's config (how it was trained: resolution, T5 length); ``None``: no adapter
+        self.adapter_config: DPLoRAConfig | None = None
 
     def _set_id2label(self, id2label: dict | None) -> None:
         """Class names by id; ``labels`` maps each name to its id, ``label_synonyms`` each comma-separated part of
@@ -132,8 +141,24 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
 
     def set_scheduler(self, name: str) -> None:
         """Swap in the diffusers scheduler class ``name`` (e.g. ``"DPMSolverMultistepScheduler"``), built from the
-        current one's config: the same trained noise schedule, another sampler (by name, for command lines)."""
-        self.scheduler = scheduler_class(name).from_config(self.scheduler.config)
+        current one's config: the same trained noise schedule, another sampler (by name, for command lines).
+        ``ValueError`` naming the usable ones for a sampler the base's family cannot use (an epsilon-prediction
+        sampler on a flow-matching base: ``family.scheduler_names``)."""
+        found = scheduler_class(name)
+        self.family.check_scheduler(self.scheduler, name)
+        self.scheduler = found.from_config(self.scheduler.config)
+
+    def trained_call_kwargs(self) -> dict[str, Any]:
+        """Call arguments that sample as the loaded adapter was trained: ``height`` and ``width`` at its training
+        resolution and what its family adds (T5's sequence length: ``family.sampling_kwargs``); empty without an
+        adapter. dp-diffusers' own sampling (samples.png, the evaluation, ``dp-diffusers sample`` and ``generate``,
+        the Space) passes them; a plain call does not: it takes the base pipeline's defaults, as that pipeline with
+        the adapter loaded by ``load_lora_weights`` does."""
+        if self.adapter_config is None:
+            return {}
+        resolution = self.adapter_config.trained_resolution()
+        size = {"height": resolution, "width": resolution} if resolution else {}
+        return {**size, **self.family.sampling_kwargs(self)}
 
     def _check_conditions(self, class_labels: list[int] | None, prompt) -> None:
         if (self.conditioning == "text") != (prompt is not None):
@@ -158,9 +183,9 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
         class_labels: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
         batch_size: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 3.0,
-        eta: float = 0.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -169,37 +194,55 @@ class DPLDMPipeline(DPLoRALoaderMixin, DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
+        **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
+
+        Text-to-image models are sampled by the base's own diffusers pipeline (``family.sampling_pipeline``) with
+        the arguments given and nothing else: every argument left out (``None``) takes that pipeline's own default
+        (its ``__call__`` signature's: e.g. ``guidance_scale`` 7.5 for SD, 5 for SDXL, 7 for SD3, 3.5 for FLUX; SD3's
+        ``max_sequence_length`` 256), so a call gives exactly the images of the base pipeline with the adapter loaded
+        by ``load_lora_weights``, called the same way. [`trained_call_kwargs`] holds the arguments the adapter was
+        trained at (resolution, T5 length), to pass to both.
 
         Args:
             class_labels: class ids (use [`get_label_ids`] for names); ``None`` for unconditional and text models.
             num_images_per_prompt: images per class label (per prompt).
             batch_size: number of images for unconditional models (default 1).
-            num_inference_steps: denoising steps.
+            num_inference_steps: denoising steps (default: the text pipeline's; 50 in this pipeline's own loop).
             guidance_scale: classifier-free guidance weight; > 1 mixes in the null class (the project's bases are
                 trained with label dropout for it) or the empty prompt. 1 disables guidance. Ignored for
-                unconditional models.
-            eta: DDIM's eta (0 = deterministic DDIM); ignored by schedulers and pipelines without it.
+                unconditional models. Default: the text pipeline's; 3 in this pipeline's own loop.
+            eta: DDIM's eta (default 0: deterministic DDIM); ignored by schedulers and pipelines without it.
             generator: a seeded ``torch.Generator`` makes the output reproducible.
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            prompt, negative_prompt: for text-to-image models, sampled by the base's own diffusers pipeline
-                (``family.sampling_pipeline``) with the other arguments: exactly that pipeline's images.
+            prompt, negative_prompt: for text-to-image models.
             height, width: the images' size in pixels (default: the denoiser's sample size, or the base pipeline's
                 default).
+            kwargs: text-to-image models: further arguments of the base pipeline's ``__call__`` (e.g.
+                ``max_sequence_length``); ``TypeError`` for one it does not take, or for any on other models.
         """
         if isinstance(class_labels, int):
             class_labels = [class_labels]
         self._check_conditions(class_labels, prompt)
         view = self.family.sampling_pipeline(self)
         if view is not None:
+            accepted = inspect.signature(view.__call__).parameters
+            unknown = sorted(set(kwargs) - set(accepted))
+            if unknown:
+                raise TypeError(f"{type(view).__name__} takes no argument {', '.join(unknown)}.")
             given = dict(prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
                          generator=generator, latents=latents, output_type=output_type, height=height, width=width,
-                         **self.family.sampling_kwargs(self))  # fmt: skip
-            accepted = inspect.signature(view.__call__).parameters
-            images = view(**{k: v for k, v in given.items() if k in accepted}).images
+                         **kwargs)  # fmt: skip
+            # only what was given: the rest takes the base pipeline's own defaults
+            images = view(**{k: v for k, v in given.items() if v is not None and k in accepted}).images
             return ImagePipelineOutput(images=images) if return_dict else (images,)
+        if kwargs:
+            raise TypeError(f"Only text-to-image models take further arguments; got {', '.join(sorted(kwargs))}.")
+        num_inference_steps = DEFAULT_INFERENCE_STEPS if num_inference_steps is None else num_inference_steps
+        guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        eta = DEFAULT_ETA if eta is None else eta
 
         device = self._execution_device
         denoiser = LatentDenoiser(self.unet, self.family, self.class_embedder, self.class_rows, self.unet.dtype)

@@ -65,6 +65,7 @@ def make_private(
     sampling_generator: torch.Generator | None = None,
     units: PrivacyUnits | None = None,
     row_key: int | None = None,
+    population: int | None = None,
 ) -> DPTraining:
     """Wrap ``model`` (optionally already in opacus' ``DPDDP``), ``optimizer`` and ``dataset``.
 
@@ -87,6 +88,10 @@ def make_private(
     ``--seed`` still fixes the initialisation and everything outside the private loss). Pass seeded generators and
     keys for tests only: a known seed voids the guarantee. ``secure_mode`` is opacus' noise sampling that resists
     floating-point attacks; it does not make the generator cryptographic.
+
+    ``population``: the number of examples (units) ``budget.sample_rate`` was computed for, when it is not the data
+    set's (the one-run audit's canaries, each present by a secret coin, count as their expected number): the update is
+    divided by ``q * population``, a number that does not depend on the data.
 
     The loader's batches end with each row's example index (then, with ``units``, each row's unit in the batch):
     pass them to ``private_backward(..., example_ids=...)``.
@@ -123,7 +128,7 @@ def make_private(
         noise_multiplicity=noise_multiplicity,
         noise_multiplier=budget.noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=budget.sample_rate * len(dataset if units is None else units) / world_size,
+        expected_batch_size=budget.sample_rate * (population or len(dataset if units is None else units)) / world_size,
         loss_reduction="mean",
         generator=noise_generator,
         secure_mode=secure_mode,

@@ -38,13 +38,30 @@ class DPReport:
     delta: float = field(metadata=_doc("probability that the epsilon bound may fail"))
     target_epsilon: float | None = field(metadata=_doc("epsilon sigma was calibrated for; None when sigma was given"))
     noise_multiplier: float = field(metadata=_doc("Gaussian noise std / max_grad_norm"))
-    max_grad_norm: float = field(metadata=_doc("per-example clipping norm C (sensitivity of one example)"))
-    sample_rate: float = field(metadata=_doc("Poisson sampling probability q of each example per step"))
+    max_grad_norm: float = field(
+        metadata=_doc("clipping norm C: the sensitivity of one privacy unit (an example's gradient; with privacy_unit, "
+                      "the mean gradient of a person's sampled examples, clipped once)")
+    )
+    sample_rate: float = field(
+        metadata=_doc("Poisson sampling probability q of each privacy unit per step (an example; with privacy_unit, a "
+                      "person: q = batch_size / num_privacy_units)")
+    )
     steps: int = field(metadata=_doc("noisy steps taken, all in the accountant"))
-    epochs: float = field(metadata=_doc("steps * sample_rate: expected passes over the data"))
-    noise_multiplicity: int = field(metadata=_doc("diffusion draws per example, averaged before the one clip"))
-    dataset_size: int = field(metadata=_doc("private examples N (audit canaries included)"))
-    batch_size: int = field(metadata=_doc("expected logical batch q * N over all processes"))
+    epochs: float = field(
+        metadata=_doc("steps * sample_rate: expected number of steps each privacy unit is sampled in (passes over the "
+                      "examples; with privacy_unit, the steps each person is sampled in)")
+    )
+    noise_multiplicity: int = field(
+        metadata=_doc("diffusion draws per example, averaged (with the rest of its unit's rows) before the one clip")
+    )
+    dataset_size: int = field(
+        metadata=_doc("private examples (audit canaries included), published exactly (opacus' convention: outside "
+                      "epsilon); the privacy units are num_privacy_units when privacy_unit is set")
+    )
+    batch_size: int = field(
+        metadata=_doc("expected logical batch q * N over all processes, in privacy units (examples; with "
+                      "privacy_unit, people: each person brings up to max_examples_per_unit examples)")
+    )
     world_size: int = field(metadata=_doc("training processes"))
     trainable_parameters: int = field(metadata=_doc("parameters trained under DP (LoRA, class embedding or rows)"))
     lora_rank: int = field(metadata=_doc("LoRA rank"))
@@ -80,6 +97,23 @@ class DPReport:
     other_releases: list[dict[str, Any]] = field(
         default_factory=list,
         metadata=_doc("every other DP release of the run (mechanism, noise, its share of the budget); none so far"),
+    )
+    class_names_from_data: bool = field(
+        default=False,
+        metadata=_doc("--class_names_from_data: the label set (id2label's names, which classes occur) was taken from "
+                      "the private data and is published without noise, outside epsilon"),
+    )
+    tuning: dict[str, Any] | None = field(
+        default=None,
+        metadata=_doc("dp-diffusers tune: epsilon above covers the whole tuning (K runs drawn from distribution with "
+                      "mean expected_runs, only the best released); the search space, the validation split, the "
+                      "score's mechanism, each privacy combination's schedule (per_run) and the worst run's epsilon. "
+                      "Never K, the other runs or their scores"),
+    )
+    loss_trackers: list[str] = field(
+        default_factory=list,
+        metadata=_doc("remote trackers (--report_to) sent the training loss on private batches without noise "
+                      "(--report_private_loss): a release outside epsilon"),
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,9 +155,9 @@ def build_dp_report(
     **settings: Any,
 ) -> DPReport:
     """The report of the run ``budget`` accounted. ``epsilon`` is the accountant's value for the steps actually
-    taken; ``epochs`` is steps * sample_rate (expected passes over the data); ``settings`` are the optional fields
-    of :class:`DPReport` (an unknown one is a ``TypeError``). An example-level run also states what its guarantee
-    means for a person with m = 2, 5, 10 examples (``group_privacy``)."""
+    taken; ``epochs`` is steps * sample_rate (expected steps each privacy unit is in); ``settings`` are the optional
+    fields of :class:`DPReport` (an unknown one is a ``TypeError``). An example-level run also states what its
+    guarantee means for a person with m = 2, 5, 10 examples (``group_privacy``)."""
     if settings.get("privacy_unit") is None and "group_privacy" not in settings:
         settings["group_privacy"] = []
         for m in GROUP_SIZES:  # epsilon null: group privacy gives no bound at this delta

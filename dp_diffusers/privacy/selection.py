@@ -104,6 +104,11 @@ def tuned_epsilon(
     return float(rdp.compute_epsilon(list(ORDERS), curve, delta)[0])
 
 
+def run_epsilon(schedules: Sequence[RunSchedule], score_noise_multiplier: float, delta: float) -> float:
+    """Epsilon at ``delta`` of one run of the worst schedule (what a single run spends, score included)."""
+    return float(rdp.compute_epsilon(list(ORDERS), run_rdp(schedules, score_noise_multiplier), delta)[0])
+
+
 def check_tuning(expected_runs: float, distribution: str) -> None:
     if distribution not in REPEAT_DISTRIBUTIONS:
         raise ValueError(f"--repeat_distribution must be one of {sorted(REPEAT_DISTRIBUTIONS)}, got {distribution!r}")
@@ -161,10 +166,6 @@ def noisy_score(total: float, sensitivity: float, score_noise_multiplier: float,
 MAX_NOISE_MULTIPLIER = 50.0
 
 
-def _run_epsilon(schedule: RunSchedule, score_noise_multiplier: float, delta: float) -> float:
-    return float(rdp.compute_epsilon(list(ORDERS), run_rdp([schedule], score_noise_multiplier), delta)[0])
-
-
 def calibrate_tuning(
     templates: Sequence[RunSchedule], score_noise_multiplier: float, expected_runs: float, distribution: str,
     target_epsilon: float, delta: float,
@@ -176,22 +177,22 @@ def calibrate_tuning(
     if target_epsilon <= 0:
         raise PrivacyBudgetError(f"target_epsilon must be positive, got {target_epsilon}.")
 
-    def sigma_for(template: RunSchedule, run_epsilon: float) -> float:
+    def sigma_for(template: RunSchedule, per_run: float) -> float:
         if not math.isnan(template.noise_multiplier):
             return template.noise_multiplier
         low, high = 0.05, MAX_NOISE_MULTIPLIER  # run epsilon falls as sigma grows
-        if _run_epsilon(_with(template, high), score_noise_multiplier, delta) > run_epsilon:
+        if run_epsilon([_with(template, high)], score_noise_multiplier, delta) > per_run:
             return math.inf
         while high - low > 1e-4 * high:
             middle = (low + high) / 2
-            if _run_epsilon(_with(template, middle), score_noise_multiplier, delta) <= run_epsilon:
+            if run_epsilon([_with(template, middle)], score_noise_multiplier, delta) <= per_run:
                 high = middle
             else:
                 low = middle
         return high
 
-    def schedules_at(run_epsilon: float) -> list[RunSchedule] | None:
-        schedules = [_with(t, sigma_for(t, run_epsilon)) for t in templates]
+    def schedules_at(per_run: float) -> list[RunSchedule] | None:
+        schedules = [_with(t, sigma_for(t, per_run)) for t in templates]
         return None if any(math.isinf(s.noise_multiplier) for s in schedules) else schedules
 
     def fits(schedules: list[RunSchedule] | None) -> bool:
