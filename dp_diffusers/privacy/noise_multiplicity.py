@@ -105,6 +105,15 @@ class NoiseMultiplicityMixin:
                     p.grad_sample = fold(p.grad_sample)
         super().clip_and_accumulate()
 
+    def scale_grad(self) -> None:
+        """opacus' ``scale_grad`` (``p.grad /= expected_batch_size * accumulated_iterations``) with the divisor
+        computed once: opacus re-derives ``accumulated_iterations`` from every parameter for every parameter, a
+        quadratic loop that cost ~0.7 s per 180 steps of 64 LoRA tensors."""
+        if self.loss_reduction == "mean":
+            divisor = self.expected_batch_size * self.accumulated_iterations
+            for p in self.params:
+                p.grad /= divisor
+
 
 class DPOptimizerWithNoiseMultiplicity(NoiseMultiplicityMixin, DPOptimizer):
     """``opacus.optimizers.DPOptimizer`` that clips the average of each example's k copies."""
