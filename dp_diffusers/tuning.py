@@ -69,6 +69,8 @@ RANGES = ("uniform", "log_uniform", "int_uniform")
 STATE_DIR = ".tuning"
 #: the largest score noise std, as a fraction of the score's range, that a validation part may leave
 MAX_SCORE_NOISE = 0.2
+#: the most classes the accuracy score samples (every class of the adapter's public label set)
+MAX_SCORE_CLASSES = 100
 SCORES = ("accuracy", "denoising_loss")
 #: the tuning's own settings: a tuning resumes only with the same ones
 TUNE_SETTINGS = ("expected_runs", "repeat_distribution", "score", "score_noise_multiplier", "score_loss_bound",
@@ -316,7 +318,7 @@ def validation_sum(adapter_dir: Path, validation, fixed: argparse.Namespace, tun
     sensitivity."""
     import torch
 
-    from .data import dataset_to_tensors, encode_latents, label_names, resolve_columns
+    from .data import dataset_to_tensors, encode_latents, resolve_columns
     from .evaluation.downstream import train_classifier
     from .evaluation.evaluate import denoiser_loss_fn, generate_labelled
     from .evaluation.membership import denoising_loss_scores
@@ -330,7 +332,13 @@ def validation_sum(adapter_dir: Path, validation, fixed: argparse.Namespace, tun
     image_column, label_column = resolve_columns(validation, fixed.image_column, fixed.label_column)
     channels, column = pipe.vae.config.in_channels, fixed.privacy_unit_column
     if tune_args.score == "accuracy":
-        names = label_names(validation, label_column)  # local only: the classifier's classes
+        # the classifier's classes: the adapter's public label set, never the validation data's (one example's
+        # label would then change the classifier every other example is judged by: sensitivity above 1)
+        id2label = pipe.adapter_config.id2label or {}
+        if not id2label or len(id2label) > MAX_SCORE_CLASSES:
+            raise TuningError(f"--score accuracy needs a class-conditional adapter with at most {MAX_SCORE_CLASSES} "
+                              "classes (pass --class_names); use --score denoising_loss otherwise.")  # fmt: skip
+        names = [id2label[i] for i in sorted(id2label)]
         pixels, labels = dataset_to_tensors(validation, resolution, channels, image_column, label_column, names)
         conditions = pipe.family.sampling_conditions(pipe, names, pipe.adapter_config.condition_options())
         synthetic, synthetic_labels = generate_labelled(pipe, conditions, tune_args.score_samples_per_class,

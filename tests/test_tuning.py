@@ -284,8 +284,9 @@ def test_an_unreachable_target_and_a_tracker_are_refused(tiny_base, tmp_path):
 
 
 def test_the_scores_sensitivity_is_what_the_report_states(tiny_base, tmp_path):
-    """One more validation example (an enormous one for the loss) moves the noiseless sum by at most the stated
-    sensitivity: 1 for accuracy, the bound for the clipped loss; by unit with a unit column."""
+    """One more validation example, of a class no other one has, moves the noiseless sum by at most the stated
+    sensitivity: 1 for accuracy (the classifier's classes are the adapter's public ones, not the data's), the bound
+    for the clipped loss (its loss is above the bound)."""
     import argparse
 
     from datasets import concatenate_datasets
@@ -296,8 +297,11 @@ def test_the_scores_sensitivity_is_what_the_report_states(tiny_base, tmp_path):
 
     adapter = tmp_path / "adapter"
     train(base_args(tiny_base, adapter))
-    validation = load_private_digits("test").select(range(30))
-    extra = load_private_digits("test").select([40])
+    test = load_private_digits("test")
+    labels = test["label"]
+    # the extra example's class is in no other validation example: the score's classes must not depend on it
+    validation = test.select([i for i in range(60) if labels[i] != labels[60]][:30])
+    extra = test.select([60])
     fixed = argparse.Namespace(image_column=None, label_column=None, privacy_unit_column=None, seed=0)
     for score, bound in (("accuracy", 1.0), ("denoising_loss", 0.05)):
         settings = argparse.Namespace(score=score, score_loss_bound=bound, score_samples_per_class=2,
