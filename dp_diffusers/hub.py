@@ -461,12 +461,8 @@ def build_model_card(
     )
 
 
-def write_model_card(
-    folder: str | Path,
-    repo_id: str | None = None,
-    model_name: str | None = None,
-    license: str = "apache-2.0",
-) -> Path:
+def write_model_card(folder: str | Path, repo_id: str | None = None, model_name: str | None = None,
+                     license: str = "apache-2.0") -> Path:  # fmt: skip
     """Write the folder's `README.md` model card, and its `epsilon.png` when the report has a history."""
     folder = Path(folder)
     report = load_dp_report(folder)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,6 +63,24 @@ def _local_base(base: str, adapter: Path) -> Path | None:
         if (candidate / "model_index.json").is_file():
             return candidate
     return None
+
+
+@dataclass
+class _Adapter:
+    """A LoRA adapter as read, before it is checked against a pipeline: ``name`` (for messages), its weights in
+    peft's naming and, for a DP-LoRA adapter, its config, trained class embedding and DiT class rows."""
+
+    name: str
+    state_dict: dict[str, torch.Tensor]
+    network_alphas: dict | None
+    metadata: dict | None
+    config: DPLoRAConfig | None
+    embedder: ClassEmbedder | None
+    rows: DiTClassRows | None
+
+    @property
+    def id2label(self) -> dict | None:
+        return self.config.id2label if self.config is not None else None
 
 
 def _shorten(names: list[str]) -> str:
@@ -151,54 +170,61 @@ class DPLoRALoaderMixin(LoraBaseMixin):
             weights for modules the base lacks or of other shapes, another class embedding size or other classes).
         """
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
-        metadata = kwargs.pop("metadata", None)
-        source = pretrained_model_name_or_path_or_dict
-        config, embedder, rows = None, None, None
-        if isinstance(source, dict):
-            name = "given as a state dict"
-        else:
-            name = str(source)
-            folder = adapter_folder(name, **kwargs)
-            if folder is not None:
-                config, source = DPLoRAConfig.from_pretrained(folder), str(folder)
-                weight_name = weight_name or config.lora_weights
-                if config.class_embedder:
-                    embedder = ClassEmbedder.from_pretrained(folder / config.class_embedder)
-                if config.class_rows:
-                    rows = DiTClassRows.from_pretrained(folder / config.class_rows)
+        adapter = self._read_adapter(pretrained_model_name_or_path_or_dict, weight_name, **kwargs)
+        problems = self._adapter_mismatches(adapter)
+        if problems:
+            raise self._misfit(adapter, "; ".join(problems) + ".")
+        self.ensure_peft_unet()
+        try:
+            self.unet.load_lora_adapter(
+                adapter.state_dict, prefix=self.family.lora_prefix, network_alphas=adapter.network_alphas,
+                metadata=adapter.metadata, adapter_name=adapter_name, _pipeline=self,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )  # fmt: skip
+        except (RuntimeError, ValueError) as err:
+            raise self._misfit(adapter, str(err)) from err
+        self._apply_adapter_conditioning(adapter)
+
+    def _read_adapter(self, source: str | os.PathLike | dict[str, torch.Tensor], weight_name: str | None,
+                      metadata: dict | None = None, **kwargs) -> _Adapter:  # fmt: skip
+        """Read an adapter folder, Hub repo or state dict (:meth:`load_lora_weights`' arguments) without changing
+        the pipeline: its LoRA weights in peft's naming and, for a DP-LoRA adapter, its config, class embedding and
+        class rows."""
+        name = "given as a state dict" if isinstance(source, dict) else str(source)
+        folder = None if isinstance(source, dict) else adapter_folder(name, **kwargs)
+        config = embedder = rows = None
+        if folder is not None:
+            config, source = DPLoRAConfig.from_pretrained(folder), str(folder)
+            weight_name = weight_name or config.lora_weights
+            embedder = ClassEmbedder.from_pretrained(folder / config.class_embedder) if config.class_embedder else None
+            rows = DiTClassRows.from_pretrained(folder / config.class_rows) if config.class_rows else None
         state_dict, network_alphas, file_metadata = self.lora_state_dict(source, weight_name=weight_name, **kwargs)
-        metadata = metadata or file_metadata
         # One naming for every key: files written before lora_state_dict saved peft names mix diffusers' old
         # attention names with peft names, and `load_lora_adapter` (one format, guessed from the first key)
         # would silently skip the part in the other format.
         state_dict = convert_unet_state_dict_to_peft(state_dict)
-        id2label = config.id2label if config is not None else None
+        return _Adapter(name, state_dict, network_alphas, metadata or file_metadata, config, embedder, rows)
 
-        problems = self._adapter_mismatches(state_dict, embedder, id2label, rows)
+    def _misfit(self, adapter: _Adapter, reason: str) -> ValueError:
         base = str(self.name_or_path or f"this pipeline's {type(self.unet).__name__}")
-        if problems:
-            raise ValueError(f"The adapter {name!r} does not fit the base model {base!r}: {'; '.join(problems)}.")
-        self.ensure_peft_unet()
-        try:
-            self.unet.load_lora_adapter(
-                state_dict, prefix=self.family.lora_prefix, network_alphas=network_alphas, metadata=metadata,
-                adapter_name=adapter_name, _pipeline=self, low_cpu_mem_usage=low_cpu_mem_usage,
-            )  # fmt: skip
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"The adapter {name!r} does not fit the base model {base!r}: {err}") from err
+        return ValueError(f"The adapter {adapter.name!r} does not fit the base model {base!r}: {reason}")
 
-        if config is not None:  # how the adapter was trained (resolution, T5's length), for sampling alike
-            self.condition_options = config.condition_options()
-            self.adapter_config = config
-        if embedder is not None or rows is not None or id2label:
-            if self._base_class_conditioning is None:
-                self._base_class_conditioning = (self.class_embedder, self.config.id2label)
-            if embedder is not None:
-                self.register_modules(class_embedder=embedder.to(device=self.unet.device, dtype=self.unet.dtype))
-            if rows is not None:
-                self.class_rows = rows.to(device=self.unet.device, dtype=self.unet.dtype)
-                self.class_rows.attach(self.unet)
-            self._set_id2label(id2label or self.config.id2label)
+    def _apply_adapter_conditioning(self, adapter: _Adapter) -> None:
+        """After the LoRA weights: how a DP-LoRA adapter was trained (resolution, T5's length: for sampling alike),
+        and its class embedding, class rows and class names, the base's kept for :meth:`unload_lora_weights`."""
+        if adapter.config is not None:
+            self.condition_options = adapter.config.condition_options()
+            self.adapter_config = adapter.config
+        if adapter.embedder is None and adapter.rows is None and not adapter.id2label:
+            return
+        if self._base_class_conditioning is None:
+            self._base_class_conditioning = (self.class_embedder, self.config.id2label)
+        if adapter.embedder is not None:
+            self.register_modules(class_embedder=adapter.embedder.to(device=self.unet.device, dtype=self.unet.dtype))
+        if adapter.rows is not None:
+            self.class_rows = adapter.rows.to(device=self.unet.device, dtype=self.unet.dtype)
+            self.class_rows.attach(self.unet)
+        self._set_id2label(adapter.id2label or self.config.id2label)
 
     def ensure_peft_unet(self) -> None:
         r"""Give the denoiser diffusers' PEFT adapter API (`add_adapter`, `load_lora_adapter`, ...), as LoRA
@@ -219,17 +245,12 @@ class DPLoRALoaderMixin(LoraBaseMixin):
         if not isinstance(self.unet, PeftAdapterMixin):
             raise ValueError(f"LoRA adapters need a denoiser with diffusers' PeftAdapterMixin, not {type(self.unet)}.")
 
-    def _adapter_mismatches(
-        self,
-        state_dict: dict[str, torch.Tensor],
-        embedder: ClassEmbedder | None,
-        id2label: dict | None,
-        rows: DiTClassRows | None = None,
-    ) -> list[str]:
+    def _adapter_mismatches(self, adapter: _Adapter) -> list[str]:
         """What keeps an adapter from fitting this pipeline (empty if it fits). peft would skip LoRA weights of
         modules the base lacks with a warning; here they are an error, checked before anything is changed."""
+        embedder, id2label, rows = adapter.embedder, adapter.id2label, adapter.rows
         prefix = f"{self.family.lora_prefix}."
-        lora = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        lora = {k.removeprefix(prefix): v for k, v in adapter.state_dict.items() if k.startswith(prefix)}
         if not lora:
             return [f"it holds no LoRA weights for the {type(self.unet).__name__} (keys starting with {prefix!r})"]
         modules = dict(self.unet.named_modules())

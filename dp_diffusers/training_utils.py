@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 CHECKPOINTS_DIR = "checkpoints"
+#: what the stage-1 scripts (public data) train on by default
+PUBLIC_DATASET = "public-digits"
 
 
 def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None) -> None:
@@ -181,15 +184,52 @@ def resume_step(accelerator: Accelerator, args: argparse.Namespace) -> int:
     return step_of(checkpoint)
 
 
+def parse_public_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *,
+                      checkpointing_steps: int) -> argparse.Namespace:  # fmt: skip
+    """Parse ``argv`` with the script's own flags (in ``parser``) and those every stage-1 script (public data, no
+    privacy) ends with: ``--mixed_precision``, the data flags (default: the public digits) and the run flags."""
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    add_data_args(parser, default_dataset=PUBLIC_DATASET)
+    add_run_args(parser, checkpointing_steps=checkpointing_steps)
+    args = parser.parse_args(argv)
+    resolve_dataset_source(args, PUBLIC_DATASET)
+    return args
+
+
+def train_public_model(accelerator: Accelerator, args: argparse.Namespace, loader, step: Callable[[Any], dict],
+                       *, project: str, tracked: Sequence[str]) -> None:  # fmt: skip
+    """A stage-1 training run (public data, no privacy): the trackers started (``project``, told the ``tracked``
+    flags only: :func:`tracker_config`), ``--resume_from_checkpoint`` loaded, then ``step(batch)`` trains on one
+    batch of ``loader`` and returns what to log (its first value is shown on the progress bar), until
+    ``--max_train_steps``; a checkpoint every ``--checkpointing_steps`` but the last (the model itself is the
+    script's to save)."""
+    from tqdm.auto import tqdm
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project, config=tracker_config(args, tracked))
+    global_step = resume_step(accelerator, args)
+    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    for _ in range(math.ceil(args.max_train_steps / len(loader))):
+        if global_step >= args.max_train_steps:
+            break
+        for batch in loader:
+            logs = step(batch)
+            global_step += 1
+            progress.update(1)
+            progress.set_postfix({name: f"{value:.4f}" for name, value in list(logs.items())[:1]})
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if global_step >= args.max_train_steps:
+                break
+
+
 def add_evaluation_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The evaluation flags, one spelling for ``train_dp_lora.py --evaluate`` and ``dp-diffusers evaluate``
     (``dp_diffusers.evaluation.evaluate.evaluate_from_args`` reads them)."""
-    parser.add_argument(
-        "--eval_samples_per_class",
-        type=int,
-        default=100,
-        help="Generated images per class (a text model with captions but no classes: one per held-out caption).",
-    )
+    parser.add_argument("--eval_samples_per_class", type=int, default=100,
+                        help="Generated images per class (a text model with captions but no classes: one per held-out "
+                        "caption).")  # fmt: skip
     parser.add_argument("--eval_inference_steps", type=int, default=50, help="Denoising steps of those images.")
     parser.add_argument("--fid_inception_path", type=str, default=None, help="inception-2015-12-05.pt for FID.")
     parser.add_argument(

@@ -3,6 +3,8 @@ download, seconds on 2 CPU cores."""
 
 import json
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -12,19 +14,16 @@ import torch  # noqa: E402
 from helpers import (  # noqa: E402
     base_args,
     load_app,
+    save_class_base,
     save_dit_base,
     save_flux_base,
     save_ldm_base,
     save_sd3_base,
     save_sd_base,
     save_sdxl_base,
-    scheduler,
-    tiny_cond_unet,
-    tiny_vae,
     train,
 )
 
-from dp_diffusers import ClassEmbedder, DPLDMPipeline  # noqa: E402
 from dp_diffusers.constants import METRICS_NAME  # noqa: E402
 from dp_diffusers.hub import write_model_card  # noqa: E402
 
@@ -50,56 +49,24 @@ def no_inception_download(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(cleanfid.downloads_helper, "check_download_inception", download)
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory):
-    """A class-conditional base folder (random weights) with digit class names."""
-    path = tmp_path_factory.mktemp("tiny-base")
-    unet = tiny_cond_unet()
-    pipe = DPLDMPipeline(
-        vae=tiny_vae(),
-        unet=unet,
-        scheduler=scheduler(),
-        class_embedder=ClassEmbedder(10, unet.config.cross_attention_dim),
-        id2label={i: str(i) for i in range(10)},
-    )
-    pipe.save_pretrained(path)
-    return path
+def _session_base(save: Callable[[Path], Path], doc: str):
+    """A session fixture: the tiny base folder (random weights) that ``save`` writes once per test session, in a
+    folder named after the fixture."""
+
+    def base(tmp_path_factory, request) -> Path:
+        return save(tmp_path_factory.mktemp(request.fixturename.replace("_", "-")))
+
+    base.__doc__ = doc
+    return pytest.fixture(scope="session")(base)
 
 
-@pytest.fixture(scope="session")
-def tiny_ldm_base(tmp_path_factory):
-    """A CompVis-style unconditional base folder (LDMPipeline layout, random weights)."""
-    return save_ldm_base(tmp_path_factory.mktemp("tiny-ldm-base"))
-
-
-@pytest.fixture(scope="session")
-def tiny_dit_base(tmp_path_factory):
-    """A DiT base folder (DiTPipeline layout + id2label, random weights)."""
-    return save_dit_base(tmp_path_factory.mktemp("tiny-dit-base"))
-
-
-@pytest.fixture(scope="session")
-def tiny_sd_base(tmp_path_factory):
-    """A Stable Diffusion base folder (StableDiffusionPipeline layout, CLIP text encoder, random weights)."""
-    return save_sd_base(tmp_path_factory.mktemp("tiny-sd-base"))
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3_base(tmp_path_factory):
-    """An SD3.5 base folder (StableDiffusion3Pipeline layout: CLIP-L, CLIP-G, T5, dual attention; random weights)."""
-    return save_sd3_base(tmp_path_factory.mktemp("tiny-sd3-base"))
-
-
-@pytest.fixture(scope="session")
-def tiny_flux_base(tmp_path_factory):
-    """A FLUX.1-dev base folder (FluxPipeline layout: CLIP, T5, guidance embeddings; random weights)."""
-    return save_flux_base(tmp_path_factory.mktemp("tiny-flux-base"))
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl_base(tmp_path_factory):
-    """An SDXL base folder (StableDiffusionXLPipeline layout, two CLIP text encoders, random weights)."""
-    return save_sdxl_base(tmp_path_factory.mktemp("tiny-sdxl-base"))
+tiny_base = _session_base(save_class_base, "A class-conditional base folder (DPLDMPipeline) with digit class names.")
+tiny_ldm_base = _session_base(save_ldm_base, "A CompVis-style unconditional base folder (LDMPipeline layout).")
+tiny_dit_base = _session_base(save_dit_base, "A DiT base folder (DiTPipeline layout + id2label).")
+tiny_sd_base = _session_base(save_sd_base, "A Stable Diffusion base (StableDiffusionPipeline, CLIP text encoder).")
+tiny_sd3_base = _session_base(save_sd3_base, "An SD3.5 base (StableDiffusion3Pipeline: two CLIPs, T5, dual attention).")
+tiny_flux_base = _session_base(save_flux_base, "A FLUX.1-dev base (FluxPipeline: CLIP, T5, guidance embeddings).")
+tiny_sdxl_base = _session_base(save_sdxl_base, "An SDXL base (StableDiffusionXLPipeline, two CLIP text encoders).")
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,13 @@ import importlib.util
 import json
 import shutil
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -400,6 +401,18 @@ def digit_folder(root: Path, names: list[str], per_class: int = 15) -> Path:
     return root
 
 
+def save_class_base(folder: Path) -> Path:
+    """A class-conditional base in the project's own layout (DPLDMPipeline, random weights), digit class names."""
+    from dp_diffusers import DPLDMPipeline
+
+    unet = tiny_cond_unet()
+    embedder = ClassEmbedder(10, unet.config.cross_attention_dim)
+    pipe = DPLDMPipeline(vae=tiny_vae(), unet=unet, scheduler=scheduler(), class_embedder=embedder,
+                         id2label={i: str(i) for i in range(10)})  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def save_ldm_base(folder: Path, attention: bool = True) -> Path:
     """A CompVis-style base (``CompVis/ldm-celebahq-256``'s layout, random weights) as diffusers' ``LDMPipeline``
     saves it: ``vqvae`` (VQModel), ``unet`` (UNet2DModel), ``scheduler``. ``attention=False``: a UNet without
@@ -643,6 +656,67 @@ def caption_folder(root: Path, captions: list[str], sizes: list[tuple[int, int]]
         rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
     (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return root
+
+
+@dataclass(frozen=True)
+class TextRuns:
+    """How the tests of a text-to-image family train and sample. :meth:`args`: train_dp_lora.py's flags for 2 DP
+    steps of ``batch_size`` on a caption folder (sigma given: the accountant's calibration is tested elsewhere and
+    costs seconds a run), with the family's own ``flags``; :meth:`images`: a pipeline's images of ``prompts`` (public;
+    ``steps``, ``guidance_scale``; numpy, generator seeded 0). Private captions hold ``secret``, which nothing that a
+    run writes may hold."""
+
+    batch_size: int
+    steps: int
+    guidance_scale: float
+    secret: str
+    flags: dict = field(default_factory=dict)
+    prompts: tuple[str, ...] = ("a public prompt", "another one")
+    #: (height, width) of the private images, in turn (16x16 when not given)
+    sizes: tuple[tuple[int, int], ...] | None = None
+
+    def captioned(self, root: Path, n: int, sizes: list[tuple[int, int]] | None = None) -> Path:
+        """A caption folder (:func:`caption_folder`) of ``n`` images whose captions hold the secret."""
+        return caption_folder(root, [f"{self.secret} photo {i}" for i in range(n)], sizes or self.sizes)
+
+    def args(self, base: Path, out: Path, data: Path | None, **flags) -> list:
+        defaults = {"--train_data_dir": data, "--max_train_samples": None, "--batch_size": self.batch_size,
+                    "--max_train_steps": 2, "--learning_rate": 0.1, "--noise_multiplier": 1.0}  # fmt: skip
+        return base_args(base, out, **{**defaults, **self.flags, **flags})
+
+    def images(self, pipe, prompts: Sequence[str] | None = None, **kwargs) -> np.ndarray:
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt=list(prompts or self.prompts), num_inference_steps=self.steps,
+                    guidance_scale=self.guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np",
+                    **kwargs).images  # fmt: skip
+
+    def assert_samples_as(self, pipeline_class, base: Path, **sampling):
+        """``DPLDMPipeline.from_pretrained(base)`` is a text-to-image pipeline that draws exactly the images of
+        ``<pipeline_class>.from_pretrained(base)`` and refuses class labels; returns it."""
+        from dp_diffusers import DPLDMPipeline
+
+        reference = self.images(pipeline_class.from_pretrained(base), **sampling)
+        pipe = DPLDMPipeline.from_pretrained(base)
+        assert pipe.conditioning == "text" and pipe.num_classes is None
+        np.testing.assert_array_equal(self.images(pipe, **sampling), reference)
+        with pytest.raises(ValueError, match="text-to-image: pass prompt"):
+            pipe(class_labels=[0], num_inference_steps=1)
+        return pipe
+
+    def assert_standard_adapter(self, pipeline_class, base: Path, adapter: Path, load: dict | None = None, **sampling):
+        """``<pipeline_class>.from_pretrained(base, **load)`` + its standard ``load_lora_weights(adapter)`` draws
+        exactly the images of ``DPLDMPipeline.from_pretrained(adapter)``, and they differ from the base's; and no
+        file of the adapter holds the secret. Returns that pipeline."""
+        from dp_diffusers import DPLDMPipeline
+
+        standard = pipeline_class.from_pretrained(base, **(load or {}))
+        standard.load_lora_weights(adapter)
+        tuned = self.images(DPLDMPipeline.from_pretrained(adapter), **sampling)
+        np.testing.assert_array_equal(self.images(standard, **sampling), tuned)
+        assert not np.array_equal(tuned, self.images(pipeline_class.from_pretrained(base, **(load or {})), **sampling))
+        written = [path for path in adapter.rglob("*") if path.is_file() and path.suffix in {".json", ".md", ".txt"}]
+        assert written and not any(self.secret in path.read_text() for path in written)
+        return standard
 
 
 def load_app() -> ModuleType:

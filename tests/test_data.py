@@ -134,7 +134,7 @@ def test_resolution_must_divide_by_vae_factor():
 def test_latents_are_streamed_in_batches_equal_the_whole_set_encoding_and_are_cached(tmp_path, monkeypatch):
     import numpy as np
 
-    from dp_diffusers import data as data_module
+    from dp_diffusers.data import encoding  # where dataset_latents reads its batches of pixels
 
     vae = tiny_vae().eval()
     dataset = load_private_digits("test").select(range(10))
@@ -142,14 +142,14 @@ def test_latents_are_streamed_in_batches_equal_the_whole_set_encoding_and_are_ca
     latents = encode_latents(vae, pixels)
     assert latents.shape == (10, 3, 8, 8)
     seen = []  # the pixels that ever exist at once
-    real = data_module.pixel_batches
+    real = encoding.pixel_batches
 
     def counted(*args, **kwargs):
         for batch in real(*args, **kwargs):
             seen.append(len(batch))
             yield batch
 
-    monkeypatch.setattr(data_module, "pixel_batches", counted)
+    monkeypatch.setattr(encoding, "pixel_batches", counted)
     streamed = dataset_latents(dataset, vae, 16, batch_size=4)
     assert seen == [4, 4, 2]  # never more than one batch of pixels
     torch.testing.assert_close(streamed, latents)

@@ -17,6 +17,7 @@ from helpers import (
     T5_LENGTH,
     TEXT_DIM,
     TEXT_LENGTH,
+    TextRuns,
     base_args,
     caption_folder,
     digit_folder,
@@ -42,8 +43,8 @@ from dp_diffusers.privacy import private_backward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SECRET = "xylophonequartz"
-PROMPTS = ["a public prompt", "another one"]
+FLOW = TextRuns(batch_size=6, steps=2, guidance_scale=3.0, secret="xylophonequartz",
+                flags={"--max_sequence_length": T5_LENGTH})
 #: the bases of the end-to-end tests: (fixture or builder, diffusers pipeline class, image side, what diffusers'
 #: from_pretrained needs: a base without T5 is loaded with text_encoder_3=None, as diffusers documents)
 NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}
@@ -62,16 +63,11 @@ def base_folder(name, request, tmp_path):
 
 
 def images(pipe, size, **kwargs):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt=PROMPTS, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
-                output_type="np", height=size, width=size, **kwargs).images  # fmt: skip
+    return FLOW.images(pipe, height=size, width=size, **kwargs)
 
 
 def flow_args(base, out, data, size, **flags):
-    defaults = {"--train_data_dir": data, "--max_train_samples": None, "--batch_size": 6, "--max_train_steps": 2,
-                "--learning_rate": 0.1, "--noise_multiplier": 1.0, "--resolution": size,
-                "--max_sequence_length": T5_LENGTH}  # fmt: skip
-    return base_args(base, out, **{**defaults, **flags})
+    return FLOW.args(base, out, data, **{"--resolution": size, **flags})
 
 
 @pytest.mark.parametrize("name", list(BASES))
@@ -80,10 +76,9 @@ def test_a_flow_base_trains_and_its_adapter_is_the_pipeline_s_standard_lora(name
     alpha in the metadata): ``<Pipeline>.from_pretrained(base)`` + ``load_lora_weights`` gives exactly the images of
     ``DPLDMPipeline.from_pretrained(adapter)``, and they differ from the base's. No caption is written."""
     base, (pipeline_class, size, load) = base_folder(name, request, tmp_path), BASES[name][1:]
-    data = caption_folder(tmp_path / "data", [f"{SECRET} photo {i}" for i in range(12)],
-                          sizes=[(size, size), (size + 8, size)])  # fmt: skip
+    data = FLOW.captioned(tmp_path / "data", 12, sizes=[(size, size), (size + 8, size)])
     out = tmp_path / "adapter"
-    train(flow_args(base, out, data, size, **{"--lora_alpha": 4, "--validation_prompt": PROMPTS[0],
+    train(flow_args(base, out, data, size, **{"--lora_alpha": 4, "--validation_prompt": FLOW.prompts[0],
                                              "--samples_per_class": 1, "--num_inference_steps": 2}))  # fmt: skip
     report = json.loads((out / DP_REPORT_NAME).read_text())
     assert report["steps"] == 2 and report["dataset_size"] == 12 and report["lora_alpha"] == 4
@@ -94,25 +89,17 @@ def test_a_flow_base_trains_and_its_adapter_is_the_pipeline_s_standard_lora(name
         assert all(key.startswith("transformer.") for key in weights.keys())
         assert json.loads(weights.metadata()["lora_adapter_metadata"])["transformer.lora_alpha"] == 4
 
-    standard = pipeline_class.from_pretrained(base, **load)
-    standard.load_lora_weights(out)
-    tuned = images(DPLDMPipeline.from_pretrained(out), size, max_sequence_length=T5_LENGTH)
-    np.testing.assert_array_equal(images(standard, size, max_sequence_length=T5_LENGTH), tuned)
-    untouched = images(pipeline_class.from_pretrained(base, **load), size, max_sequence_length=T5_LENGTH)
-    assert not np.array_equal(tuned, untouched)
+    FLOW.assert_standard_adapter(pipeline_class, base, out, load, height=size, width=size,
+                                 max_sequence_length=T5_LENGTH)  # fmt: skip
     card = ModelCard.load(out / "README.md")
     assert f"{pipeline_class.__name__}.from_pretrained" in card.text
-    written = [path for path in out.rglob("*") if path.is_file() and path.suffix in {".json", ".md", ".txt"}]
-    assert written and not any(SECRET in path.read_text() for path in written)
 
 
 def test_flow_bases_load_as_their_own_pipelines_sample(tiny_sd3_base, tiny_flux_base):
     for base, pipeline_class, size in ((tiny_sd3_base, StableDiffusion3Pipeline, 16),
                                        (tiny_flux_base, FluxPipeline, 32)):  # fmt: skip
-        pipe = DPLDMPipeline.from_pretrained(base)
-        reference = images(pipeline_class.from_pretrained(base), size)  # T5's length: the pipeline's default
-        np.testing.assert_array_equal(images(pipe, size), reference)
-        assert pipe.conditioning == "text" and pipe.family.lora_prefix == "transformer"
+        pipe = FLOW.assert_samples_as(pipeline_class, base, height=size, width=size)  # T5's length: the default
+        assert pipe.family.lora_prefix == "transformer"
 
 
 def test_captions_are_encoded_by_each_pipeline_s_own_encode_prompt(tiny_sd3_base, tiny_flux_base, tmp_path):
@@ -312,8 +299,8 @@ def test_evaluation_and_sampling_work_at_the_training_resolution_and_t5_length(t
     monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", functools.wraps(real_call)(
         lambda self, *a, **kw: calls.append(kw) or real_call(self, *a, **kw)))
     data = tmp_path / "data"  # an imagefolder with a held-out test/ split
-    caption_folder(data / "train", [f"{SECRET} photo {i}" for i in range(8)], sizes=[(16, 16), (24, 16)])
-    caption_folder(data / "test", [f"{SECRET} held out {i}" for i in range(4)], sizes=[(16, 16)])
+    FLOW.captioned(data / "train", 8, sizes=[(16, 16), (24, 16)])
+    FLOW.captioned(data / "test", 4, sizes=[(16, 16)])
     out = tmp_path / "adapter"
     flags = {"--batch_size": 4, "--resolution": 8, "--max_sequence_length": None, "--evaluate": True,
              "--eval_inference_steps": 1}  # fmt: skip
@@ -344,15 +331,15 @@ def test_samples_png_is_drawn_at_the_run_s_max_sequence_length(tiny_sd3_base, tm
     from dp_diffusers.constants import SAMPLES_NAME
     from dp_diffusers.visualization import labelled_grid
 
-    data = caption_folder(tmp_path / "data", [f"{SECRET} photo {i}" for i in range(8)], sizes=[(16, 16)])
+    data = FLOW.captioned(tmp_path / "data", 8, sizes=[(16, 16)])
     out = tmp_path / "adapter"
-    train(flow_args(tiny_sd3_base, out, data, 16, **{"--batch_size": 4, "--validation_prompt": PROMPTS[0],
+    train(flow_args(tiny_sd3_base, out, data, 16, **{"--batch_size": 4, "--validation_prompt": FLOW.prompts[0],
                                                     "--samples_per_class": 2, "--num_inference_steps": 2}))  # fmt: skip
     assert json.loads((out / ADAPTER_CONFIG_NAME).read_text())["max_sequence_length"] == T5_LENGTH
     standard = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_base)
     standard.load_lora_weights(out)
     standard.set_progress_bar_config(disable=True)
-    drawn = standard(prompt=[PROMPTS[0]], num_images_per_prompt=2, num_inference_steps=2, height=16, width=16,
+    drawn = standard(prompt=[FLOW.prompts[0]], num_images_per_prompt=2, num_inference_steps=2, height=16, width=16,
                      generator=torch.Generator().manual_seed(0), max_sequence_length=T5_LENGTH).images  # fmt: skip
     with Image.open(out / SAMPLES_NAME) as written:
         np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(labelled_grid([drawn], ["1"])))

@@ -24,6 +24,9 @@ def test_the_privacy_core_loads_neither_diffusers_nor_the_pipelines():
     assert "'diffusers" not in loaded and "'peft" not in loaded
     assert "dp_diffusers.pipelines" not in loaded and "dp_diffusers.models" not in loaded
     assert "dp_diffusers.privacy.grad_sample.fused_grad_sample_module" in loaded
+    # of the package above it, only the lazy root and the file names: privacy/ can be audited alone
+    above = {name for name in ast.literal_eval(loaded) if not name.startswith("dp_diffusers.privacy")}
+    assert above == {"dp_diffusers", "dp_diffusers.constants"}, above
 
 
 def test_version_and_file_names_come_from_one_place():

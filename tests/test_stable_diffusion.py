@@ -4,11 +4,10 @@ images with captions trained through train_dp_lora.py, the adapter loaded the st
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import TEXT_DIM, TEXT_LENGTH, base_args, caption_folder, digit_folder, save_sd_base, train
+from helpers import TEXT_DIM, TEXT_LENGTH, TextRuns, caption_folder, digit_folder, save_sd_base, train
 from huggingface_hub import ModelCard
 
 from dp_diffusers import DiffusionLoss, DPLDMPipeline, NoisePrediction
@@ -18,36 +17,13 @@ from dp_diffusers.families import StableDiffusionFamily, UnsupportedBaseError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: Private captions: none of these words may appear in anything the run writes or logs.
-SECRET = "zebracrossing"
-PROMPTS = ["a public prompt", "another one"]
-
-
-def sd_images(pipe, prompts=PROMPTS):
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt=prompts, num_inference_steps=3, guidance_scale=4.0, generator=generator,
-                output_type="np").images  # fmt: skip
-
-
-def captioned(tmp_path, n=30):
-    return caption_folder(tmp_path / "data", [f"{SECRET} number {i}" for i in range(n)])
-
-
-def sd_args(base, out, data, **flags):
-    # sigma given: the accountant's calibration is tested elsewhere and costs seconds a run
-    defaults = {"--train_data_dir": data, "--max_train_samples": None, "--batch_size": 10, "--max_train_steps": 2,
-                "--learning_rate": 0.1, "--noise_multiplier": 1.0}  # fmt: skip
-    return base_args(base, out, **{**defaults, **flags})
+#: Private captions hold the secret: it may appear in nothing the run writes or logs.
+SD = TextRuns(batch_size=10, steps=3, guidance_scale=4.0, secret="zebracrossing")
 
 
 def test_sd_base_samples_as_diffusers_stable_diffusion_pipeline(tiny_sd_base):
-    reference = sd_images(StableDiffusionPipeline.from_pretrained(tiny_sd_base))
-    pipe = DPLDMPipeline.from_pretrained(tiny_sd_base)
-    assert pipe.base_family == "stable-diffusion" and pipe.conditioning == "text" and pipe.num_classes is None
-    np.testing.assert_array_equal(sd_images(pipe), reference)
-    with pytest.raises(ValueError, match="text-to-image: pass prompt"):
-        pipe(class_labels=[0], num_inference_steps=1)
+    pipe = SD.assert_samples_as(StableDiffusionPipeline, tiny_sd_base)
+    assert pipe.base_family == "stable-diffusion"
     encoded = StableDiffusionFamily.encode_prompts(pipe, ["", "a b"])
     assert encoded["encoder_hidden_states"].shape == (2, TEXT_LENGTH, TEXT_DIM)
 
@@ -55,30 +31,23 @@ def test_sd_base_samples_as_diffusers_stable_diffusion_pipeline(tiny_sd_base):
 def test_sd_adapter_loads_with_standard_load_lora_weights_and_leaks_no_caption(tiny_sd_base, tmp_path, caplog):
     out = tmp_path / "adapter"
     with caplog.at_level("DEBUG"):
-        train(sd_args(tiny_sd_base, out, captioned(tmp_path), **{"--samples_per_class": 1,
-                                                                   "--validation_prompt": PROMPTS[0]}))  # fmt: skip
+        train(SD.args(tiny_sd_base, out, SD.captioned(tmp_path / "data", 30),
+                      **{"--samples_per_class": 1, "--validation_prompt": SD.prompts[0]}))
     report = json.loads((out / DP_REPORT_NAME).read_text())
     assert report["steps"] == 2 and report["dataset_size"] == 30
     adapted = report["adapted_modules"]
     assert any(name.endswith("attn1.to_q") for name in adapted) and any(name.endswith("attn2.to_k") for name in adapted)
     config = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
-    assert config["base_family"] == "stable-diffusion" and config["validation_prompts"] == [PROMPTS[0]]
+    assert config["base_family"] == "stable-diffusion" and config["validation_prompts"] == [SD.prompts[0]]
     assert (out / SAMPLES_NAME).is_file()
 
-    # the call every SD user knows gives the images of DPLDMPipeline.from_pretrained(adapter)
-    standard = StableDiffusionPipeline.from_pretrained(tiny_sd_base)
-    standard.load_lora_weights(out)
-    tuned = sd_images(DPLDMPipeline.from_pretrained(out))
-    np.testing.assert_array_equal(sd_images(standard), tuned)
-    assert not np.array_equal(tuned, sd_images(StableDiffusionPipeline.from_pretrained(tiny_sd_base)))
-
     card = ModelCard.load(out / "README.md")
-    assert card.data.pipeline_tag == "text-to-image" and card.data.widget == [{"text": PROMPTS[0]}]
+    assert card.data.pipeline_tag == "text-to-image" and card.data.widget == [{"text": SD.prompts[0]}]
     assert card.data.dp_epsilon == report["epsilon"] and "load_lora_weights" in card.text
-    # captions are private: nothing written or logged holds one
-    written = [path for path in out.rglob("*") if path.is_file() and path.suffix in {".json", ".md", ".txt"}]
-    assert written and not any(SECRET in path.read_text() for path in written)
-    assert SECRET not in caplog.text
+    # the call every SD user knows gives the images of DPLDMPipeline.from_pretrained(adapter); captions are private:
+    # nothing written or logged holds one
+    SD.assert_standard_adapter(StableDiffusionPipeline, tiny_sd_base, out)
+    assert SD.secret not in caplog.text
 
 
 def test_v_prediction_base_and_caption_template(tmp_path):
@@ -86,13 +55,13 @@ def test_v_prediction_base_and_caption_template(tmp_path):
     base = save_sd_base(tmp_path / "sd2", prediction_type="v_prediction")
     data = digit_folder(tmp_path / "digits", ["cat", "dog"])
     out = tmp_path / "adapter"
-    train(sd_args(base, out, data, **{"--caption_template": "a photo of a {label}"}))
+    train(SD.args(base, out, data, **{"--caption_template": "a photo of a {label}"}))
     assert json.loads((out / DP_REPORT_NAME).read_text())["steps"] == 2
     config = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
     assert config["caption_template"] == "a photo of a {label}" and config["id2label"] is None
     pipe = DPLDMPipeline.from_pretrained(out)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert sd_images(pipe, ["a photo of a cat"]).shape == (1, 16, 16, 3)
+    assert SD.images(pipe, ["a photo of a cat"]).shape == (1, 16, 16, 3)
 
 
 def test_caption_contexts_are_the_pipeline_s_prompt_encoding_and_cached(tiny_sd_base, tmp_path):
@@ -129,7 +98,7 @@ def test_caption_dropout_is_per_row_inside_the_loss():
 
 
 def test_bad_text_inputs_fail_before_anything_is_written(tiny_sd_base, tmp_path):
-    data = captioned(tmp_path, n=12)
+    data = SD.captioned(tmp_path / "data", 12)
     labelled = digit_folder(tmp_path / "labelled", ["cat", "dog"])
     empty = caption_folder(tmp_path / "empty-caption", ["fine", " ", "fine too"] * 4)
     no_tokenizer = save_sd_base(tmp_path / "no-tokenizer")
@@ -151,7 +120,7 @@ def test_bad_text_inputs_fail_before_anything_is_written(tiny_sd_base, tmp_path)
     for i, (base, folder, flags, error, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
         with pytest.raises(error, match=message):
-            train(sd_args(base, out, folder, **{"--batch_size": 4, **flags}))
+            train(SD.args(base, out, folder, **{"--batch_size": 4, **flags}))
         assert not out.exists() or not any(out.iterdir())
 
 
@@ -180,7 +149,7 @@ def test_evaluate_a_text_adapter_on_template_prompts_and_each_example_s_own_capt
     flags = {"--dataset_name": "private-digits", "--max_train_samples": 40, "--caption_template": template,
              "--evaluate": True, "--eval_samples_per_class": 1, "--eval_inference_steps": 1,
              "--num_canaries": 4}  # fmt: skip
-    train(sd_args(tiny_sd_base, out, None, **flags))
+    train(SD.args(tiny_sd_base, out, None, **flags))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["downstream_accuracy"]["num_synthetic"] == 10 and metrics["downstream_accuracy"]["num_test"] == 360
     audit_result = metrics["membership_auc"]
@@ -259,8 +228,8 @@ def test_random_flip_draws_the_image_or_its_mirror_per_row_and_trains_through_th
     first = (seen[0] == rows[:, 0]).flatten(1).all(1)
     assert bool((first ^ (seen[0] == rows[:, 1]).flatten(1).all(1)).all()) and 70 < int(first.sum()) < 130
 
-    out = tmp_path / "adapter"
-    train(sd_args(tiny_sd_base, out, captioned(tmp_path), **{"--random_flip": True, "--noise_multiplicity": 2}))
+    out, data = tmp_path / "adapter", SD.captioned(tmp_path / "data", 30)
+    train(SD.args(tiny_sd_base, out, data, **{"--random_flip": True, "--noise_multiplicity": 2}))
     assert json.loads((out / DP_REPORT_NAME).read_text())["random_flip"] is True
 
 

@@ -8,27 +8,16 @@ adversarial terms of the original LDM are left out, which is enough for small di
 """
 
 import argparse
-import math
 
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from dp_diffusers.data import dataset_to_tensors, latent_scaling_factor, resolve_columns
 from dp_diffusers.presets import get_preset
-from dp_diffusers.training_utils import (
-    add_data_args,
-    add_run_args,
-    load_training_dataset,
-    make_accelerator,
-    resolve_dataset_source,
-    resume_step,
-    save_checkpoint,
-    tracker_config,
-)
+from dp_diffusers.training_utils import load_training_dataset, make_accelerator, parse_public_args, train_public_model
 
 logger = get_logger(__name__, log_level="INFO")  # shown whatever configured logging first (diffusers scripts)
 
@@ -56,7 +45,6 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", type=str, default="tiny", help="Architecture preset (see dp_diffusers.presets).")
     parser.add_argument("--output_dir", type=str, required=True)
-    add_data_args(parser, default_dataset="public-digits")
     parser.add_argument("--resolution", type=int, default=None, help="Default: the preset's.")
     parser.add_argument("--num_channels", type=int, default=None, help="1 (grayscale) or 3 (RGB); default: preset.")
     parser.add_argument("--train_batch_size", type=int, default=64)
@@ -66,11 +54,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--scaling_images", type=int, default=5000, help="Training images whose latent std sets scaling_factor."
     )
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    add_run_args(parser, checkpointing_steps=200)
-    args = parser.parse_args(argv)
-    resolve_dataset_source(args, "public-digits")
-    return args
+    return parse_public_args(parser, argv, checkpointing_steps=200)
 
 
 def main(argv=None):
@@ -101,32 +85,18 @@ def main(argv=None):
         optimizer, max_lr=args.learning_rate, total_steps=args.max_train_steps
     )
     model, optimizer, loader, scheduler = accelerator.prepare(AutoencoderWithKL(vae), optimizer, loader, scheduler)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_autoencoder", config=tracker_config(args, TRACKED_HYPERPARAMETERS))
 
-    global_step = resume_step(accelerator, args)
+    def step(batch) -> dict[str, float]:
+        (images,) = batch
+        recon, kl = model(images)
+        rec_loss = (recon - images).abs().mean() + (recon - images).pow(2).mean()
+        accelerator.backward(rec_loss + args.kl_weight * kl)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        return {"reconstruction_loss": rec_loss.item(), "kl": kl.item()}
 
-    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
-    epochs = math.ceil(args.max_train_steps / len(loader))
-    for _ in range(epochs):
-        if global_step >= args.max_train_steps:
-            break
-        for (batch,) in loader:
-            recon, kl = model(batch)
-            rec_loss = (recon - batch).abs().mean() + (recon - batch).pow(2).mean()
-            loss = rec_loss + args.kl_weight * kl
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(rec=f"{rec_loss.item():.4f}")
-            accelerator.log({"reconstruction_loss": rec_loss.item(), "kl": kl.item()}, step=global_step)
-            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if global_step >= args.max_train_steps:
-                break
+    train_public_model(accelerator, args, loader, step, project="train_autoencoder", tracked=TRACKED_HYPERPARAMETERS)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

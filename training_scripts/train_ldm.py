@@ -10,7 +10,6 @@ DP-LDM), with label dropout so that classifier-free guidance works. The output f
 """
 
 import argparse
-import math
 
 import torch
 from accelerate.logging import get_logger
@@ -19,7 +18,6 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from dp_diffusers import ClassEmbedder, DiffusionLoss, DPLDMPipeline, LatentDenoiser, NoisePrediction
 from dp_diffusers.data import (
@@ -31,16 +29,7 @@ from dp_diffusers.data import (
 )
 from dp_diffusers.families import DPLDMFamily
 from dp_diffusers.presets import get_preset
-from dp_diffusers.training_utils import (
-    add_data_args,
-    add_run_args,
-    load_training_dataset,
-    make_accelerator,
-    resolve_dataset_source,
-    resume_step,
-    save_checkpoint,
-    tracker_config,
-)
+from dp_diffusers.training_utils import load_training_dataset, make_accelerator, parse_public_args, train_public_model
 
 logger = get_logger(__name__, log_level="INFO")  # shown whatever configured logging first (diffusers scripts)
 
@@ -56,7 +45,6 @@ def parse_args(argv=None):
     parser.add_argument("--vae_path", type=str, required=True, help="Folder of a trained AutoencoderKL.")
     parser.add_argument("--preset", type=str, default="tiny")
     parser.add_argument("--output_dir", type=str, required=True)
-    add_data_args(parser, default_dataset="public-digits")
     parser.add_argument("--resolution", type=int, default=None, help="Default: the preset's.")
     parser.add_argument("--train_batch_size", type=int, default=128)
     parser.add_argument("--max_train_steps", type=int, default=1500)
@@ -72,11 +60,7 @@ def parse_args(argv=None):
         help="Min-SNR loss weighting (Hang et al. 2023, arXiv 2303.09556), as in diffusers' train_text_to_image.py. "
         "5.0 is the recommended value. Default: plain MSE.",
     )
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    add_run_args(parser, checkpointing_steps=500)
-    args = parser.parse_args(argv)
-    resolve_dataset_source(args, "public-digits")
-    return args
+    return parse_public_args(parser, argv, checkpointing_steps=500)
 
 
 def main(argv=None):
@@ -126,10 +110,6 @@ def main(argv=None):
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_ldm", config=tracker_config(args, TRACKED_HYPERPARAMETERS))
-
-    global_step = resume_step(accelerator, args)
 
     loss_fn = DiffusionLoss(
         NoisePrediction(noise_scheduler, snr_gamma=args.snr_gamma),
@@ -137,26 +117,18 @@ def main(argv=None):
         null_condition={"class_labels": torch.tensor([class_embedder.null_class_id])},
         dropout=args.label_dropout,
     )
-    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
-    for _ in range(math.ceil(args.max_train_steps / len(loader))):
-        if global_step >= args.max_train_steps:
-            break
-        for batch_latents, batch_labels in loader:
-            loss = loss_fn(model, batch_latents, batch_labels).mean()
-            accelerator.backward(loss)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            if ema is not None:
-                ema.step(model.parameters())
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if global_step >= args.max_train_steps:
-                break
+
+    def step(batch) -> dict[str, float]:
+        loss = loss_fn(model, *batch).mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        if ema is not None:
+            ema.step(model.parameters())
+        return {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+
+    train_public_model(accelerator, args, loader, step, project="train_ldm", tracked=TRACKED_HYPERPARAMETERS)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -97,21 +97,11 @@ def generate_unconditional(pipe, num_images: int, num_inference_steps: int, seed
 def evaluate_from_args(adapter_dir: str | Path, args: argparse.Namespace) -> dict:
     """:func:`evaluate_adapter` with the flags of :func:`add_evaluation_args`, the data flags of ``add_data_args``
     (the training script's) and ``--scheduler``, ``--seed``."""
-    return evaluate_adapter(
-        adapter_dir,
-        dataset_name=args.dataset_name,
-        train_data_dir=args.train_data_dir,
-        dataset_config_name=args.dataset_config_name,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        caption_column=args.caption_column,
-        samples_per_class=args.eval_samples_per_class,
-        num_inference_steps=args.eval_inference_steps,
-        scheduler=args.scheduler,
-        inception_path=args.fid_inception_path,
-        audit_reference=args.audit_reference,
-        seed=args.seed,
-    )
+    passed = ("dataset_name", "train_data_dir", "dataset_config_name", "image_column", "label_column", "caption_column",
+              "scheduler", "audit_reference", "seed")  # flags spelled as evaluate_adapter's arguments
+    return evaluate_adapter(adapter_dir, **{name: getattr(args, name) for name in passed},
+                            samples_per_class=args.eval_samples_per_class, inception_path=args.fid_inception_path,
+                            num_inference_steps=args.eval_inference_steps)  # fmt: skip
 
 
 def denoiser_loss_fn(pipe, objective_options=None):

@@ -49,14 +49,9 @@ def _check_inputs(latents: torch.Tensor, labels: Conditions, name: str) -> None:
 
 
 @torch.no_grad()
-def denoising_loss_scores(
-    loss_fn: LossFn,
-    latents: torch.Tensor,
-    labels: Conditions,
-    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> torch.Tensor:
+def denoising_loss_scores(loss_fn: LossFn, latents: torch.Tensor, labels: Conditions,
+                          timesteps: Sequence[int] = DEFAULT_TIMESTEPS, seed: int = 0,
+                          batch_size: int = 64) -> torch.Tensor:  # fmt: skip
     """Per-example denoising loss, averaged over ``timesteps``; lower means more member-like.
 
     ``loss_fn(latents, labels, timesteps, noise)`` (labels: each example's own conditions, e.g. a base

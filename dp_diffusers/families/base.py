@@ -189,7 +189,7 @@ class BaseFamily:
     @classmethod
     def check_training(cls, pipe, options: ConditionOptions, objective: ObjectiveOptions | None = None) -> None:
         """Raise ``DataError`` for training flags this family cannot use (before anything is written): by default
-        the flow-matching and T5 flags of the SD3 / FLUX families."""
+        the flow-matching and T5 flags of the SD3 / FLUX families, and the caption flags unless it is text-to-image."""
         from ..data import DataError
 
         flags = {"--max_sequence_length": options.max_sequence_length, "--guidance_scale": options.guidance_scale}
@@ -197,6 +197,10 @@ class BaseFamily:
         given += [f"--{name}" for name, value in asdict(objective or ObjectiveOptions()).items() if value is not None]
         if given:
             raise DataError(f"{', '.join(given)}: flags of the flow-matching bases (SD3, FLUX), not of {cls.name}.")
+        captions = (options.caption_column, options.caption_template, options.validation_prompts or None)
+        if cls.conditioning != "text" and any(flag is not None for flag in captions):
+            raise DataError(f"--caption_column / --caption_template / --validation_prompt are for text-to-image bases, "
+                            f"not {cls.name}.")  # fmt: skip
 
     @classmethod
     def scheduler_names(cls, scheduler) -> list[str]:

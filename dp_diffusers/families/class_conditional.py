@@ -21,12 +21,6 @@ from .base import BaseFamily, ConditionOptions, PrivateExamples
 logger = logging.getLogger(__name__)
 
 
-def _refuse_captions(family: type[BaseFamily], options: ConditionOptions) -> None:
-    if options.caption_column is not None or options.caption_template is not None or options.validation_prompts:
-        raise DataError(f"--caption_column / --caption_template / --validation_prompt are for text-to-image bases, not "
-                        f"{family.name}.")  # fmt: skip
-
-
 def _unconditional_examples(family, dataset, image_column, label_column, resolution, options) -> PrivateExamples:
     """The examples of an unconditional base: an explicit ``--label_column`` is an error, found labels are logged."""
     if options.label_column:
@@ -85,11 +79,6 @@ class UnconditionalFamily(BaseFamily):
     conditioning = "none"
 
     @classmethod
-    def check_training(cls, pipe, options, objective=None):
-        super().check_training(pipe, options, objective)
-        _refuse_captions(cls, options)
-
-    @classmethod
     def prepare_examples(cls, pipe, dataset, image_column, label_column, resolution, options):
         return _unconditional_examples(cls, dataset, image_column, label_column, resolution, options)
 
@@ -113,11 +102,6 @@ class ClassFamily(BaseFamily):
     @classmethod
     def conditioning_of(cls, pipe) -> str:
         return "none" if cls.num_classes(pipe) is None else "class"
-
-    @classmethod
-    def check_training(cls, pipe, options, objective=None):
-        super().check_training(pipe, options, objective)
-        _refuse_captions(cls, options)
 
     @classmethod
     def prepare_examples(cls, pipe, dataset, image_column, label_column, resolution, options):

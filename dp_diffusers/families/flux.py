@@ -37,11 +37,11 @@ DEFAULT_GUIDANCE_SCALE = 1.0
 class FluxFamily(FlowMatchingFamily):
     name = "flux"
     pipeline_class_name = "FluxPipeline"
+    text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    t5_tokenizer = "tokenizer_2"
     description = "FLUX.1 dev / schnell: AutoencoderKL + CLIP + T5 + FluxTransformer2DModel"
     lora_target_presets = {"attention": _ATTENTION, "attention+ff": _ATTENTION + _FEED_FORWARD,
                            SINGLE: _ATTENTION + _FEED_FORWARD}  # fmt: skip
-    text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    t5_tokenizer = "tokenizer_2"
     default_max_sequence_length = 512  # diffusers' train_dreambooth_lora_flux.py
     objective_defaults = ObjectiveOptions(weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                                           precondition_outputs=False)  # fmt: skip

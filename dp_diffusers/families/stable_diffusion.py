@@ -19,10 +19,10 @@ from .text import TextFamily
 class StableDiffusionFamily(TextFamily):
     name = "stable-diffusion"
     pipeline_class_name = "StableDiffusionPipeline"
+    pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     description = "Stable Diffusion 1.x / 2.x: AutoencoderKL + CLIP text encoder + UNet2DConditionModel"
     # the self- (attn1) and cross-attention (attn2) projections of every transformer block: the seed's choice
     lora_target_presets = {name: LORA_TARGET_PRESETS[name] for name in ("attention", "attention+proj")}
-    pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     @classmethod
     def encode_prompts(cls, pipe, prompts, options=None):

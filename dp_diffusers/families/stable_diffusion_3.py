@@ -28,11 +28,11 @@ _FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_conte
 class StableDiffusion3Family(FlowMatchingFamily):
     name = "stable-diffusion-3"
     pipeline_class_name = "StableDiffusion3Pipeline"
-    description = "Stable Diffusion 3 / 3.5: AutoencoderKL + CLIP-L, CLIP-G (and T5) + SD3Transformer2DModel"
-    lora_target_presets = {"attention": _ATTENTION, "attention+ff": _ATTENTION + _FEED_FORWARD}
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     optional_text_components = ("text_encoder_3", "tokenizer_3")
     t5_tokenizer = "tokenizer_3"
+    description = "Stable Diffusion 3 / 3.5: AutoencoderKL + CLIP-L, CLIP-G (and T5) + SD3Transformer2DModel"
+    lora_target_presets = {"attention": _ATTENTION, "attention+ff": _ATTENTION + _FEED_FORWARD}
     default_max_sequence_length = 77  # diffusers' train_dreambooth_lora_sd3.py
     objective_defaults = ObjectiveOptions(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0,
                                           mode_scale=1.29, precondition_outputs=True)  # fmt: skip

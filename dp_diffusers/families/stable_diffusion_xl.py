@@ -97,11 +97,11 @@ def center_crop_time_ids(sizes: torch.Tensor, resolution: int) -> torch.Tensor:
 class StableDiffusionXLFamily(TextFamily):
     name = "stable-diffusion-xl"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    pipeline_options = ("force_zeros_for_empty_prompt",)
     description = "Stable Diffusion XL: AutoencoderKL + two CLIP text encoders + UNet2DConditionModel (text_time)"
     # diffusers' SDXL LoRA scripts' targets; + the transformer blocks' proj_in / proj_out
     lora_target_presets = {name: LORA_TARGET_PRESETS[name] for name in ("attention", "attention+proj")}
-    text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    pipeline_options = ("force_zeros_for_empty_prompt",)
 
     @classmethod
     def check_resolution(cls, pipe, resolution):

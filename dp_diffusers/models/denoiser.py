@@ -3,12 +3,13 @@ conditions", whatever the base family.
 
 Stage-1 training, DP fine-tuning (opacus wraps this module), the membership audit and the pipeline's sampling loop
 all go through ``LatentDenoiser``; how the conditions enter the backbone is the base family's
-(``dp_diffusers.families``: ``family.predict``), so every path conditions the backbone the same way.
+(``dp_diffusers.families``: ``family.predict``), so every path conditions the backbone the same way. ``models``
+knows a family only as :class:`Predictor`, so that ``families`` depends on ``models`` and never the other way.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from diffusers.models.embeddings import LabelEmbedding
@@ -17,8 +18,15 @@ from torch import nn
 from .class_embedder import ClassEmbedder
 from .dit import DiTClassRows
 
-if TYPE_CHECKING:
-    from ..families import BaseFamily
+
+class Predictor(Protocol):
+    """What ``LatentDenoiser`` needs of a base family (a ``dp_diffusers.families.BaseFamily`` subclass)."""
+
+    def predict(
+        self, denoiser: LatentDenoiser, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+        conditions: dict[str, torch.Tensor],
+    ) -> torch.Tensor:  # fmt: skip
+        """The prediction (the objective's target, the latents' shape) of ``denoiser`` under ``conditions``."""
 
 
 class LatentDenoiser(nn.Module):
@@ -40,7 +48,7 @@ class LatentDenoiser(nn.Module):
     def __init__(
         self,
         unet: nn.Module,
-        family: type[BaseFamily],
+        family: Predictor,
         class_embedder: ClassEmbedder | None = None,
         class_rows: DiTClassRows | None = None,
         input_dtype: torch.dtype | None = None,

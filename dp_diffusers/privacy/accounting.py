@@ -109,14 +109,8 @@ def _history(
     return [*map(tuple, releases), *([(noise_multiplier, sample_rate, steps)] if steps > 0 else [])]
 
 
-def epsilon_for(
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    accountant: str = "prv",
-    releases: Sequence[Release] = (),
-) -> float:
+def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv",
+                releases: Sequence[Release] = ()) -> float:  # fmt: skip
     """Epsilon after ``releases`` and ``steps`` Poisson-subsampled Gaussian steps (0 for nothing at all); computed
     once per schedule (a cache: calibration, the step limit, the progress bar, the history and the report ask for
     the same schedules)."""
@@ -197,15 +191,8 @@ def calibrate_noise_multiplier(
             return high
 
 
-def max_steps_within_budget(
-    noise_multiplier: float,
-    sample_rate: float,
-    delta: float,
-    target_epsilon: float,
-    upper: int,
-    accountant: str = "prv",
-    releases: Sequence[Release] = (),
-) -> int:
+def max_steps_within_budget(noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float,
+                            upper: int, accountant: str = "prv", releases: Sequence[Release] = ()) -> int:  # fmt: skip
     """Largest number of steps ``n <= upper`` with epsilon(releases + n steps) <= target_epsilon (binary search;
     epsilon grows with the number of steps)."""
 

@@ -12,11 +12,11 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .. import __version__  # importlib.metadata; the package root loads nothing else eagerly
-from ..constants import DP_REPORT_NAME
+from ..constants import DP_REPORT_NAME  # file names only: constants.py imports nothing
 from .accounting import PrivacyBudget, group_privacy_epsilon
 
 __all__ = ["DP_REPORT_NAME", "DPReport", "build_dp_report"]
@@ -25,95 +25,87 @@ __all__ = ["DP_REPORT_NAME", "DPReport", "build_dp_report"]
 GROUP_SIZES = (2, 5, 10)
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"help": text}
+def _installed_version() -> str:
+    """dp-diffusers' version, from the package metadata rather than the package root: of the package above it, the
+    privacy core imports only the file names (``constants``), so that it can be audited alone."""
+    try:
+        return version("dp-diffusers")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+def _field(text: str, **kwargs: Any) -> Any:
+    """A report field with its help ``text`` (its meaning and unit) in the field's metadata."""
+    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
 class DPReport:
     """The (epsilon, delta) guarantee of one DP-LoRA run and every parameter it rests on."""
 
-    accountant: str = field(metadata=_doc("opacus accountant that computed epsilon (prv or rdp)"))
-    epsilon: float = field(metadata=_doc("privacy loss bound for the steps actually taken"))
-    delta: float = field(metadata=_doc("probability that the epsilon bound may fail"))
-    target_epsilon: float | None = field(metadata=_doc("epsilon sigma was calibrated for; None when sigma was given"))
-    noise_multiplier: float = field(metadata=_doc("Gaussian noise std / max_grad_norm"))
-    max_grad_norm: float = field(
-        metadata=_doc("clipping norm C: the sensitivity of one privacy unit (an example's gradient; with privacy_unit, "
-                      "the mean gradient of a person's sampled examples, clipped once)")
-    )
-    sample_rate: float = field(
-        metadata=_doc("Poisson sampling probability q of each privacy unit per step (an example; with privacy_unit, a "
-                      "person: q = batch_size / num_privacy_units)")
-    )
-    steps: int = field(metadata=_doc("noisy steps taken, all in the accountant"))
-    epochs: float = field(
-        metadata=_doc("steps * sample_rate: expected number of steps each privacy unit is sampled in (passes over the "
-                      "examples; with privacy_unit, the steps each person is sampled in)")
-    )
-    noise_multiplicity: int = field(
-        metadata=_doc("diffusion draws per example, averaged (with the rest of its unit's rows) before the one clip")
-    )
-    dataset_size: int = field(
-        metadata=_doc("private examples (audit canaries included), published exactly (opacus' convention: outside "
-                      "epsilon); the privacy units are num_privacy_units when privacy_unit is set")
-    )
-    batch_size: int = field(
-        metadata=_doc("expected logical batch q * N over all processes, in privacy units (examples; with "
-                      "privacy_unit, people: each person brings up to max_examples_per_unit examples)")
-    )
-    world_size: int = field(metadata=_doc("training processes"))
-    trainable_parameters: int = field(metadata=_doc("parameters trained under DP (LoRA, class embedding or rows)"))
-    lora_rank: int = field(metadata=_doc("LoRA rank"))
-    lora_alpha: float = field(metadata=_doc("LoRA alpha"))
-    adapted_modules: list[str] = field(metadata=_doc("modules with LoRA adapters"))
-    base_model: str = field(metadata=_doc("the public base (not protected)"))
-    epsilon_history: list[list[float]] = field(metadata=_doc("[step, epsilon] pairs along the run"))
-    dp_diffusers_version: str = field(default=__version__, metadata=_doc("version that wrote the report"))
-    trained_class_embedding: bool = field(default=False, metadata=_doc("--train_class_embedding"))
-    grad_sample_mode: str = field(default="fused", metadata=_doc("how per-example gradients were computed"))
-    ema_decay: float | None = field(default=None, metadata=_doc("average of the DP iterates (post-processing)"))
-    num_canaries: int | None = field(default=None, metadata=_doc("audit canaries trained on, counted in N"))
-    mixed_precision: str = field(default="no", metadata=_doc("precision of the frozen base"))
-    gradient_checkpointing: bool = field(default=False, metadata=_doc("activations recomputed in the backward"))
-    random_flip: bool = field(default=False, metadata=_doc("each row drew the image or its mirror (per example)"))
-    privacy_unit: str | None = field(
-        default=None, metadata=_doc("the column whose value is one privacy unit (a person); None: each example")
-    )
-    num_privacy_units: int | None = field(default=None, metadata=_doc("privacy units N_units (canary units included)"))
-    max_examples_per_unit: int | None = field(
-        default=None, metadata=_doc("the most examples a sampled unit contributes to one step (their mean, one clip)")
-    )
-    group_privacy: list[dict[str, float | None]] = field(
+    accountant: str = _field("opacus accountant that computed epsilon (prv or rdp)")
+    epsilon: float = _field("privacy loss bound for the steps actually taken")
+    delta: float = _field("probability that the epsilon bound may fail")
+    target_epsilon: float | None = _field("epsilon sigma was calibrated for; None when sigma was given")
+    noise_multiplier: float = _field("Gaussian noise std / max_grad_norm")
+    max_grad_norm: float = _field("clipping norm C: the sensitivity of one privacy unit (an example's gradient; with "
+                                  "privacy_unit, the mean gradient of a person's sampled examples, clipped once)")
+    sample_rate: float = _field("Poisson sampling probability q of each privacy unit per step (an example; with "
+                                "privacy_unit, a person: q = batch_size / num_privacy_units)")
+    steps: int = _field("noisy steps taken, all in the accountant")
+    epochs: float = _field("steps * sample_rate: expected number of steps each privacy unit is sampled in (passes over "
+                           "the examples; with privacy_unit, the steps each person is sampled in)")
+    noise_multiplicity: int = _field("diffusion draws per example, averaged (with the rest of its unit's rows) before "
+                                     "the one clip")
+    dataset_size: int = _field("private examples (audit canaries included), published exactly (opacus' convention: "
+                               "outside epsilon); the privacy units are num_privacy_units when privacy_unit is set")
+    batch_size: int = _field("expected logical batch q * N over all processes, in privacy units (examples; with "
+                             "privacy_unit, people: each person brings up to max_examples_per_unit examples)")
+    world_size: int = _field("training processes")
+    trainable_parameters: int = _field("parameters trained under DP (LoRA, class embedding or rows)")
+    lora_rank: int = _field("LoRA rank")
+    lora_alpha: float = _field("LoRA alpha")
+    adapted_modules: list[str] = _field("modules with LoRA adapters")
+    base_model: str = _field("the public base (not protected)")
+    epsilon_history: list[list[float]] = _field("[step, epsilon] pairs along the run")
+    dp_diffusers_version: str = _field("version that wrote the report", default=_installed_version())
+    trained_class_embedding: bool = _field("--train_class_embedding", default=False)
+    grad_sample_mode: str = _field("how per-example gradients were computed", default="fused")
+    ema_decay: float | None = _field("average of the DP iterates (post-processing)", default=None)
+    num_canaries: int | None = _field("audit canaries trained on, counted in N", default=None)
+    mixed_precision: str = _field("precision of the frozen base", default="no")
+    gradient_checkpointing: bool = _field("activations recomputed in the backward", default=False)
+    random_flip: bool = _field("each row drew the image or its mirror (per example)", default=False)
+    privacy_unit: str | None = _field("the column whose value is one privacy unit (a person); None: each example",
+                                      default=None)
+    num_privacy_units: int | None = _field("privacy units N_units (canary units included)", default=None)
+    max_examples_per_unit: int | None = _field("the most examples a sampled unit contributes to one step (their "
+                                               "mean, one clip)", default=None)
+    group_privacy: list[dict[str, float | None]] = _field(
+        "example-level runs: epsilon at delta for a person with m examples (group privacy over RDP; null: no bound)",
         default_factory=list,
-        metadata=_doc("example-level runs: epsilon at delta for a person with m examples (group privacy over RDP; "
-                      "null: no bound)"),
     )
-    training_guidance_scale: float | None = field(
-        default=None,
-        metadata=_doc("guidance-distilled FLUX bases: the guidance input in training (default 1, as diffusers#11181 "
-                      "and black-forest-labs/flux#79 advise; a public setting)"),
+    training_guidance_scale: float | None = _field(
+        "guidance-distilled FLUX bases: the guidance input in training (default 1, as diffusers#11181 and "
+        "black-forest-labs/flux#79 advise; a public setting)", default=None,
     )
-    other_releases: list[dict[str, Any]] = field(
+    other_releases: list[dict[str, Any]] = _field(
+        "every other DP release of the run (mechanism, noise, its share of the budget); none so far",
         default_factory=list,
-        metadata=_doc("every other DP release of the run (mechanism, noise, its share of the budget); none so far"),
     )
-    class_names_from_data: bool = field(
-        default=False,
-        metadata=_doc("--class_names_from_data: the label set (id2label's names, which classes occur) was taken from "
-                      "the private data and is published without noise, outside epsilon"),
+    class_names_from_data: bool = _field(
+        "--class_names_from_data: the label set (id2label's names, which classes occur) was taken from the private "
+        "data and is published without noise, outside epsilon", default=False,
     )
-    tuning: dict[str, Any] | None = field(
-        default=None,
-        metadata=_doc("dp-diffusers tune: epsilon above covers the whole tuning (K runs drawn from distribution with "
-                      "mean expected_runs, only the best released); the search space, the validation split, the "
-                      "score's mechanism, each privacy combination's schedule (per_run) and the worst run's epsilon. "
-                      "Never K, the other runs or their scores"),
+    tuning: dict[str, Any] | None = _field(
+        "dp-diffusers tune: epsilon above covers the whole tuning (K runs drawn from distribution with mean "
+        "expected_runs, only the best released); the search space, the validation split, the score's mechanism, each "
+        "privacy combination's schedule (per_run) and the worst run's epsilon. Never K, the other runs or their "
+        "scores", default=None,
     )
-    loss_trackers: list[str] = field(
-        default_factory=list,
-        metadata=_doc("remote trackers (--report_to) sent the training loss on private batches without noise "
-                      "(--report_private_loss): a release outside epsilon"),
+    loss_trackers: list[str] = _field(
+        "remote trackers (--report_to) sent the training loss on private batches without noise "
+        "(--report_private_loss): a release outside epsilon", default_factory=list,
     )
 
     def to_dict(self) -> dict[str, Any]:
