@@ -103,15 +103,19 @@ def test_privacy_summary_shows_the_report_and_what_was_not_measured(app, space_a
     assert f"`dp-diffusers generate {space_adapter} --num_images 1000 --output_dir synthetic-data`" in panel
 
 
-def test_privacy_panel_shows_fid_and_kid_or_why_they_were_not_computed(app, space_adapter, tmp_path):
+def test_privacy_panel_shows_fid_kid_and_the_audit_or_why_they_were_not_computed(app, space_adapter, tmp_path):
     import shutil
 
     folder = shutil.copytree(space_adapter, tmp_path / "adapter")
     metrics = json.loads((folder / "metrics.json").read_text())
+    assert "| Empirical ε lower bound (one-run audit, 95%) | not measured |" in app.summary_markdown(
+        app.privacy_summary(folder))  # fmt: skip
+    audit = {"value": 0.4125, "num_canaries": 1000, "num_guesses": 40, "num_correct": 27, "claimed_epsilon": 9.99}
     (folder / "metrics.json").write_text(json.dumps({**metrics, "fid": {"value": 41.25, "num_generated": 300},
-                                                     "kid": {"value": 0.0123}}))  # fmt: skip
+                                                     "kid": {"value": 0.0123}, "one_run_audit": audit}))  # fmt: skip
     panel = app.summary_markdown(app.privacy_summary(folder))
     assert "| FID | 41.25 |" in panel and "| KID | 0.0123 |" in panel
+    assert "| Empirical ε lower bound (one-run audit, 95%) | 0.4125 |" in panel
     offline = {"value": None, "not_computed": "no Inception weights (offline). To fix: ..."}
     (folder / "metrics.json").write_text(json.dumps({**metrics, "fid": offline, "kid": offline}))
     summary = app.privacy_summary(folder)
