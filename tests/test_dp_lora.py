@@ -232,6 +232,22 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
     assert "| Audit canaries | 8 |" in card_text
     assert "Empirical ε lower bound (one-run audit, 16 canaries, 95%)" in card_text
     assert not any(name.startswith(".audit") for name in upload_file_list(out))
+    # `dp-diffusers evaluate` recomputes the bound from the training folder's coins; a copy of what was uploaded has
+    # none, and says where they are instead of auditing against the wrong members
+    from dp_diffusers import cli
+
+    evaluate = ["--eval_samples_per_class", "1", "--eval_inference_steps", "2", "--scheduler",
+                "DPMSolverMultistepScheduler"]  # fmt: skip
+    cli.main(["evaluate", str(out), *evaluate])
+    assert json.loads((out / "metrics.json").read_text())["one_run_audit"] == one_run
+    uploaded = tmp_path / "uploaded"
+    uploaded.mkdir()
+    for name in upload_file_list(out):
+        (uploaded / name).parent.mkdir(parents=True, exist_ok=True)
+        (uploaded / name).write_bytes((out / name).read_bytes())
+    cli.main(["evaluate", str(uploaded), *evaluate])
+    not_computed = json.loads((uploaded / "metrics.json").read_text())["one_run_audit"]
+    assert not_computed["value"] is None and ".audit/" in not_computed["not_computed"]
     card = ModelCard.load(out / "README.md")
     assert card.data.dp_epsilon == json.loads((out / "dp_report.json").read_text())["epsilon"]
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "roc_auc", "epsilon_lower_bound"}  # no FID

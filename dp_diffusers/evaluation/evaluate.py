@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..adapter_config import DPLoRAConfig
 from ..constants import DP_REPORT_NAME, METRICS_NAME
@@ -72,7 +73,7 @@ def generate_labelled(pipe, conditions: dict[str, list], per_class: int, num_inf
     generator = torch.Generator().manual_seed(seed)
     positions = torch.arange(len(values)).repeat_interleave(per_class)
     images = []
-    for chunk in positions.split(batch):
+    for chunk in tqdm(positions.split(batch), desc="Evaluation samples", unit="batch"):
         chosen = [values[i] for i in chunk.tolist()]
         out = pipe(**{key: chosen}, num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
                    height=resolution, width=resolution, **call_kwargs)  # fmt: skip
@@ -86,7 +87,7 @@ def generate_unconditional(pipe, num_images: int, num_inference_steps: int, seed
     """``num_images`` samples of an unconditional model at ``resolution`` pixels: images (N, C, H, W) in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
     images = []
-    for start in range(0, num_images, batch):
+    for start in tqdm(range(0, num_images, batch), desc="Evaluation samples", unit="batch"):
         size = min(batch, num_images - start)
         out = pipe(batch_size=size, num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
                    height=resolution, width=resolution, **call_kwargs)  # fmt: skip
