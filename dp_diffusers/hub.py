@@ -150,6 +150,24 @@ def _one_run_audit_text(metrics: dict[str, dict[str, Any]], report: dict[str, An
             f"{_format(audit['num_correct'])} right) shows, not a tighter guarantee.")
 
 
+def _tuning_text(report: dict[str, Any] | None) -> str | None:
+    """The card's sentence for an adapter chosen by ``dp-diffusers tune``: ε above is the whole tuning's. Only what
+    the report holds (the space, the distribution of K, the score's mechanism): never K or another run."""
+    tuning = (report or {}).get("tuning")
+    if not tuning:
+        return None
+    score, split = tuning["score"], tuning["validation_split"]
+    flags = ", ".join(f"`--{name}`" for name in tuning["search_space"])
+    return (f"**ε = {_format(report['epsilon'])} covers the hyper-parameter tuning that chose this adapter** "
+            f"(`dp-diffusers tune`, Papernot & Steinke 2022): a secret random number of training runs "
+            f"({tuning['distribution']} distribution, mean {tuning['expected_runs']:g}) with {flags} drawn from the "
+            f"search space, each scored on a validation part of the private data ({split['fraction']:.0%}, "
+            f"{_format(split['num_units'])} units, never trained on) with {score['mechanism']} noise of "
+            f"{_format(score['noise_multiplier'])} × sensitivity {_format(score['sensitivity'])}; only the best run "
+            f"was released. One run alone: ε at most {tuning['per_run_epsilon']:.3g}. How many runs there were and "
+            "what the others scored is not published.")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -448,6 +466,7 @@ def build_model_card(
         delta_note=delta_note,
         eval_rows=eval_rows,
         one_run_audit=_one_run_audit_text(metrics, report),
+        tuning=_tuning_text(report),
         base_model_text=base_model_text,
         has_samples=(folder / SAMPLES_NAME).is_file(),
         has_epsilon_plot=bool(report) and (folder / EPSILON_PLOT_NAME).is_file(),

@@ -173,7 +173,9 @@ def test_the_winner_alone_is_released_with_the_tunings_epsilon(tiny_base, tmp_pa
         assert repr(score)[:8] not in written and repr(score / 40)[:8] not in written
     assert "expected_runs" in written and not {"num_runs", "K", "runs", "scores"} & set(tuned)
     card = (out / "README.md").read_text()
-    assert "tuning" in card
+    assert f"ε = {report['epsilon']:.4g} covers the hyper-parameter tuning that chose this adapter" in card
+    assert f"One run alone: ε at most {tuned['per_run_epsilon']:.3g}." in card
+    assert "(logarithmic distribution, mean 2)" in card and "`--learning_rate`" in card
 
 
 def test_a_killed_tuning_resumes_without_redrawing_or_rescoring(tiny_base, tmp_path, monkeypatch):
