@@ -158,14 +158,17 @@ def _tuning_text(report: dict[str, Any] | None) -> str | None:
         return None
     score, split = tuning["score"], tuning["validation_split"]
     flags = ", ".join(f"`--{name}`" for name in tuning["search_space"])
+    winner = tuning.get("winner")
+    chosen = (f" (`{' '.join(f'--{k} {v}' for k, v in winner['flags'].items())}`, noisy validation score "
+              f"{winner['score']:.3g})") if winner else ""
     return (f"**ε = {_format(report['epsilon'])} covers the hyper-parameter tuning that chose this adapter** "
             f"(`dp-diffusers tune`, Papernot & Steinke 2022): a secret random number of training runs "
             f"({tuning['distribution']} distribution, mean {tuning['expected_runs']:g}) with {flags} drawn from the "
             f"search space, each scored on a validation part of the private data ({split['fraction']:.0%}, "
             f"{_format(split['num_units'])} units, never trained on) with {score['mechanism']} noise of "
             f"{_format(score['noise_multiplier'])} × sensitivity {_format(score['sensitivity'])}; only the best run "
-            f"was released. One run alone: ε at most {tuning['per_run_epsilon']:.3g}. How many runs there were and "
-            "what the others scored is not published.")
+            f"was released{chosen}. One run alone: ε at most {tuning['per_run_epsilon']:.3g}. How many runs there "
+            "were and what the others scored is not published.")
 
 
 def _is_number(value: Any) -> bool:

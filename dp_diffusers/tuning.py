@@ -514,6 +514,8 @@ def finish(out: Path, store: TuningState, state: dict, plan: TuningPlan, space: 
         "score": {"name": tune_args.score, "mechanism": "gaussian",
                   "noise_multiplier": tune_args.score_noise_multiplier, "sensitivity": _sensitivity(tune_args),
                   "measures": SCORE_MEANING[tune_args.score]},  # fmt: skip
+        # the released run's own output under PS22 (its candidate and noisy score), never its position among K
+        "winner": {"flags": state["candidates"][state["best"]], "score": state["scores"][state["best"]]},
         "per_run": [s.to_dict() for s in plan.schedules],
         "per_run_epsilon": plan.run_epsilon,
         "accounting": "Papernot & Steinke 2022 repeat-and-select over the maximum of the candidates' RDP curves "

@@ -176,6 +176,10 @@ def test_the_winner_alone_is_released_with_the_tunings_epsilon(tiny_base, tmp_pa
     assert f"ε = {report['epsilon']:.4g} covers the hyper-parameter tuning that chose this adapter" in card
     assert f"One run alone: ε at most {tuned['per_run_epsilon']:.3g}." in card
     assert "(logarithmic distribution, mean 2)" in card and "`--learning_rate`" in card
+    winner = tuned["winner"]  # the released run's candidate and noisy score, nothing of the others
+    assert winner["score"] == pytest.approx(max(scores) / 40) and set(winner["flags"]) == set(SPACE)
+    assert winner["flags"]["max_train_steps"] == report["steps"]
+    assert f"`--learning_rate {winner['flags']['learning_rate']} --max_train_steps {report['steps']}`" in card
 
 
 def test_a_killed_tuning_resumes_without_redrawing_or_rescoring(tiny_base, tmp_path, monkeypatch):

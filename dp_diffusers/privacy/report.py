@@ -99,9 +99,9 @@ class DPReport:
     )
     tuning: dict[str, Any] | None = _field(
         "dp-diffusers tune: epsilon above covers the whole tuning (K runs drawn from distribution with mean "
-        "expected_runs, only the best released); the search space, the validation split, the score's mechanism, each "
-        "privacy combination's schedule (per_run) and the worst run's epsilon. Never K, the other runs or their "
-        "scores", default=None,
+        "expected_runs, only the best released); the search space, the validation split, the score's mechanism, the "
+        "winner's flags and noisy score (the released run's own output), each privacy combination's schedule "
+        "(per_run) and the worst run's epsilon. Never K, the other runs or their scores", default=None,
     )
     loss_trackers: list[str] = _field(
         "remote trackers (--report_to) sent the training loss on private batches without noise "
