@@ -276,3 +276,18 @@ def test_the_embedded_people_are_split_by_person():
     assert min(sizes) >= 5 and max(sizes) <= 15 + 4 and len(train) + len(test) == 1797
     tuning = load_private_digit_units("train", tuning=True), load_private_digit_units("test", tuning=True)
     assert set(tuning[0]["person"]) | set(tuning[1]["person"]) == set(train["person"])
+
+
+def test_canary_coins_that_include_none_still_train_and_audit(tiny_base, tmp_path, monkeypatch):
+    """All coins tails (1 in 16 with 4 canary people: a CI run drew it): the run trains on no canary and the audit
+    still runs on the 4 candidates, all of them non-members."""
+    from dp_diffusers.evaluation import one_run_audit
+
+    monkeypatch.setattr(one_run_audit, "draw_coins", lambda m: [False] * m)
+    out = tmp_path / "none-in"
+    train(base_args(tiny_base, out, **{**UNITS, "--target_delta": 1e-3, "--evaluate": True,
+                                       "--eval_samples_per_class": 1, "--eval_inference_steps": 1,
+                                       "--num_canaries": 2}))  # fmt: skip
+    assert json.loads((out / ".audit" / "canary_coins.json").read_text()) == [False] * 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["membership_auc"]["num_canaries"] == 0 and "one_run_audit" in metrics

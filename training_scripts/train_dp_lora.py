@@ -452,7 +452,7 @@ def encode_examples(args, pipe, examples: PrivateExamples, accelerator):
     pipe.to(accelerator.device)
     latents = dataset_latents(examples.dataset, pipe.vae, examples.resolution, examples.image_column, args.cache_dir,
                               mirrored=args.random_flip)  # fmt: skip
-    if examples.canary_pixels is not None:
+    if examples.canary_pixels is not None and len(examples.canary_pixels):  # the coins may include none
         latents = torch.cat([latents, encode_latents(pipe.vae, examples.canary_pixels, mirrored=args.random_flip)])
     # caption encodings in fp16 for a half-precision base (it takes them so): half the memory-mapped bytes
     storage = torch.float16 if args.mixed_precision != "no" else torch.float32
