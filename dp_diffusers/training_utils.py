@@ -26,7 +26,8 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None) 
         "--dataset_name",
         type=str,
         default=None,
-        help="Embedded set (public-digits, private-digits; private-digits-tuning: a validation split carved from "
+        help="Embedded set (public-digits, public-digits-8x8: the same digits in the private ones' published 8x8 "
+        "format; private-digits; private-digits-tuning: a validation split carved from "
         "private-digits' train split, for choosing hyper-parameters; private-digits-units(-tuning): the digits of "
         "about 175 people, split by person) or a Hub data set id. "
         + (f"Default: {default_dataset}." if default_dataset else "Default: the data set the adapter was trained on."),

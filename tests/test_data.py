@@ -17,6 +17,7 @@ from dp_diffusers.data import (
     load_private_digits,
     load_public_digits,
     make_canaries,
+    uci_preprocessing,
     resolve_columns,
 )
 
@@ -30,6 +31,28 @@ def test_public_digits_are_mnist_5k():
     assert img.size == (28, 28) and img.mode == "L"
     arr = np.asarray(img)
     assert arr.dtype == np.uint8 and arr.max() > 200 and arr.min() == 0
+
+
+def test_uci_preprocessing_scales_the_bounding_box_into_8x8_counts_keeping_the_aspect():
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    images[0, 4:24, 10:20] = 255  # a 20x10 bar: fills the height, half the width, centred
+    images[1, 2:4, 3:5] = 200  # a tiny square: scaled up to the whole box
+    out = uci_preprocessing(images)  # images[2] is empty: stays empty
+    assert out.shape == (3, 8, 8)
+    assert np.array_equal(out[0][:, 2:6], np.full((8, 4), 255.0)) and out[0][:, [0, 1, 6, 7]].max() == 0
+    assert np.array_equal(out[1], np.full((8, 8), 255.0))
+    assert not out[2].any()
+    values = np.unique(uci_preprocessing(load_public_digits().with_format("numpy")[:64]["image"]))
+    assert set(values) <= set(np.rint(np.arange(17) * 255 / 16))  # 0..16 on-pixel counts, scaled like the UCI digits
+    assert {0.0, 255.0} <= set(values)
+
+
+def test_public_digits_8x8_are_the_public_digits_in_the_private_format():
+    public, in_8x8 = load_public_digits(), load_image_dataset("public-digits-8x8")
+    assert len(in_8x8) == 5000 and in_8x8["label"] == public["label"]
+    assert in_8x8[0]["image"].size == load_private_digits("train")[0]["image"].size == (8, 8)
+    boxes = np.stack([np.asarray(image) for image in in_8x8.select(range(100))["image"]]) > 0
+    assert (boxes.any(axis=1).all(axis=1) | boxes.any(axis=2).all(axis=1)).all()  # the long side spans the box
 
 
 def test_private_digits_split_is_fixed_disjoint_and_stratified():

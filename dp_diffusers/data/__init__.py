@@ -14,7 +14,9 @@ from .embedded import (
     load_private_digit_units,
     load_private_digits,
     load_public_digits,
+    load_public_digits_8x8,
     public_class_names,
+    uci_preprocessing,
 )
 from .encoding import (
     check_resolution,
@@ -50,7 +52,8 @@ from .user_data import (
 
 __all__ = [
     "DataError", "row_list",
-    "DIGIT_NAMES", "EMBEDDED_DATASETS", "load_public_digits", "load_private_digits", "load_private_digit_units",
+    "DIGIT_NAMES", "EMBEDDED_DATASETS", "load_public_digits", "load_public_digits_8x8",
+    "uci_preprocessing", "load_private_digits", "load_private_digit_units",
     "public_class_names",
     "IMAGE_EXTENSIONS", "load_image_dataset", "seeded_subset", "validation_split", "trained_rows", "resolve_columns",
     "label_names", "row_labels", "dataset_labels", "dataset_captions",

