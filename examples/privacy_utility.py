@@ -191,8 +191,8 @@ def main(argv=None):
 
     cnn = classifier_rows(args, seeds)
     results["classifiers"] = cnn
-    rows.insert(1, f"| the same CNN on the real public digits (`{args.public_dataset}`) | 0 | - | {spread(cnn['public'])} "
-                   "| - | - |")  # fmt: skip
+    public = f"the same CNN on the real public digits (`{args.public_dataset}`)"
+    rows.insert(1, f"| {public} | 0 | - | {spread(cnn['public'])} | - | - |")
     for eps in args.epsilons.split(","):
         rows.append(f"| the same CNN with DP-SGD on the private train split | {eps} | - | "
                     f"{spread(cnn[f'dp-sgd eps={eps}'])} | - | - |")  # fmt: skip

@@ -17,8 +17,8 @@ from dp_diffusers.data import (
     load_private_digits,
     load_public_digits,
     make_canaries,
-    uci_preprocessing,
     resolve_columns,
+    uci_preprocessing,
 )
 
 
