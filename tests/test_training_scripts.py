@@ -132,8 +132,9 @@ def test_privacy_utility_writes_every_row_of_the_readme_table(tiny_base, tmp_pat
     assert not (out / "table.md").exists()
     table_script.main(argv)  # reuses the trained runs
     table = (out / "table.md").read_text()
-    rows = ["public base, no fine-tuning", "CNN on the 5,000 real public digits", "DP-LoRA eps=10, central images "
-            "sigma=2", "LoRA without DP", "CNN with DP-SGD on the private train split", "CNN on the real private"]
+    rows = ["public base, no fine-tuning", "CNN on the real public digits (`public-digits-8x8`)",
+            "DP-LoRA eps=10, central images sigma=2", "LoRA without DP", "CNN with DP-SGD on the private train split",
+            "CNN on the real private"]  # fmt: skip
     assert all(f"| {row}" in table or f"| the same {row}" in table for row in rows), table
     results = json.loads((out / "results.json").read_text())
     [run] = results["runs"]["DP-LoRA eps=10, central images sigma=2"]
