@@ -162,9 +162,10 @@ def test_bf16_base_gives_the_fp32_per_sample_gradients_within_tolerance(kind):
     """--mixed_precision bf16: frozen base in bf16, LoRA weights and their per-sample gradients in fp32. They are
     the one-example autograd gradients of the same bf16 model (cosine > 0.999, norm within 2%: exact up to bf16
     rounding in batched vs one-example kernels; 1.36% measured on the conditional tiny UNet with a fresh install of
-    2026-12-05, diffusers 0.42.1 / peft 0.21.2, where earlier installs stayed under 1%), and near the fp32 model's: cosine > 0.99 and norm within 5% for
-    every example, except the tiny guidance-distilled FLUX, whose bf16 base moves one example's gradient to
-    cosine 0.944 (bf16 rounding of the base, not of the per-example computation; measured, not asserted)."""
+    2026-12-05, diffusers 0.42.1 / peft 0.21.2, where earlier installs stayed under 1%), and near the fp32 model's:
+    cosine > 0.99 and norm within 5% for every example, except the tiny guidance-distilled FLUX, whose bf16 base
+    moves one example's gradient to cosine 0.944 (bf16 rounding of the base, not of the per-example computation;
+    measured, not asserted)."""
     import copy
 
     from diffusers.training_utils import cast_training_params
