@@ -71,6 +71,9 @@ def test_bad_inputs_fail_before_writing(trained_vae, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(DataError, match="divisible"):
         script("train_ldm").main(["--vae_path", str(trained_vae), "--output_dir", str(out), "--resolution", "15"])
+    with pytest.raises(ValueError, match="--unet_block_out_channels needs 2 values"):
+        script("train_ldm").main(["--vae_path", str(trained_vae), "--output_dir", str(out),
+                                  "--unet_block_out_channels", "32", "64", "128"])  # fmt: skip
     with pytest.raises(DataError, match="no image files"):
         (tmp_path / "empty").mkdir()
         script("train_ldm").main(["--vae_path", str(trained_vae), "--output_dir", str(out),
@@ -79,23 +82,40 @@ def test_bad_inputs_fail_before_writing(trained_vae, tmp_path):
 
 
 def test_make_demo_runs_end_to_end_and_reuses_the_base(tmp_path, capsys):
-    """`make demo`'s script with every stage cut to a few steps: base, DP-LoRA, evaluation, card, then a second
-    run that reuses the cached base."""
+    """`make demo`'s script with every stage cut to a few steps: stage 1 retrained (``--retrain_base``: the same
+    layout and configs as the packaged base), DP-LoRA, evaluation, card; a second run reuses the cached base; a
+    run without ``--retrain_base`` starts from a copy of the packaged base."""
     import json
+
+    from dp_diffusers.assets import PUBLIC_DIGITS_BASE
 
     demo = load_module(ROOT / "examples" / "run_demo.py")
     argv = ["--output_dir", str(tmp_path), "--vae_steps", "2", "--ldm_steps", "2", "--dp_epochs", "0.1",
             "--dp_batch_size", "64", "--eval_samples_per_class", "1", "--eval_inference_steps", "2",
             "--warmup_steps", "2"]  # fmt: skip
-    demo.main(argv)
+    demo.main([*argv, "--retrain_base"])
     adapter = tmp_path / "dp-lora-eps10"
     report = json.loads((adapter / "dp_report.json").read_text())
     assert report["steps"] == 3 and report["epsilon"] <= 10
     assert report["other_releases"][0]["noise_multiplier"] == 2.0  # the DP central images, in the same epsilon
     assert {"downstream_accuracy", "membership_auc"} <= set(json.loads((adapter / "metrics.json").read_text()))
     assert (adapter / "README.md").is_file() and (adapter / "samples.png").is_file()
+    for config in ("model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+                   "class_embedder/config.json"):  # fmt: skip
+        # every architecture and schedule value; not the autoencoder's scaling_factor (1 / std of its trained latents)
+        retrained, packaged = ({k: v for k, v in json.loads((folder / config).read_text()).items()
+                                if not k.startswith("_") and k != "scaling_factor"}
+                               for folder in (tmp_path / "base", PUBLIC_DIGITS_BASE))  # fmt: skip
+        assert retrained == packaged
     demo.main([*argv, "--skip_evaluation"])
     assert "Reusing the public base" in capsys.readouterr().out
+
+    packaged = DPLDMPipeline.from_pretrained(PUBLIC_DIGITS_BASE)
+    assert packaged.unet.dtype == packaged.vae.dtype == torch.float32  # stored in float16, loaded as float32
+    assert packaged.labels == {str(digit): digit for digit in range(10)}
+    demo.main([*argv[:1], str(tmp_path / "packaged"), *argv[2:], "--skip_evaluation"])
+    assert "Copying the packaged public base" in capsys.readouterr().out
+    assert json.loads((tmp_path / "packaged" / "dp-lora-eps10" / "dp_report.json").read_text())["steps"] == 3
 
 
 def test_privacy_utility_writes_every_row_of_the_readme_table(tiny_base, tmp_path):

@@ -10,6 +10,7 @@ DP-LDM), with label dropout so that classifier-free guidance works. The output f
 """
 
 import argparse
+from dataclasses import replace
 
 import torch
 from accelerate.logging import get_logger
@@ -46,6 +47,13 @@ def parse_args(argv=None):
     parser.add_argument("--preset", type=str, default="tiny")
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--resolution", type=int, default=None, help="Default: the preset's.")
+    parser.add_argument(
+        "--unet_block_out_channels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="The UNet's channels per level (as many levels as the preset's). Default: the preset's.",
+    )
     parser.add_argument("--train_batch_size", type=int, default=128)
     parser.add_argument("--max_train_steps", type=int, default=1500)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -66,6 +74,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     preset = get_preset(args.preset)
+    if args.unet_block_out_channels:
+        if len(args.unet_block_out_channels) != len(preset.unet_block_out_channels):
+            raise ValueError(
+                f"--unet_block_out_channels needs {len(preset.unet_block_out_channels)} values (the {preset.name!r} "
+                f"preset's levels), got {args.unet_block_out_channels}."
+            )
+        preset = replace(preset, unet_block_out_channels=tuple(args.unet_block_out_channels))
     accelerator = make_accelerator(args, args.mixed_precision)
     set_seed(args.seed)
 
