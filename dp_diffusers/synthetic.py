@@ -92,7 +92,9 @@ def generate_dataset(
     all its classes by default; the ``text`` prompt for text-to-image ones, balanced over ``prompts``, its validation
     prompts by default), ``generation.json`` (the settings: seed, sampler, steps) and a dataset card. Resumable.
     Images are ``resolution`` pixels wide, by default the adapter's training resolution (text adapters: at its T5
-    sequence length too); other arguments not given take the pipeline's defaults.
+    sequence length too); ``guidance_scale`` by default the family's for synthetic data (1, no guidance, for
+    ``train_ldm.py``'s bases: it trains better classifiers), else the pipeline's; other arguments not given take the
+    pipeline's defaults.
 
     Raises ``ValueError`` for ``num_images`` < 1, labels the adapter does not know, a text adapter without prompts,
     or a folder holding another data set.
@@ -106,6 +108,8 @@ def generate_dataset(
     if scheduler is not None:
         pipe.set_scheduler(scheduler)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if guidance_scale is None:
+        guidance_scale = pipe.family.synthetic_data_guidance_scale
     conditioning = pipe.conditioning
     if conditioning == "class":
         labels = list(labels or pipe.labels or [str(i) for i in range(pipe.num_classes)])

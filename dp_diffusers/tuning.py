@@ -320,15 +320,13 @@ def validation_sum(adapter_dir: Path, validation, fixed: argparse.Namespace, tun
 
     from .data import dataset_to_tensors, encode_latents, resolve_columns
     from .evaluation.downstream import train_classifier
-    from .evaluation.evaluate import denoiser_loss_fn, generate_labelled
+    from .evaluation.evaluate import denoiser_loss_fn, generate_labelled, synthetic_call_kwargs
     from .evaluation.membership import denoising_loss_scores
     from .pipelines import DPLDMPipeline
 
     pipe = DPLDMPipeline.from_pretrained(adapter_dir)
     pipe.set_progress_bar_config(disable=True)
-    trained = pipe.trained_call_kwargs()
-    resolution = trained.pop("height", None) or pipe.vae.config.sample_size
-    trained.pop("width", None)
+    resolution, call_kwargs = synthetic_call_kwargs(pipe, fixed.eval_guidance_scale)
     image_column, label_column = resolve_columns(validation, fixed.image_column, fixed.label_column)
     channels, column = pipe.vae.config.in_channels, fixed.privacy_unit_column
     if tune_args.score == "accuracy":
@@ -343,7 +341,7 @@ def validation_sum(adapter_dir: Path, validation, fixed: argparse.Namespace, tun
         conditions = pipe.family.sampling_conditions(pipe, names, pipe.adapter_config.condition_options())
         synthetic, synthetic_labels = generate_labelled(pipe, conditions, tune_args.score_samples_per_class,
                                                         tune_args.score_inference_steps, fixed.seed, resolution,
-                                                        **trained)  # fmt: skip
+                                                        **call_kwargs)  # fmt: skip
         classifier = train_classifier(synthetic, synthetic_labels, len(names), seed=fixed.seed)
         with torch.no_grad():
             predicted = torch.cat([classifier(x).argmax(1) for x in pixels.split(512)])

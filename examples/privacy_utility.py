@@ -66,6 +66,7 @@ def evaluate(out: Path, samples_per_class: int, reference: Path | None, args, se
         dataset_name=args.dataset_name,
         samples_per_class=samples_per_class,
         num_inference_steps=args.eval_inference_steps,
+        guidance_scale=args.eval_guidance_scale,
         scheduler=args.scheduler,
         audit_reference=reference,
         seed=seed,
@@ -128,6 +129,8 @@ def main(argv=None):
     parser.add_argument("--warmup_steps", type=int, default=200)
     parser.add_argument("--eval_samples_per_class", type=int, default=50)
     parser.add_argument("--eval_inference_steps", type=int, default=10)
+    parser.add_argument("--eval_guidance_scale", type=float, default=None,
+                        help="Default: the base family's for synthetic data (1 for train_ldm.py's bases).")  # fmt: skip
     parser.add_argument("--scheduler", default="DPMSolverMultistepScheduler")
     parser.add_argument("--resolution", type=int, default=16, help="The base's image size (the CNN rows).")
     parser.add_argument("--dp_classifier_epochs", type=float, default=60)
@@ -178,6 +181,7 @@ def main(argv=None):
             audit_reference = None if reference is None or out in (reference, base_copy) else reference / f"seed{seed}"
             metrics, report = evaluate(folder, args.eval_samples_per_class, audit_reference, args, seed)
             results["runs"].setdefault(name, []).append({"seed": seed, "metrics": metrics, "report": report})
+            sampler = metrics["downstream_accuracy"]["sampler"]
             accuracies.append(metrics["downstream_accuracy"]["value"])
             auc = metrics["membership_auc"]
             aucs.append(auc["value"])
@@ -209,7 +213,7 @@ def main(argv=None):
         f"\n\n{args.dataset_name}; mean ± standard deviation over seeds {args.seeds} (training, sampling and "
         f"classifier); {args.epochs:g} epochs, batch {args.batch_size}, lr {args.learning_rate:g}, "
         f"C {args.max_grad_norm:g}, LoRA `{args.lora_target_modules}`; warm-up {args.warmup_steps} steps; "
-        f"{args.eval_samples_per_class} samples per class, {args.scheduler} {args.eval_inference_steps} steps, CFG 3; "
+        f"{args.eval_samples_per_class} samples per class, {sampler}; "
         f"DP-SGD classifier: {args.dp_classifier_epochs:g} epochs, batch {args.dp_classifier_batch_size}, "
         f"C {args.dp_classifier_max_grad_norm:g}, Adam lr {args.dp_classifier_lr:g}."
     )

@@ -60,6 +60,8 @@ def main(argv=None):
     parser.add_argument("--max_examples_per_unit", type=int, default=16)
     parser.add_argument("--eval_samples_per_class", type=int, default=50)
     parser.add_argument("--eval_inference_steps", type=int, default=10)
+    parser.add_argument("--eval_guidance_scale", type=float, default=None,
+                        help="Default: the base family's for synthetic data (1 for train_ldm.py's bases).")  # fmt: skip
     parser.add_argument("--scheduler", default="DPMSolverMultistepScheduler")
     parser.add_argument("--num_canaries", type=int, default=0)
     parser.add_argument("--train_only", action="store_true")
@@ -97,8 +99,9 @@ def main(argv=None):
     shown = sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
     results, rows = {"config": vars(args), "people": len(people), "sizes": shown, "runs": {}}, []
     base_copy = public_base_copy(base, root)  # the starting point, on the same held-out people's images
-    base_accuracies = [evaluate(base_copy, args.eval_samples_per_class, None, args, seed)[0]["downstream_accuracy"]
-                       ["value"] for seed in seeds]  # fmt: skip
+    base_metrics = [evaluate(base_copy, args.eval_samples_per_class, None, args, seed)[0]["downstream_accuracy"]
+                    for seed in seeds]  # fmt: skip
+    base_accuracies, sampler = [metrics["value"] for metrics in base_metrics], base_metrics[0]["sampler"]
     results["public base, no fine-tuning"] = base_accuracies
     rows.append(f"| public base, no fine-tuning | - | - | - | {spread(base_accuracies)} |")
     for name, (out, _, _, _) in runs.items():
@@ -135,7 +138,7 @@ def main(argv=None):
         f"said), C {args.max_grad_norm:g}, LoRA `{args.lora_target_modules}`, central images σ "
         f"{args.central_image_noise_multiplier} + {args.warmup_steps} warm-up steps (user-level: "
         f"{'none' if unit_sigma == 'none' else 'σ ' + unit_sigma}); {args.eval_samples_per_class} "
-        f"samples per class, {args.scheduler} {args.eval_inference_steps} steps.",
+        f"samples per class, {sampler}.",
     ])  # fmt: skip
     print(table)
     (root / "table.md").write_text(table + "\n")

@@ -537,12 +537,14 @@ def test_cli_evaluate_takes_the_training_script_s_evaluation_flags(tiny_base, tm
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((folder / "metrics.json").read_text())
     assert printed["downstream_accuracy"]["num_synthetic"] == 10
-    assert printed["downstream_accuracy"]["sampler"] == "DPMSolverMultistepScheduler, 1 steps"
+    # the family's guidance for synthetic data (1: none), not the pipeline's 3 for pictures
+    assert printed["downstream_accuracy"]["sampler"] == "DPMSolverMultistepScheduler, 1 steps, guidance 1"
     assert printed["fid"]["value"] is None and printed["kid"]["value"] is None  # offline, no weights
 
     cli.main(["evaluate", str(folder), "--eval_samples_per_class", "1", "--eval_inference_steps", "1",
-              "--fid_inception_path", inception_path])  # fmt: skip
+              "--fid_inception_path", inception_path, "--eval_guidance_scale", "3"])  # fmt: skip
     metrics = json.loads(capsys.readouterr().out)
+    assert metrics["downstream_accuracy"]["sampler"].endswith("1 steps, guidance 3")
     for name in ("fid", "kid"):  # with weights: both, with their sample counts and the reference set named
         assert metrics[name]["value"] > 0 and metrics[name]["num_generated"] == 10
         assert metrics[name]["num_reference"] == 360

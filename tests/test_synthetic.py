@@ -57,6 +57,7 @@ def test_class_adapter_gives_a_balanced_imagefolder_with_a_dataset_card(space_ad
     settings = json.loads((out / GENERATION_NAME).read_text())
     assert settings["seed"] == 5 and settings["batch_size"] == 3 and settings["num_inference_steps"] == 2
     assert settings["sampler"] == "DDIMScheduler" and settings["labels"] == ["3", "7"]
+    assert settings["guidance_scale"] == 1.0  # the family's for synthetic data, not the pipeline's 3 for pictures
     report = json.loads((space_adapter / DP_REPORT_NAME).read_text())
     assert json.loads((out / DP_REPORT_NAME).read_text()) == report  # the guarantee travels with the data
 
@@ -71,9 +72,16 @@ def test_class_adapter_gives_a_balanced_imagefolder_with_a_dataset_card(space_ad
     # each batch of images from its own seeded generator: the second batch is the pipeline's own output
     pipe = DPLDMPipeline.from_pretrained(space_adapter)
     pipe.set_progress_bar_config(disable=True)
-    batch = pipe(class_labels=pipe.get_label_ids(["7", "3", "7"]), num_inference_steps=2,
+    batch = pipe(class_labels=pipe.get_label_ids(["7", "3", "7"]), num_inference_steps=2, guidance_scale=1.0,
                  generator=torch.Generator().manual_seed(5 * 1_000_003 + 1)).images  # fmt: skip
     assert all(np.array_equal(np.asarray(a), b) for a, b in zip(batch, pixels(out)[3:6]))
+    guided = tmp_path / "guided"  # --guidance_scale given: the pipeline's call at that scale (its default, 3)
+    generate(space_adapter, guided, "--num_images", 3, "--labels", "3", "7", "--batch_size", 3, "--seed", 5,
+             "--guidance_scale", 3)  # fmt: skip
+    batch = pipe(class_labels=pipe.get_label_ids(["3", "7", "3"]), num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(5 * 1_000_003)).images  # fmt: skip
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(batch, pixels(guided)))
+    assert not np.array_equal(pixels(guided)[0], pixels(out)[0])
 
     every = tmp_path / "every-class"
     generate(space_adapter, every, "--num_images", 10, "--batch_size", 10)

@@ -308,7 +308,8 @@ def test_the_scores_sensitivity_is_what_the_report_states(tiny_base, tmp_path):
     # the extra example's class is in no other validation example: the score's classes must not depend on it
     validation = test.select([i for i in range(60) if labels[i] != labels[60]][:30])
     extra = test.select([60])
-    fixed = argparse.Namespace(image_column=None, label_column=None, privacy_unit_column=None, seed=0)
+    fixed = argparse.Namespace(image_column=None, label_column=None, privacy_unit_column=None, seed=0,
+                               eval_guidance_scale=None)
     for score, bound in (("accuracy", 1.0), ("denoising_loss", 0.05)):
         settings = argparse.Namespace(score=score, score_loss_bound=bound, score_samples_per_class=2,
                                       score_inference_steps=2)  # fmt: skip

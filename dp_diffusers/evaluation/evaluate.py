@@ -81,6 +81,18 @@ def generate_labelled(pipe, conditions: dict[str, list], per_class: int, num_inf
     return torch.cat(images).clamp(-1, 1), positions
 
 
+def synthetic_call_kwargs(pipe, guidance_scale: float | None = None) -> tuple[int, dict]:
+    """The resolution (pixels) and pipeline call arguments of synthetic data: as the adapter was trained (its
+    resolution, a T5 base's sequence length) at ``guidance_scale``, by default the family's for synthetic data."""
+    call_kwargs = pipe.trained_call_kwargs()
+    resolution = call_kwargs.pop("height", None) or pipe.vae.config.sample_size
+    call_kwargs.pop("width", None)
+    guidance_scale = pipe.family.synthetic_data_guidance_scale if guidance_scale is None else guidance_scale
+    if guidance_scale is not None:
+        call_kwargs["guidance_scale"] = guidance_scale
+    return resolution, call_kwargs
+
+
 @torch.no_grad()
 def generate_unconditional(pipe, num_images: int, num_inference_steps: int, seed: int, resolution: int | None = None,
                            batch: int = 250, **call_kwargs):  # fmt: skip
@@ -102,7 +114,7 @@ def evaluate_from_args(adapter_dir: str | Path, args: argparse.Namespace) -> dic
               "scheduler", "audit_reference", "seed")  # flags spelled as evaluate_adapter's arguments
     return evaluate_adapter(adapter_dir, **{name: getattr(args, name) for name in passed},
                             samples_per_class=args.eval_samples_per_class, inception_path=args.fid_inception_path,
-                            num_inference_steps=args.eval_inference_steps)  # fmt: skip
+                            num_inference_steps=args.eval_inference_steps, guidance_scale=args.eval_guidance_scale)  # fmt: skip
 
 
 def denoiser_loss_fn(pipe, objective_options=None):
@@ -168,6 +180,7 @@ def evaluate_adapter(
     test_split: str = "test",
     samples_per_class: int = 100,
     num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
     scheduler: str | None = None,
     inception_path: str | None = None,
     audit_reference: str | Path | None = None,
@@ -176,7 +189,8 @@ def evaluate_adapter(
     """Evaluate the adapter (or base) in ``adapter_dir`` against the private data set's splits.
 
     The data: ``dataset_name`` (an embedded or Hub data set) or ``train_data_dir`` (an imagefolder whose ``test/``
-    split holds the held-out images), with the training script's column flags; by default the data set the adapter
+    split holds the held-out images), with the training script's column flags; the samples at ``guidance_scale``
+    (default: the family's for synthetic data, as ``dp-diffusers generate``); by default the data set the adapter
     records (an embedded or Hub one; a local folder is never recorded: its adapter asks for ``--train_data_dir``),
     else ``private-digits``. ``audit_reference``: a non-private fine-tune on the same data, whose audit AUC is
     reported next to the DP one. Returns the metrics dict it writes to ``metrics.json``.
@@ -206,11 +220,8 @@ def evaluate_adapter(
     if adapted:
         pipe.fuse_lora()  # same model, no per-step LoRA matmuls: sampling costs what the base costs
     family, vae = pipe.family, pipe.vae
-    # at the adapter's training resolution (older folders: its canaries', else the autoencoder's sample size) and,
-    # for T5 bases, its trained sequence length: what it was trained and is meant to be sampled at
-    trained = pipe.trained_call_kwargs()
-    resolution, channels = trained.pop("height", None) or vae.config.sample_size, vae.config.in_channels
-    trained.pop("width", None)
+    resolution, call_kwargs = synthetic_call_kwargs(pipe, guidance_scale)
+    channels = vae.config.in_channels
     options = config.condition_options() if config is not None else ConditionOptions()
     options = dataclasses.replace(options, label_column=label_column, caption_column=caption_column)
     objective = config.objective_options() if config is not None else None
@@ -236,7 +247,9 @@ def evaluate_adapter(
             f"{adapter_dir} ({subset}): its members differ, so its AUC would not be comparable."
         )
     member, member_x, _ = split(train_split, subset) if subset else (train, train_x, train_y)
-    sampler = f"{type(pipe.scheduler).__name__}, {num_inference_steps} steps"
+    guidance = call_kwargs.get("guidance_scale")
+    guidance = "the pipeline's default guidance" if guidance is None else f"guidance {guidance:g}"
+    sampler = f"{type(pipe.scheduler).__name__}, {num_inference_steps} steps, {guidance}"
     metrics = {}
     # the model's condition for each of the data's classes: class ids by name, or the template's prompts
     class_conditions = family.sampling_conditions(pipe, names, options) if names else None
@@ -244,7 +257,7 @@ def evaluate_adapter(
         raise DataError(f"{data_name!r} has no labels: a class-conditional model is evaluated on labelled data.")
     if class_conditions is not None:
         synthetic_x, synthetic_y = generate_labelled(pipe, class_conditions, samples_per_class, num_inference_steps,
-                                                     seed, resolution, **trained)  # fmt: skip
+                                                     seed, resolution, **call_kwargs)  # fmt: skip
         downstream = downstream_accuracy(
             synthetic_x, synthetic_y, train_x, train_y, test_x, test_y, len(names), seed=seed
         )
@@ -260,11 +273,11 @@ def evaluate_adapter(
     elif test.captions is not None:  # captions without classes: one image per held-out caption (FID's images)
         logger.warning("Downstream accuracy skipped: the captions carry no classes (no --caption_template).")
         synthetic_x, _ = generate_labelled(pipe, {"prompt": test.captions}, 1, num_inference_steps, seed, resolution,
-                                           **trained)  # fmt: skip
+                                           **call_kwargs)  # fmt: skip
     else:  # unconditional (CompVis LDMs): no labelled samples to train a classifier on; FID and the audit only
         logger.warning("Downstream accuracy skipped: the model is unconditional, its samples have no labels.")
         synthetic_x = generate_unconditional(
-            pipe, samples_per_class * len(names or [None]), num_inference_steps, seed, resolution, **trained
+            pipe, samples_per_class * len(names or [None]), num_inference_steps, seed, resolution, **call_kwargs
         )
 
     # Membership audit: every held-out example is a non-member; members are examples the run trained on, at

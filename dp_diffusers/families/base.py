@@ -146,6 +146,9 @@ class BaseFamily:
     #: diffusers samplers the family's pipeline also samples correctly with, besides those diffusers declares
     #: compatible with the base's scheduler config (``scheduler.compatibles``)
     extra_schedulers: ClassVar[tuple[str, ...]] = ()
+    #: the guidance scale of synthetic data sets (``dp-diffusers generate``, the evaluation's downstream samples);
+    #: ``None``: the sampling pipeline's own default, which is chosen for pictures
+    synthetic_data_guidance_scale: ClassVar[float | None] = None
 
     @classmethod
     def pipeline_class(cls) -> type[DiffusionPipeline]:
