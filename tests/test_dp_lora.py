@@ -208,7 +208,7 @@ def test_evaluate_and_push_to_hub_after_training(tiny_base, tmp_path, monkeypatc
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"downstream_accuracy", "membership_auc"} <= set(metrics)
-    assert metrics["downstream_accuracy"]["sampler"] == "DPMSolverMultistepScheduler, 2 steps"
+    assert metrics["downstream_accuracy"]["sampler"] == "DPMSolverMultistepScheduler, 2 steps, guidance 1"
     # 16 canaries, each trained on like any example by a secret coin; q and N count the expected 8 (nothing published
     # depends on the coins); the evaluation audits the coins' members against the others and bounds epsilon from
     # below with the one-run audit; the coins stay in the hidden .audit/, never uploaded
