@@ -115,8 +115,8 @@ def generate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="Images per sampling call (and per file batch).")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="Default: the base family's for synthetic data (1, no guidance, for train_ldm.py's bases), "
-                        "else the pipeline's.")  # fmt: skip
+                        help="Default: the base family's for synthetic data (1, no guidance, for train_ldm.py's "
+                        "bases), else the pipeline's.")  # fmt: skip
     parser.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the pipeline's).")
     parser.add_argument("--resolution", type=int, default=None,
                         help="Image side (default: the adapter's training resolution).")

@@ -233,8 +233,8 @@ def add_evaluation_args(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                         "caption).")  # fmt: skip
     parser.add_argument("--eval_inference_steps", type=int, default=50, help="Denoising steps of those images.")
     parser.add_argument("--eval_guidance_scale", type=float, default=None,
-                        help="Their guidance scale (default: the base family's for synthetic data, 1 for train_ldm.py's "
-                        "bases, else the pipeline's).")  # fmt: skip
+                        help="Their guidance scale (default: the base family's for synthetic data, 1 for "
+                        "train_ldm.py's bases, else the pipeline's).")  # fmt: skip
     parser.add_argument("--fid_inception_path", type=str, default=None, help="inception-2015-12-05.pt for FID.")
     parser.add_argument(
         "--audit_reference", type=str, default=None, help="A non-private fine-tune (--disable_dp) for the audit."

@@ -114,7 +114,8 @@ def evaluate_from_args(adapter_dir: str | Path, args: argparse.Namespace) -> dic
               "scheduler", "audit_reference", "seed")  # flags spelled as evaluate_adapter's arguments
     return evaluate_adapter(adapter_dir, **{name: getattr(args, name) for name in passed},
                             samples_per_class=args.eval_samples_per_class, inception_path=args.fid_inception_path,
-                            num_inference_steps=args.eval_inference_steps, guidance_scale=args.eval_guidance_scale)  # fmt: skip
+                            num_inference_steps=args.eval_inference_steps,
+                            guidance_scale=args.eval_guidance_scale)  # fmt: skip
 
 
 def denoiser_loss_fn(pipe, objective_options=None):
